@@ -1,0 +1,92 @@
+"""Typed, immutable settings built from command-line flags.
+
+A `Config` is made once at start-up and never changes during a job; per-request choices
+live on the request (see `webui.pipeline.request`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    # folders
+    data_dir: Path = Path(".")
+    models_dir: Path | None = None  # default: <data_dir>/models
+    ckpt_dir: Path | None = None  # default: <models_dir>/Stable-diffusion
+    vae_dir: Path | None = None  # default: <models_dir>/VAE
+    outdir: Path | None = None  # default: <data_dir>/outputs
+
+    # server
+    listen: bool = False
+    port: int = 7860
+    share: bool = False
+    gradio_auth: tuple[tuple[str, str], ...] = ()
+    autolaunch: bool = False
+
+    # device and precision
+    use_cpu: bool = False
+    device_id: int | None = None
+    no_half: bool = False
+    no_half_vae: bool = False
+    dtype: DType = "auto"
+
+    # models
+    ckpt: str | None = None
+    vae: str | None = None  # "Automatic" (paired file, else the checkpoint's own), "None", or a name
+    model_cache_size: int = 1
+
+    @field_validator("model_cache_size")
+    @classmethod
+    def _positive_cache(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.ckpt_dir or self.models_path / "Stable-diffusion"
+
+    @property
+    def vae_path(self) -> Path:
+        return self.vae_dir or self.models_path / "VAE"
+
+    @property
+    def outputs_path(self) -> Path:
+        return self.outdir or self.data_dir / "outputs"
+
+    @property
+    def cache_path(self) -> Path:
+        """Where the hash cache and other derived data live."""
+        return self.data_dir / "cache"
+
+    @property
+    def server_name(self) -> str:
+        return "0.0.0.0" if self.listen else "127.0.0.1"
+
+
+def parse_auth(text: str | None) -> tuple[tuple[str, str], ...]:
+    """`user:pass[,user2:pass2]` -> ((user, pass), ...). Raises ValueError on a malformed pair."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user:
+            raise ValueError(f"expected user:password, got {item!r}")
+        pairs.append((user, password))
+    return tuple(pairs)

@@ -1,0 +1,215 @@
+"""Recognise a single-file checkpoint (original CompVis/LDM key names) from keys and shapes.
+
+The family follows from the text-encoder layout, cross-checked against the UNet's
+cross-attention width (768 SD1, 1024 SD2, 2048 SDXL at full size; the sum of the encoder
+widths in general). The variant follows from the UNet's input channels (4 normal,
+9 inpainting, 8 instruct-pix2pix). All sizes are read from tensor shapes, so the same code
+loads full-size checkpoints and the tiny ones the tests make.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from webui.models.errors import ModelError
+from webui.models.families import SD1, SD2, SDXL, FamilySpec, TextEncoderSpec
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+Variant = Literal["normal", "inpaint", "pix2pix"]
+VARIANT_BY_IN_CHANNELS: dict[int, Variant] = {4: "normal", 9: "inpaint", 8: "pix2pix"}
+
+
+@dataclass(frozen=True)
+class Detected:
+    family: FamilySpec
+    variant: Variant
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any] | None  # None when the file carries no VAE
+    text_configs: tuple[dict[str, Any], ...]
+    v_pred_key: bool = False  # the file marks itself as v-prediction
+    notes: tuple[str, ...] = field(default=())
+
+
+def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        if any(k.startswith(("encoder.", "decoder.")) for k in sd) and not any("diffusion_model" in k for k in sd):
+            raise ModelError("this is a VAE, not a checkpoint; put it in models/VAE/", path)
+        if any("lora" in k.lower() for k in list(sd)[:50]):
+            raise ModelError("this is a LoRA, not a checkpoint; put it in models/Lora/", path)
+        raise ModelError("not a Stable Diffusion checkpoint (no UNet weights under 'model.diffusion_model.')", path)
+
+    family = _family_from_keys(sd, path)
+    text_configs = tuple(text_encoder_config(sd, spec, path) for spec in family.text_encoders)
+    unet_config = unet_config_from_shapes(sd, family, text_configs, path)
+    expected_context = sum(c["hidden_size"] for c in text_configs)
+    if unet_config["cross_attention_dim"] != expected_context:
+        raise ModelError(
+            f"UNet cross-attention width {unet_config['cross_attention_dim']} does not match the "
+            f"{family.label} text encoder width {expected_context}; the file is not a known layout",
+            path,
+        )
+    variant = VARIANT_BY_IN_CHANNELS.get(unet_config["in_channels"])
+    if variant is None:
+        raise ModelError(f"unsupported UNet with {unet_config['in_channels']} input channels", path)
+    vae_config = vae_config_from_shapes(sd, VAE_PREFIX, family, path) if f"{VAE_PREFIX}decoder.conv_in.weight" in sd else None
+    return Detected(
+        family=family,
+        variant=variant,
+        unet_config=unet_config,
+        vae_config=vae_config,
+        text_configs=text_configs,
+        v_pred_key="v_pred" in sd,
+    )
+
+
+def _family_from_keys(sd: dict[str, torch.Tensor], path: Path | None) -> FamilySpec:
+    if any(k.startswith("conditioner.embedders.1.model.") for k in sd):
+        return SDXL
+    if any(k.startswith("conditioner.embedders.0.model.") for k in sd):
+        raise ModelError("SDXL refiner checkpoints are not supported yet", path)
+    if any(k.startswith("cond_stage_model.model.") for k in sd):
+        return SD2
+    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
+        return SD1
+    raise ModelError("no text encoder weights found; the family (SD1/SD2/SDXL) cannot be told", path)
+
+
+def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def _shape(sd: dict[str, torch.Tensor], key: str, path: Path | None) -> torch.Size:
+    t = sd.get(key)
+    if t is None:
+        raise ModelError(f"missing tensor {key!r}; the file is incomplete or of an unknown layout", path)
+    return t.shape
+
+
+def text_encoder_config(sd: dict[str, torch.Tensor], spec: TextEncoderSpec, path: Path | None) -> dict[str, Any]:
+    """A transformers CLIPTextConfig (as a dict) sized from the tensors under `spec.prefix`."""
+    p = spec.prefix
+    if spec.kind == "clip":
+        tm = p + "text_model." if any(k.startswith(p + "text_model.") for k in sd) else p
+        vocab, hidden = _shape(sd, tm + "embeddings.token_embedding.weight", path)
+        positions = _shape(sd, tm + "embeddings.position_embedding.weight", path)[0]
+        layers = _count(sd, re.escape(tm + "encoder.layers.") + r"(\d+)\.")
+        intermediate = _shape(sd, tm + "encoder.layers.0.mlp.fc1.weight", path)[0]
+        projection = hidden
+    else:
+        vocab, hidden = _shape(sd, p + "token_embedding.weight", path)
+        positions = _shape(sd, p + "positional_embedding", path)[0]
+        layers = _count(sd, re.escape(p + "transformer.resblocks.") + r"(\d+)\.")
+        intermediate = _shape(sd, p + "transformer.resblocks.0.mlp.c_fc.weight", path)[0]
+        projection = _shape(sd, p + "text_projection", path)[1] if p + "text_projection" in sd else hidden
+    if layers == 0:
+        raise ModelError("text encoder has no layers", path)
+    return {
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(intermediate),
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, int(hidden) // 64),
+        "max_position_embeddings": int(positions),
+        "hidden_act": spec.hidden_act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": int(projection),
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407 if spec.pad_token != "!" else 0,
+    }
+
+
+def unet_config_from_shapes(
+    sd: dict[str, torch.Tensor],
+    family: FamilySpec,
+    text_configs: tuple[dict[str, Any], ...],
+    path: Path | None,
+) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config read from the LDM UNet's tensor shapes."""
+    u = UNET_PREFIX
+    in_ch = _shape(sd, u + "input_blocks.0.0.weight", path)[1]
+    out_ch = _shape(sd, u + "out.2.weight", path)[0]
+    n_input = _count(sd, re.escape(u + "input_blocks.") + r"(\d+)\.")
+    downsamples = sorted(
+        int(m.group(1)) for k in sd if (m := re.match(re.escape(u + "input_blocks.") + r"(\d+)\.0\.op\.weight$", k))
+    )
+    levels = len(downsamples) + 1
+    if n_input < 2 or n_input % levels != 0:
+        raise ModelError("UNet input blocks are not laid out as expected", path)
+    per_level = n_input // levels  # resnets per level + 1 (a downsample or, on level 0, conv_in)
+    layers_per_block = per_level - 1
+
+    channels, has_attn, depth = [], [], []
+    for level in range(levels):
+        first = 1 + level * per_level
+        channels.append(int(_shape(sd, f"{u}input_blocks.{first}.0.out_layers.3.weight", path)[0]))
+        attn = f"{u}input_blocks.{first}.1."
+        has_attn.append(any(k.startswith(attn) for k in sd))
+        depth.append(_count(sd, re.escape(attn + "transformer_blocks.") + r"(\d+)\.") or 1)
+
+    attn_keys = [k for k in sd if k.startswith(u) and k.endswith("attn2.to_k.weight")]
+    if not attn_keys:
+        raise ModelError("UNet has no cross-attention layers", path)
+    context = int(sd[attn_keys[0]].shape[1])
+    proj_in = next(k for k in sd if k.startswith(u) and k.endswith(".proj_in.weight"))
+    linear_projection = sd[proj_in].ndim == 2
+    if family.fixed_heads is not None:
+        heads: int | list[int] = family.fixed_heads
+    else:
+        heads = [max(1, c // (family.head_dim or 64)) for c in channels]
+
+    config: dict[str, Any] = {
+        "sample_size": family.default_size // 8,
+        "in_channels": int(in_ch),
+        "out_channels": int(out_ch),
+        "layers_per_block": layers_per_block,
+        "block_out_channels": channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+        "cross_attention_dim": context,
+        "attention_head_dim": heads,
+        "use_linear_projection": linear_projection,
+        "upcast_attention": family.upcast_attention,
+        "transformer_layers_per_block": [d if a else 1 for d, a in zip(depth, has_attn)],
+    }
+    if family is SDXL:
+        adm_in = int(_shape(sd, u + "label_emb.0.0.weight", path)[1])
+        pooled = text_configs[1]["projection_dim"]
+        if (adm_in - pooled) % 6:
+            raise ModelError("SDXL size conditioning has an unexpected width", path)
+        config.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=(adm_in - pooled) // 6,
+            projection_class_embeddings_input_dim=adm_in,
+        )
+    return config
+
+
+def vae_config_from_shapes(
+    sd: dict[str, torch.Tensor], prefix: str, family: FamilySpec, path: Path | None
+) -> dict[str, Any]:
+    """A diffusers AutoencoderKL config read from the LDM VAE's tensor shapes under `prefix`."""
+    e = prefix + "encoder."
+    levels = _count(sd, re.escape(e + "down.") + r"(\d+)\.")
+    if levels == 0:
+        raise ModelError("VAE encoder has no blocks", path)
+    channels = [int(_shape(sd, f"{e}down.{i}.block.0.conv1.weight", path)[0]) for i in range(levels)]
+    return {
+        "in_channels": int(_shape(sd, e + "conv_in.weight", path)[1]),
+        "out_channels": int(_shape(sd, prefix + "decoder.conv_out.weight", path)[0]),
+        "latent_channels": int(_shape(sd, prefix + "decoder.conv_in.weight", path)[1]),
+        "block_out_channels": channels,
+        "layers_per_block": _count(sd, re.escape(e + "down.0.block.") + r"(\d+)\."),
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "sample_size": family.default_size,
+        "scaling_factor": family.latent_scaling_factor,
+    }

@@ -1,0 +1,113 @@
+"""What each model family needs that its weights do not say (shipped, so loading is offline).
+
+Sizes (channels, depth, widths) are read from the tensors by `detect`; this table holds the
+rest: which text encoders and how their outputs are used, head layout, latent scale, noise
+schedule, default image size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TextEncoderKind = Literal["clip", "openclip"]
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    kind: TextEncoderKind
+    prefix: str  # key prefix in the single-file checkpoint
+    hidden_act: str  # CLIP-L uses quick_gelu, OpenCLIP gelu
+    pad_token: str  # OpenCLIP pads with "!" (id 0), CLIP-L with the end token
+    # Which hidden state feeds the UNet at clip skip 1: 1 = last layer, 2 = penultimate.
+    default_layer_from_end: int
+    final_layer_norm: bool  # apply the final layer norm to that hidden state
+    pooled: bool = False  # provides the pooled, projected embedding (SDXL)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str  # "sd1", "sd2", "sdxl"
+    label: str
+    text_encoders: tuple[TextEncoderSpec, ...]
+    default_size: int
+    latent_scaling_factor: float
+    # UNet heads: SD1 uses a fixed head count, later families a fixed head width.
+    fixed_heads: int | None
+    head_dim: int | None
+    upcast_attention: bool
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+
+
+CLIP_L = TextEncoderSpec(
+    kind="clip",
+    prefix="cond_stage_model.transformer.",
+    hidden_act="quick_gelu",
+    pad_token="<|endoftext|>",
+    default_layer_from_end=1,
+    final_layer_norm=True,
+)
+
+SD1 = FamilySpec(
+    name="sd1",
+    label="SD 1.x",
+    text_encoders=(CLIP_L,),
+    default_size=512,
+    latent_scaling_factor=0.18215,
+    fixed_heads=8,
+    head_dim=None,
+    upcast_attention=False,
+)
+
+SD2 = FamilySpec(
+    name="sd2",
+    label="SD 2.x",
+    text_encoders=(
+        TextEncoderSpec(
+            kind="openclip",
+            prefix="cond_stage_model.model.",
+            hidden_act="gelu",
+            pad_token="!",
+            default_layer_from_end=2,
+            final_layer_norm=True,
+        ),
+    ),
+    default_size=768,
+    latent_scaling_factor=0.18215,
+    fixed_heads=None,
+    head_dim=64,
+    upcast_attention=True,
+)
+
+SDXL = FamilySpec(
+    name="sdxl",
+    label="SDXL",
+    text_encoders=(
+        TextEncoderSpec(
+            kind="clip",
+            prefix="conditioner.embedders.0.transformer.",
+            hidden_act="quick_gelu",
+            pad_token="<|endoftext|>",
+            default_layer_from_end=2,
+            final_layer_norm=False,
+        ),
+        TextEncoderSpec(
+            kind="openclip",
+            prefix="conditioner.embedders.1.model.",
+            hidden_act="gelu",
+            pad_token="!",
+            default_layer_from_end=2,
+            final_layer_norm=False,
+            pooled=True,
+        ),
+    ),
+    default_size=1024,
+    latent_scaling_factor=0.13025,
+    fixed_heads=None,
+    head_dim=64,
+    upcast_attention=False,
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}

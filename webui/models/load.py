@@ -1,0 +1,247 @@
+"""Turn a single-file checkpoint into runnable diffusers / transformers modules, offline.
+
+Modules are built on the meta device (no random initialisation of weights that are about to
+be overwritten) and take the file's tensors with `assign=True`, cast one tensor at a time so
+the peak stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from webui.models.detect import UNET_PREFIX, VAE_PREFIX, Detected, detect, vae_config_from_shapes
+from webui.models.errors import ModelError
+from webui.models.families import FamilySpec, TextEncoderSpec
+from webui.models.readers import StateDict, read_state_dict
+from webui.prompts.tokenizer import TokenizerFactory
+from webui.runtime.devices import Runtime
+
+log = logging.getLogger(__name__)
+
+Prediction = Literal["epsilon", "v"]
+
+
+@dataclass
+class TextEncoder:
+    spec: TextEncoderSpec
+    model: CLIPTextModel | CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+
+
+@dataclass
+class ModelBundle:
+    """Everything a generation needs from one checkpoint."""
+
+    name: str  # checkpoint name as listed (relative path with extension)
+    model_name: str  # name without extension, as written to infotext
+    sha256: str | None
+    family: FamilySpec
+    variant: str
+    prediction: Prediction
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    vae_name: str | None  # None = the checkpoint's own VAE
+    text_encoders: list[TextEncoder]
+    alphas_cumprod: torch.Tensor  # float32, CPU
+    runtime: Runtime
+
+    @property
+    def hash10(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+
+def load_bundle(
+    path: Path,
+    *,
+    runtime: Runtime,
+    tokenizers: TokenizerFactory,
+    name: str | None = None,
+    sha256: str | None = None,
+    vae_path: Path | None = None,
+    prediction: Prediction | None = None,
+) -> ModelBundle:
+    """Read `path`, detect its family and build the modules on `runtime.device`.
+
+    `prediction` overrides what the file says; otherwise v-prediction is chosen when the file
+    carries a `v_pred` key. Raises `ModelError` with a one-line reason naming the file.
+    """
+    path = Path(path)
+    sd = read_state_dict(path)
+    found = detect(sd, path)
+    try:
+        alphas = _alphas_cumprod(sd, found.family)
+        text_encoders = [
+            TextEncoder(spec, _build_text_encoder(sd, spec, cfg, runtime), tokenizers.get(spec.pad_token))
+            for spec, cfg in zip(found.family.text_encoders, found.text_configs)
+        ]
+        unet = _build_unet(sd, found, runtime)
+        vae = _build_vae(sd, VAE_PREFIX, found.vae_config, runtime) if found.vae_config and vae_path is None else None
+    except ModelError:
+        raise
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+        raise ModelError(f"could not build the model from its weights: {str(e).splitlines()[0]}", path) from None
+    finally:
+        sd.clear()
+        gc.collect()
+    if vae is None:
+        if vae_path is None:
+            raise ModelError("the checkpoint has no VAE; choose one from models/VAE/", path)
+        vae = load_vae(vae_path, found.family, runtime)
+    return ModelBundle(
+        name=name or path.name,
+        model_name=Path(name or path.name).with_suffix("").as_posix(),
+        sha256=sha256,
+        family=found.family,
+        variant=found.variant,
+        prediction=prediction or ("v" if found.v_pred_key else "epsilon"),
+        unet=unet,
+        vae=vae,
+        vae_name=Path(vae_path).name if vae_path else None,
+        text_encoders=text_encoders,
+        alphas_cumprod=alphas,
+        runtime=runtime,
+    )
+
+
+def load_vae(path: Path, family: FamilySpec, runtime: Runtime) -> AutoencoderKL:
+    """A standalone VAE file in LDM layout, bare or under `first_stage_model.`."""
+    sd = read_state_dict(path)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in sd) else ""
+    if f"{prefix}decoder.conv_in.weight" not in sd:
+        raise ModelError("not a VAE in the original layout (no 'decoder.conv_in.weight')", path)
+    try:
+        return _build_vae(sd, prefix, vae_config_from_shapes(sd, prefix, family, path), runtime)
+    except ModelError:
+        raise
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ModelError(f"could not build the VAE: {str(e).splitlines()[0]}", path) from None
+
+
+# --- components ----------------------------------------------------------------------------
+
+
+def _take(sd: StateDict, prefix: str, strip: bool) -> StateDict:
+    """Remove the tensors under `prefix` from `sd` (so their memory moves, not copies)."""
+    keys = [k for k in sd if k.startswith(prefix)]
+    return {(k[len(prefix) :] if strip else k): sd.pop(k) for k in keys}
+
+
+def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype: torch.dtype) -> torch.nn.Module:
+    """Load `weights` into a meta-built module, casting tensor by tensor, and move it to the device."""
+    for k in list(weights):
+        weights[k] = weights.pop(k).to(device=runtime.device, dtype=dtype)
+    result = module.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise ModelError(f"weights do not fit the detected {type(module).__name__}: {detail}")
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers are not in files
+            if not name.endswith("position_ids"):
+                raise ModelError(f"{type(module).__name__} buffer {name} has no value")
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer(
+                "position_ids", torch.arange(buf.shape[-1], device=runtime.device).expand((1, -1)), persistent=False
+            )
+    return module.eval().requires_grad_(False)
+
+
+def _build_unet(sd: StateDict, found: Detected, runtime: Runtime) -> UNet2DConditionModel:
+    weights = convert_ldm_unet_checkpoint(_take(sd, UNET_PREFIX, strip=False), found.unet_config)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(found.unet_config)
+    return _finish(unet, weights, runtime, runtime.dtype)
+
+
+def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtime: Runtime) -> AutoencoderKL:
+    assert config is not None
+    weights = convert_ldm_vae_checkpoint(_take(sd, prefix, strip=True), config)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    return _finish(vae, weights, runtime, runtime.vae_dtype)
+
+
+def _build_text_encoder(
+    sd: StateDict, spec: TextEncoderSpec, config: dict[str, Any], runtime: Runtime
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    raw = _take(sd, spec.prefix, strip=True)
+    weights = _convert_clip(raw) if spec.kind == "clip" else _convert_openclip(raw, config["hidden_size"], spec.pooled)
+    cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
+    cfg = CLIPTextConfig(**config)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = cls(cfg)
+    if "text_model.embeddings.token_embedding.weight" not in model.state_dict():
+        # transformers 5's CLIPTextModel is the text transformer itself, without the wrapper level
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    return _finish(model, weights, runtime, runtime.dtype)
+
+
+def _convert_clip(raw: StateDict) -> StateDict:
+    """HF CLIP keys, possibly without the `text_model.` level very old checkpoints lack."""
+    out = {}
+    for k, v in raw.items():
+        if k.endswith("position_ids"):
+            continue
+        out[k if k.startswith("text_model.") else "text_model." + k] = v
+    return out
+
+
+_OPENCLIP_BLOCK = [
+    ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
+    ("attn.out_proj.", "self_attn.out_proj."),
+]
+
+
+def _convert_openclip(raw: StateDict, hidden: int, with_projection: bool) -> StateDict:
+    """OpenCLIP text tower keys -> transformers CLIPTextModel(WithProjection) keys.
+
+    Keeps every layer (SD2 uses the penultimate one at run time rather than dropping the last).
+    """
+    out: StateDict = {
+        "text_model.embeddings.token_embedding.weight": raw["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": raw["positional_embedding"],
+        "text_model.final_layer_norm.weight": raw["ln_final.weight"],
+        "text_model.final_layer_norm.bias": raw["ln_final.bias"],
+    }
+    if with_projection:
+        out["text_projection.weight"] = raw["text_projection"].T.contiguous()
+    block = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
+    for k, v in raw.items():
+        m = block.match(k)
+        if not m:
+            continue
+        layer, rest = m.groups()
+        base = f"text_model.encoder.layers.{layer}."
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = "weight" if rest.endswith("weight") else "bias"
+            for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{base}self_attn.{name}.{kind}"] = v[i * hidden : (i + 1) * hidden]
+            continue
+        for old, new in _OPENCLIP_BLOCK:
+            if rest.startswith(old):
+                out[base + new + rest[len(old) :]] = v
+                break
+    return out
+
+
+def _alphas_cumprod(sd: StateDict, family: FamilySpec) -> torch.Tensor:
+    """The training noise schedule: the file's own buffer if present, else the family's betas."""
+    stored = sd.get("alphas_cumprod")
+    if stored is not None and stored.numel() == family.num_train_timesteps:
+        return stored.detach().to("cpu", torch.float32).clone()
+    betas = torch.linspace(family.beta_start**0.5, family.beta_end**0.5, family.num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)

@@ -1,0 +1,1 @@
+"""A generation request and the stages that turn it into images."""

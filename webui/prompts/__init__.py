@@ -1,0 +1,1 @@
+"""Prompt text handling and encoding. (The full prompt language arrives with issue 4.)"""

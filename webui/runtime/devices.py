@@ -1,0 +1,70 @@
+"""Pick the device and the dtypes the model runs in.
+
+float16 on CUDA (and MPS), bfloat16 on a CPU with native bf16 instructions, float32
+otherwise; `--no-half` / `--no-half-vae` force float32 for the whole model / the VAE.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from webui.config import Config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # UNet and text encoders
+    vae_dtype: torch.dtype
+
+    def describe(self) -> str:
+        return f"device={self.device}, dtype={_name(self.dtype)}, vae dtype={_name(self.vae_dtype)}"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU executes bfloat16 natively (AVX512-BF16 / AMX on x86, BF16 on Arm)."""
+    machine = platform.machine().lower()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return machine in ("arm64",)  # Apple silicon has bf16
+    if machine in ("x86_64", "amd64"):
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    if machine in ("aarch64", "arm64"):
+        return " bf16" in flags
+    return False
+
+
+def pick_device(config: Config) -> torch.device:
+    if not config.use_cpu and torch.cuda.is_available():
+        return torch.device("cuda", config.device_id or 0)
+    mps = getattr(torch.backends, "mps", None)
+    if not config.use_cpu and mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_runtime(config: Config) -> Runtime:
+    device = pick_device(config)
+    if config.dtype != "auto":
+        dtype = _DTYPES[config.dtype]
+    elif device.type in ("cuda", "mps"):
+        dtype = torch.float16
+    elif cpu_has_native_bf16():
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    if config.no_half:
+        dtype = torch.float32
+    vae_dtype = torch.float32 if (config.no_half or config.no_half_vae) else dtype
+    return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype)

@@ -1,0 +1,1 @@
+"""Samplers (k-diffusion style functions over a denoiser) and noise schedules."""

@@ -1,0 +1,299 @@
+"""Write random-weight Stable Diffusion checkpoints in the original single-file (LDM) layout.
+
+Tiny ones (a few MB) for tests, or full-size SD1.5-architecture ones for benchmarks:
+
+    python -m webui.testing.make_checkpoint --family sd1 OUT.safetensors
+    python -m webui.testing.make_checkpoint --family sd1 --full-size --dtype float16 OUT.safetensors
+
+The modules are built with diffusers / transformers and their keys mapped back to the names
+the CompVis code used, so loading them exercises the same conversion as a downloaded file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint")
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
+FULL_SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+
+def _text_config(size: dict, hidden_act: str, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim or size["hidden_size"],
+        **size,
+    )
+
+
+def _unet(family: str, full: bool, context: int, pooled: int = 0) -> UNet2DConditionModel:
+    if full:  # SD1.5 architecture
+        return UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=context,
+            attention_head_dim=8,
+        )
+    kw: dict = {}
+    if family == "sdxl":
+        down, up = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+        kw = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=pooled + 6 * 8,
+            transformer_layers_per_block=(1, 2),
+        )
+    else:
+        down, up = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
+    linear = family in ("sd2", "sdxl")
+    heads = 8 if family.startswith("sd1") else [1, 1]
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=9 if family == "sd1-inpaint" else 4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=context,
+        attention_head_dim=heads,
+        use_linear_projection=linear,
+        norm_num_groups=32,
+        **kw,
+    )
+
+
+def _vae(full: bool) -> AutoencoderKL:
+    channels = (128, 256, 512, 512) if full else (32, 32, 32, 32)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2 if full else 1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+    )
+
+
+# --- diffusers -> LDM key names ---------------------------------------------------------------
+
+_RESNET = [
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("conv_shortcut.", "skip_connection."),
+]
+
+
+def _sub(rest: str, table: list[tuple[str, str]]) -> str:
+    for new, old in table:
+        if rest.startswith(new):
+            return old + rest[len(new) :]
+    return rest
+
+
+def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    cfg = unet.config
+    per = cfg.layers_per_block + 1
+    attn_up = {i: "CrossAttn" in t for i, t in enumerate(cfg.up_block_types)}
+    out = {}
+    fixed = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+    }
+    for k, v in unet.state_dict().items():
+        parts = k.split(".")
+        new = None
+        for a, b in fixed.items():
+            if k.startswith(a):
+                new = b + k[len(a) :]
+        if new is None and parts[0] == "down_blocks":
+            i = int(parts[1])
+            if parts[2] == "downsamplers":
+                new = f"input_blocks.{per * (i + 1)}.0.op." + ".".join(parts[5:])
+            else:
+                j, rest = int(parts[3]), ".".join(parts[4:])
+                slot = 0 if parts[2] == "resnets" else 1
+                rest = _sub(rest, _RESNET) if slot == 0 else rest
+                new = f"input_blocks.{1 + per * i + j}.{slot}.{rest}"
+        elif new is None and parts[0] == "mid_block":
+            j, rest = int(parts[2]), ".".join(parts[3:])
+            if parts[1] == "resnets":
+                new = f"middle_block.{2 * j}.{_sub(rest, _RESNET)}"
+            else:
+                new = f"middle_block.1.{rest}"
+        elif new is None and parts[0] == "up_blocks":
+            i = int(parts[1])
+            if parts[2] == "upsamplers":
+                new = f"output_blocks.{per * i + per - 1}.{2 if attn_up[i] else 1}.conv." + ".".join(parts[5:])
+            else:
+                j, rest = int(parts[3]), ".".join(parts[4:])
+                slot = 0 if parts[2] == "resnets" else 1
+                rest = _sub(rest, _RESNET) if slot == 0 else rest
+                new = f"output_blocks.{per * i + j}.{slot}.{rest}"
+        if new is None:
+            raise KeyError(f"no LDM name for UNet key {k}")
+        out["model.diffusion_model." + new] = v
+    return out
+
+
+def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    n = len(vae.config.block_out_channels)
+    out = {}
+    attn = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+    for k, v in vae.state_dict().items():
+        parts = k.split(".")
+        side = parts[0]
+        if parts[1] == "down_blocks":
+            i = parts[2]
+            new = f"{side}.down.{i}." + (
+                "downsample.conv." + ".".join(parts[6:])
+                if parts[3] == "downsamplers"
+                else f"block.{parts[4]}." + ".".join(parts[5:]).replace("conv_shortcut.", "nin_shortcut.")
+            )
+        elif parts[1] == "up_blocks":
+            i = n - 1 - int(parts[2])
+            new = f"{side}.up.{i}." + (
+                "upsample.conv." + ".".join(parts[6:])
+                if parts[3] == "upsamplers"
+                else f"block.{parts[4]}." + ".".join(parts[5:]).replace("conv_shortcut.", "nin_shortcut.")
+            )
+        elif parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                new = f"{side}.mid.block_{int(parts[3]) + 1}." + ".".join(parts[4:])
+            else:
+                new = f"{side}.mid.attn_1." + _sub(".".join(parts[4:]), attn)
+                if v.ndim == 2:
+                    v = v[:, :, None, None]  # LDM attention uses 1x1 convolutions
+        elif parts[1] == "conv_norm_out":
+            new = f"{side}.norm_out." + ".".join(parts[2:])
+        else:
+            new = k
+        out["first_stage_model." + new] = v
+    return out
+
+
+def openclip_to_ldm(model: CLIPTextModel | CLIPTextModelWithProjection, prefix: str) -> dict[str, torch.Tensor]:
+    sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in model.state_dict().items()}
+    tm = "text_model."
+    out = {
+        prefix + "token_embedding.weight": sd[tm + "embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd[tm + "embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd[tm + "final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd[tm + "final_layer_norm.bias"],
+    }
+    hidden = model.config.hidden_size
+    out[prefix + "text_projection"] = (
+        sd["text_projection.weight"].T.contiguous() if "text_projection.weight" in sd else torch.eye(hidden)
+    )
+    for i in range(model.config.num_hidden_layers):
+        src, dst = f"{tm}encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
+                [sd[src + f"self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+            )
+            for theirs, ours in [
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+                ("self_attn.out_proj", "attn.out_proj"),
+            ]:
+                out[dst + f"{ours}.{kind}"] = sd[src + f"{theirs}.{kind}"]
+    return out
+
+
+def clip_to_ldm(model: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]:
+    """HF CLIP keys as the original checkpoints store them (always under `text_model.`)."""
+    return {
+        prefix + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in model.state_dict().items()
+        if "position_ids" not in k
+    }
+
+
+def make_state_dict(family: str, full_size: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random-weight checkpoint of `family` in LDM layout (float32)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if full_size and family != "sd1":
+        raise ValueError("--full-size is only available for sd1")
+    torch.manual_seed(seed)
+    size = FULL_SD1_TEXT if full_size else TINY_TEXT
+    sd: dict[str, torch.Tensor] = {}
+    if family in ("sd1", "sd1-inpaint"):
+        te = CLIPTextModel(_text_config(size, "quick_gelu"))
+        sd.update(clip_to_ldm(te, "cond_stage_model.transformer."))
+        context, pooled = size["hidden_size"], 0
+    elif family == "sd2":
+        te = CLIPTextModel(_text_config(size, "gelu"))
+        sd.update(openclip_to_ldm(te, "cond_stage_model.model."))
+        context, pooled = size["hidden_size"], 0
+    else:
+        te1 = CLIPTextModel(_text_config(size, "quick_gelu"))
+        big = dict(size, hidden_size=48, num_attention_heads=1)
+        te2 = CLIPTextModelWithProjection(_text_config(big, "gelu", projection_dim=48))
+        sd.update(clip_to_ldm(te1, "conditioner.embedders.0.transformer."))
+        sd.update(openclip_to_ldm(te2, "conditioner.embedders.1.model."))
+        context, pooled = size["hidden_size"] + big["hidden_size"], big["hidden_size"]
+    unet = _unet(family, full_size, context, pooled)
+    if not full_size:
+        # Default init leaves conv_out at zero scale-ish; widen the weights so outputs differ visibly.
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    sd.update(unet_to_ldm(unet))
+    sd.update(vae_to_ldm(_vae(full_size)))
+    return sd
+
+
+def write_checkpoint(path: Path, family: str, full_size: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Write a checkpoint; `.safetensors` or a torch zip pickle (`.ckpt`) by suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.to(dtype).contiguous() for k, v in make_state_dict(family, full_size, seed).items()}
+    if path.suffix == ".safetensors":
+        save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd}, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m webui.testing.make_checkpoint", description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=FAMILIES, default="sd1")
+    ap.add_argument("--full-size", action="store_true", help="SD1.5 architecture (860M UNet), not a tiny model")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("out", type=Path)
+    a = ap.parse_args(argv)
+    write_checkpoint(a.out, a.family, a.full_size, getattr(torch, a.dtype), a.seed)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
