@@ -1,37 +1,79 @@
 """Composition root: builds the pieces from a `Config` and wires them together.
 
 The only module that knows everything; the rest receive what they need as arguments.
+torch, diffusers and transformers take seconds to import, so the model side is built on first
+use (or by `warm_up` in the background once the page is served), never on the start-up path.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from webui.config import Config
 from webui.models.cache import ModelCache
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
-from webui.models.load import ModelBundle, load_bundle
 from webui.models.registry import CheckpointInfo, ModelRegistry
-from webui.pipeline.runner import Runner
-from webui.prompts.tokenizer import TokenizerFactory
-from webui.runtime.devices import Runtime, pick_runtime
+
+if TYPE_CHECKING:
+    from webui.models.load import ModelBundle
+    from webui.pipeline.runner import Runner
+    from webui.prompts.tokenizer import TokenizerFactory
+    from webui.runtime.devices import Runtime
 
 log = logging.getLogger("webui")
 
 
-@dataclass
-class Engine:
-    """Models plus the runner: what the UI, the CLI and the API call into."""
-
-    config: Config
+@dataclass(frozen=True)
+class _ModelSide:
     runtime: Runtime
-    registry: ModelRegistry
-    cache: ModelCache[ModelBundle]
     tokenizers: TokenizerFactory
     runner: Runner
+
+
+class Engine:
+    """Models plus the runner: what the UI, the command line and the API call into."""
+
+    def __init__(self, config: Config, registry: ModelRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.cache: ModelCache[ModelBundle] = ModelCache(config.model_cache_size)
+        self._side: _ModelSide | None = None
+        self._side_lock = threading.Lock()
+
+    # --- the model side, built once on first use ---------------------------------------------
+
+    def _model_side(self) -> _ModelSide:
+        with self._side_lock:
+            if self._side is None:
+                from webui.pipeline.runner import Runner
+                from webui.prompts.tokenizer import TokenizerFactory
+                from webui.runtime.devices import pick_runtime
+
+                runtime = pick_runtime(self.config)
+                log.info("model runtime: %s", runtime.describe())
+                self._side = _ModelSide(runtime, TokenizerFactory(), Runner(self.bundle, self.config.outputs_path))
+            return self._side
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._model_side().runtime
+
+    @property
+    def runner(self) -> Runner:
+        return self._model_side().runner
+
+    def warm_up(self) -> threading.Thread:
+        """Import the model stack in the background so the first generation does not wait for it."""
+        t = threading.Thread(target=self._model_side, name="warm-up", daemon=True)
+        t.start()
+        return t
+
+    # --- checkpoints --------------------------------------------------------------------------
 
     def resolve_checkpoint(self, query: str | None) -> CheckpointInfo:
         query = query or self.config.ckpt
@@ -46,17 +88,22 @@ class Engine:
         return self.registry.find(items[0].name)
 
     def bundle(self, query: str | None) -> ModelBundle:
+        """The loaded model for `query` (None: the start-up choice or the first listed)."""
         info = self.resolve_checkpoint(query)
         vae = self._vae_for(info)
-        prediction = self.registry.prediction_for(info)
+        forced = self.config.prediction
+        prediction = forced if forced != "auto" else self.registry.prediction_for(info)
         key = (str(info.path.resolve()), str(vae) if vae else None, prediction)
+        side = self._model_side()
 
         def load() -> ModelBundle:
-            log.info("loading %s (%s)", info.title, self.runtime.describe())
+            from webui.models.load import load_bundle
+
+            log.info("loading %s", info.title)
             return load_bundle(
                 info.path,
-                runtime=self.runtime,
-                tokenizers=self.tokenizers,
+                runtime=side.runtime,
+                tokenizers=side.tokenizers,
                 name=info.name,
                 sha256=info.sha256,
                 vae_path=vae,
@@ -75,19 +122,9 @@ class Engine:
 
 
 def build_engine(config: Config) -> Engine:
-    runtime = pick_runtime(config)
     hashes = HashCache(config.cache_path / "hashes.json")
     registry = ModelRegistry(
         config.checkpoints_path, config.vae_path, hashes, overrides_file=config.data_dir / "model-overrides.json"
     )
     registry.refresh(compute_hashes=False)  # cached hashes only: start-up never reads whole files
-    engine = Engine(
-        config=config,
-        runtime=runtime,
-        registry=registry,
-        cache=ModelCache(config.model_cache_size),
-        tokenizers=TokenizerFactory(),
-        runner=None,  # type: ignore[arg-type]  # set below: the runner calls back into the engine
-    )
-    engine.runner = Runner(engine.bundle, config.outputs_path)
-    return engine
+    return Engine(config, registry)

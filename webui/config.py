@@ -42,6 +42,7 @@ class Config(BaseModel):
     ckpt: str | None = None
     vae: str | None = None  # "Automatic" (paired file, else the checkpoint's own), "None", or a name
     model_cache_size: int = 1
+    prediction: Literal["auto", "epsilon", "v"] = "auto"  # force v-prediction on or off for every model
 
     @field_validator("model_cache_size")
     @classmethod

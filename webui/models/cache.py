@@ -12,8 +12,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-import torch
-
 T = TypeVar("T")
 
 
@@ -46,6 +44,8 @@ class ModelCache(Generic[T]):
 
 
 def _free_memory() -> None:
+    import torch  # deferred: this module is imported before the model stack
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -20,10 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from webui.models.errors import ModelError
-
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+from webui.models.registry import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
 
 StateDict = dict[str, torch.Tensor]
 

@@ -16,8 +16,9 @@ from typing import Literal
 
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
-from webui.models.readers import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
-
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with the weights-only unpickler
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 Prediction = Literal["epsilon", "v"]

@@ -3,7 +3,7 @@ the command line and (later) the HTTP API."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ValidationError, ConfigDict, Field, field_validator, model_validator
 
 from webui.samplers.table import resolve
 
@@ -43,3 +43,12 @@ class GenerationRequest(BaseModel):
             object.__setattr__(self, "sampler_name", spec.name)
             object.__setattr__(self, "scheduler", schedule)
         return self
+
+
+def validation_message(error: ValidationError) -> str:
+    """One clause per bad field: `steps: Input should be greater than or equal to 1`."""
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(x) for x in e.get("loc", ())) or "request"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}".replace("Value error, ", ""))
+    return "; ".join(parts)

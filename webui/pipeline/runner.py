@@ -25,6 +25,7 @@ from webui.images import dated_dir, save_image
 from webui.infotext import format_infotext
 from webui.models.load import ModelBundle
 from webui.pipeline.denoiser import CFGDenoiser
+from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest
 from webui.prompts.encode import Conditioning, encode
 from webui.samplers.kdiffusion import StepState
@@ -38,36 +39,6 @@ STAGES = ("model", "prompt", "conditioning", "noise", "sample", "decode", "postp
 
 class Interrupted(Exception):
     """Raised inside the sampling loop when the job's cancel token is set."""
-
-
-@dataclass
-class Progress:
-    step: int  # steps finished over the whole job
-    total_steps: int
-    batch: int  # 0-based batch index
-    batches: int
-    elapsed: float
-
-    @property
-    def fraction(self) -> float:
-        return self.step / self.total_steps if self.total_steps else 0.0
-
-
-ProgressFn = Callable[[Progress], None]
-
-
-class CancelToken:
-    """One per job: set by the owner of the job to stop it after the current step."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def interrupt(self) -> None:
-        self._event.set()
-
-    @property
-    def interrupted(self) -> bool:
-        return self._event.is_set()
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from webui.samplers.table import SCHEDULES
+
 
 class DiscreteSchedule:
     """Maps between training timesteps t in [0, T-1] and noise levels sigma.
@@ -44,9 +46,6 @@ class DiscreteSchedule:
         """`steps` sigmas at timesteps linspace(T-1, 0, steps), then a final 0."""
         t = torch.linspace(len(self.sigmas) - 1, 0, steps)
         return torch.cat([self.t_to_sigma(t), torch.zeros(1)])
-
-
-SCHEDULES = ("Automatic",)
 
 
 def make_sigmas(schedule: DiscreteSchedule, name: str, steps: int) -> torch.Tensor:

@@ -5,24 +5,30 @@ Older clients send a sampler and schedule in one name (`Euler a Karras`); `resol
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from webui.samplers import kdiffusion
-from webui.samplers.schedules import SCHEDULES
+# No torch here: the page imports this table, and importing torch would delay start-up.
+SCHEDULES = ("Automatic",)
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str
-    fn: Callable[..., object]
+    function: str  # "module:function", imported on first use
     aliases: tuple[str, ...] = ()
     stochastic: bool = False
 
+    @property
+    def fn(self) -> Callable[..., object]:
+        module, _, attr = self.function.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
 
 SAMPLERS: tuple[SamplerSpec, ...] = (
-    SamplerSpec("Euler a", kdiffusion.sample_euler_ancestral, aliases=("k_euler_a", "euler_ancestral"), stochastic=True),
-    SamplerSpec("Euler", kdiffusion.sample_euler, aliases=("k_euler", "euler")),
+    SamplerSpec("Euler a", "webui.samplers.kdiffusion:sample_euler_ancestral", aliases=("k_euler_a", "euler_ancestral"), stochastic=True),
+    SamplerSpec("Euler", "webui.samplers.kdiffusion:sample_euler", aliases=("k_euler", "euler")),
 )
 
 _LEGACY_SCHEDULE_SUFFIXES = {"Karras": "Karras", "Exponential": "Exponential"}

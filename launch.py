@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Install what is missing, then start the web UI (or run a command).
+
+    python launch.py [flags]              serve the page on http://127.0.0.1:7860
+    python launch.py txt2img --ckpt ...   generate from the command line
+    python launch.py test [pytest args]   install test dependencies and run the test suite
+
+torch is installed only when it is missing, never replaced: set TORCH_COMMAND to choose the
+build, e.g. TORCH_COMMAND="torch==2.7.1 --index-url https://download.pytorch.org/whl/cu128"
+(CUDA), ".../whl/rocm6.3" (ROCm) or ".../whl/cpu" (CPU). Default: "torch==2.13.0".
+Set SKIP_INSTALL=1 to skip every check.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_TORCH = "torch==2.13.0"
+PROJECT = "sd-webui"
+
+
+def pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *args]
+    print("launch: " + " ".join(shlex.quote(a) for a in cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def ensure_torch() -> None:
+    try:
+        md.version("torch")
+        return
+    except md.PackageNotFoundError:
+        pass
+    command = os.environ.get("TORCH_COMMAND", DEFAULT_TORCH).strip()
+    args = shlex.split(command)
+    if args[:2] == ["pip", "install"]:  # A1111 style: a whole pip command
+        args = args[2:]
+    pip(*args)
+
+
+def _requirements(extras: tuple[str, ...]) -> list[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+
+        project = tomllib.loads(text)["project"]
+        reqs = list(project["dependencies"])
+        for extra in extras:
+            reqs += project.get("optional-dependencies", {}).get(extra, [])
+        return reqs
+    except ImportError:  # Python 3.10: no tomllib; the quoted list entries are enough
+        return re.findall(r'^\s*"([A-Za-z0-9_.\-\[\]]+[^"]*)",?\s*$', text, re.M)
+
+
+def _satisfied(requirement: str) -> bool:
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
+        try:
+            md.version(name)
+            return True
+        except md.PackageNotFoundError:
+            return False
+    req = Requirement(requirement)
+    try:
+        version = md.version(req.name)
+    except md.PackageNotFoundError:
+        return False
+    return req.specifier.contains(version, prereleases=True)
+
+
+def ensure_project(extras: tuple[str, ...] = ()) -> None:
+    """Install the project (editable) with `extras` if it or any of its requirements is missing."""
+    ensure_torch()
+    missing = [r for r in _requirements(extras) if not _satisfied(r)]
+    # An egg-info folder in the checkout also answers to the name, so look at every match.
+    installed_here = any(
+        ROOT.as_uri() in (d.read_text("direct_url.json") or "") for d in md.distributions(name=PROJECT)
+    )
+    if missing or not installed_here:
+        if missing:
+            print(f"launch: installing missing requirements: {', '.join(missing)}", flush=True)
+        target = f"{ROOT}[{','.join(extras)}]" if extras else str(ROOT)
+        # torch is already present, and every range we ask for admits it, so pip keeps it.
+        pip("-e", target)
+
+
+def ensure_chromium() -> None:
+    """The browser tests drive Debian's Chromium; install it with apt where we can."""
+    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
+        return
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        print("launch: installing chromium (apt-get) for the browser tests", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env)
+    else:
+        print("launch: chromium not found and cannot be installed here; browser tests will be skipped", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if sys.version_info < (3, 10):
+        print("error: Python 3.10 or newer is required", file=sys.stderr)
+        return 2
+    skip = os.environ.get("SKIP_INSTALL") == "1"
+    if argv[:1] == ["test"]:
+        if not skip:
+            ensure_project(extras=("test",))
+            ensure_chromium()
+        return subprocess.run([sys.executable, "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
+    if not skip:
+        ensure_project()
+    from webui.cli import main as webui_main
+
+    return webui_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

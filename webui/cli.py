@@ -1,0 +1,138 @@
+"""Command line: `webui [flags]` serves the page; `webui txt2img ...` generates without a server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from webui.config import Config, parse_auth
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("folders and models")
+    g.add_argument("--data-dir", type=Path, default=Path("."), help="root for models/, outputs/ and caches (default: .)")
+    g.add_argument("--models-dir", type=Path, help="models folder (default: <data-dir>/models)")
+    g.add_argument("--ckpt-dir", type=Path, help="checkpoints folder (default: <models-dir>/Stable-diffusion)")
+    g.add_argument("--vae-dir", type=Path, help="VAE folder (default: <models-dir>/VAE)")
+    g.add_argument("--outdir", type=Path, help="output folder (default: <data-dir>/outputs)")
+    g.add_argument("--vae", help='VAE to use: "Automatic" (default), "None", or a file name in the VAE folder')
+    g = ap.add_argument_group("device and precision")
+    g.add_argument("--use-cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    g.add_argument("--device-id", type=int, help="CUDA device index")
+    g.add_argument("--no-half", action="store_true", help="run the whole model in float32")
+    g.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32")
+    g.add_argument("--precision", choices=("autocast", "full"), default="autocast", help="full = float32 (same as --no-half)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="model dtype (default: auto)")
+    g.add_argument("--model-cache-size", type=int, default=1, help="models kept loaded (default: 1)")
+    g.add_argument("--verbose", action="store_true", help="log more")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="webui", description="Stable Diffusion web UI. Without a command: serve the page.")
+    _common(ap)
+    s = ap.add_argument_group("server")
+    s.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 (default: 127.0.0.1 only)")
+    s.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    s.add_argument("--share", action="store_true", help="ask Gradio for a temporary public link")
+    s.add_argument("--gradio-auth", help="user:pass[,user2:pass2] required to open the page")
+    s.add_argument("--autolaunch", action="store_true", help="open the page in the default browser")
+    s.add_argument("--ckpt", help="checkpoint selected at start (title, name, hash or path)")
+    sub = ap.add_subparsers(dest="command")
+    t = sub.add_parser("txt2img", help="generate images from a prompt and exit", description="Generate images and print their paths.")
+    _common(t)
+    t.add_argument("--ckpt", required=True, help="checkpoint: a path, or a title/name/hash from the models folder")
+    t.add_argument("--prompt", required=True)
+    t.add_argument("--negative-prompt", default="")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--cfg-scale", type=float, default=7.0)
+    t.add_argument("--seed", type=int, default=-1)
+    t.add_argument("--width", type=int, default=512)
+    t.add_argument("--height", type=int, default=512)
+    t.add_argument("--sampler", default="Euler a")
+    t.add_argument("--scheduler", default="Automatic")
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--n-iter", type=int, default=1)
+    t.add_argument("--clip-skip", type=int, default=1)
+    t.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto", help="override v-prediction detection")
+    return ap
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    return Config(
+        data_dir=a.data_dir,
+        models_dir=a.models_dir,
+        ckpt_dir=a.ckpt_dir,
+        vae_dir=a.vae_dir,
+        outdir=a.outdir,
+        vae=a.vae,
+        listen=getattr(a, "listen", False),
+        port=getattr(a, "port", 7860),
+        share=getattr(a, "share", False),
+        gradio_auth=parse_auth(getattr(a, "gradio_auth", None)),
+        autolaunch=getattr(a, "autolaunch", False),
+        use_cpu=a.use_cpu,
+        device_id=a.device_id,
+        no_half=a.no_half or a.precision == "full",
+        no_half_vae=a.no_half_vae,
+        dtype=a.dtype,
+        ckpt=a.ckpt,
+        model_cache_size=a.model_cache_size,
+        prediction=getattr(a, "prediction", "auto"),
+    )
+
+
+def _txt2img(a: argparse.Namespace, config: Config) -> int:
+    from webui.app import build_engine
+    from webui.pipeline.request import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=a.prompt,
+        negative_prompt=a.negative_prompt,
+        steps=a.steps,
+        cfg_scale=a.cfg_scale,
+        seed=a.seed,
+        width=a.width,
+        height=a.height,
+        sampler_name=a.sampler,
+        scheduler=a.scheduler,
+        batch_size=a.batch_size,
+        n_iter=a.n_iter,
+        clip_skip=a.clip_skip,
+        checkpoint=a.ckpt,
+    )
+    engine = build_engine(config)
+    result = engine.runner.generate(request)
+    for p in result.paths:
+        print(p)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from webui.models.errors import ModelError
+
+    try:
+        config = config_from_args(a)
+        if a.command == "txt2img":
+            return _txt2img(a, config)
+        from webui.server import serve
+
+        serve(config)
+        return 0
+    except ValidationError as e:
+        from webui.pipeline.request import validation_message
+
+        print(f"error: {validation_message(e)}", file=sys.stderr)
+    except (ModelError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

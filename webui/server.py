@@ -1,0 +1,51 @@
+"""Start the web server: engine, page, and the Gradio launch with the flags' options."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from webui.app import build_engine
+from webui.config import Config
+
+log = logging.getLogger("webui")
+
+
+def serve(config: Config, block: bool = True) -> None:
+    # No telemetry or update checks: the app runs offline and says nothing about its user.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from webui.ui.blocks import build_ui  # gradio is imported only when serving
+
+    engine = build_engine(config)
+    log.info("%d checkpoint(s) in %s", len(engine.registry.checkpoints()), config.checkpoints_path)
+    demo = build_ui(engine)
+    demo.queue(default_concurrency_limit=1)
+    _, local_url, share_url = demo.launch(
+        server_name=config.server_name,
+        server_port=config.port,
+        share=config.share,
+        auth=list(config.gradio_auth) or None,
+        inbrowser=config.autolaunch,
+        prevent_thread_lock=True,
+        show_error=True,
+        quiet=False,
+        allowed_paths=[str(config.outputs_path.resolve())],
+        footer_links=["api", "settings"],
+    )
+    # After the page is up: hash new checkpoints, import the model stack.
+    engine.registry.hash_missing_in_background()
+    engine.warm_up()
+    if config.share and not share_url:
+        print(
+            "Public link not created: Gradio's share tunnel could not be reached (no internet access, "
+            "or the tunnel service refused). The local server keeps running at " + str(local_url),
+            flush=True,
+        )
+    if block:
+        try:
+            demo.block_thread()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close()

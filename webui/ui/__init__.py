@@ -1,0 +1,1 @@
+"""Gradio Blocks: builds requests from controls and renders results. No model code here."""

@@ -1,0 +1,17 @@
+"""User-facing texts shared by the tabs."""
+
+from __future__ import annotations
+
+from webui.app import Engine
+
+
+def models_help(engine: Engine) -> str:
+    if engine.registry.checkpoints():
+        return ""
+    return (
+        "### No checkpoints yet\n"
+        f"Put a Stable Diffusion checkpoint (`.safetensors` or `.ckpt`; SD 1.x, SD 2.x or SDXL) in "
+        f"`{engine.registry.ckpt_dir.resolve()}` (sub-folders are fine), then press **🔄 Refresh**. "
+        f"Optional VAEs go in `{engine.registry.vae_dir.resolve()}`."
+    )
+
