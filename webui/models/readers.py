@@ -55,8 +55,8 @@ def _read_safetensors(path: Path) -> StateDict:
         return load_file(path, device="cpu")
     except SafetensorError as e:
         raise ModelError(f"not a readable safetensors file (truncated or corrupt): {e}", path) from None
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"could not read safetensors file: {e}", path) from None
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"could not read safetensors file: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", path) from None
 
 
 def _read_pickle(path: Path) -> StateDict:
@@ -71,7 +71,7 @@ def _read_pickle(path: Path) -> StateDict:
             f"(it may contain code; nothing in it was run). Convert it to .safetensors. Detail: {first}",
             path,
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
+    except Exception as e:  # noqa: BLE001  the unpickler raises anything on garbage input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"not a readable checkpoint (truncated or corrupt): {first}", path) from None
     return _flatten(obj, path)

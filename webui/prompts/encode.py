@@ -26,7 +26,7 @@ class Conditioning:
 def _chunks(enc: TextEncoder, texts: list[str]) -> torch.Tensor:
     """Token ids [B, chunks, 77]."""
     tok = enc.tokenizer
-    ids = [tok(t, add_special_tokens=False, truncation=False)["input_ids"] for t in texts]
+    ids = [tok(t, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for t in texts]
     n_chunks = max(1, *((len(i) + CHUNK - 1) // CHUNK for i in ids))
     bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     rows = []

@@ -1,0 +1,76 @@
+"""The command line: `webui txt2img` / `python launch.py txt2img`, and the checkpoint maker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import REPO
+from webui.infotext import parse_infotext
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SKIP_INSTALL="1")
+    return subprocess.run([*args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_txt2img_prints_one_path_per_image(data_dir: Path) -> None:
+    ckpt = data_dir / "models/Stable-diffusion/sd1.safetensors"
+    r = run(sys.executable, str(REPO / "launch.py"), "txt2img", "--ckpt", str(ckpt), "--prompt", "a house",
+            "--steps", "3", "--width", "64", "--height", "64", "--seed", "7", "--batch-size", "2",
+            "--sampler", "Euler", "--outdir", str(data_dir / "out"), cwd=data_dir)
+    assert r.returncode == 0, r.stderr
+    paths = [Path(line) for line in r.stdout.split()]
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"]
+    fields = parse_infotext(Image.open(paths[0]).info["parameters"])
+    assert (fields["Prompt"], fields["Seed"], fields["Steps"], fields["Sampler"]) == ("a house", "7", "3", "Euler")
+
+
+def test_console_script_by_title_and_same_pixels_as_launch(data_dir: Path) -> None:
+    exe = shutil.which("webui")
+    assert exe, "the `webui` console script is not installed"
+    common = ["--prompt", "a house", "--steps", "3", "--width", "64", "--height", "64", "--seed", "3", "--data-dir", str(data_dir)]
+    a = run(exe, "txt2img", "--ckpt", "sd1", *common, cwd=data_dir)
+    b = run(sys.executable, "-m", "webui", "txt2img", "--ckpt", "sd1.safetensors", *common, cwd=data_dir)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    pa, pb = Path(a.stdout.strip()), Path(b.stdout.strip())
+    assert not pa.is_absolute() or pa.exists()
+    img_a = np.asarray(Image.open(data_dir / pa if not pa.is_absolute() else pa))
+    img_b = np.asarray(Image.open(data_dir / pb if not pb.is_absolute() else pb))
+    assert np.array_equal(img_a, img_b)
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(data_dir: Path) -> None:
+    broken = data_dir / "models/Stable-diffusion/broken.safetensors"
+    broken.write_bytes(os.urandom(64))
+    cases = [
+        (["--ckpt", "does-not-exist", "--prompt", "x"], "not found"),
+        (["--ckpt", "broken", "--prompt", "x"], "broken.safetensors"),
+        (["--ckpt", "sd1", "--prompt", "x", "--width", "65"], "multiple of 8"),
+        (["--ckpt", "sd1", "--prompt", "x", "--steps", "0"], "steps"),
+        (["--ckpt", "sd1", "--prompt", "x", "--sampler", "Nope"], "unknown sampler"),
+    ]
+    for args, expected in cases:
+        r = run(sys.executable, "-m", "webui", "txt2img", "--data-dir", str(data_dir), *args, cwd=data_dir)
+        assert r.returncode != 0, args
+        assert "Traceback" not in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], r.stderr
+
+
+def test_make_checkpoint_command(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.safetensors"
+    r = run(sys.executable, "-m", "webui.testing.make_checkpoint", "--family", "sdxl", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size < 50_000_000
+    from webui.models.detect import detect
+    from webui.models.readers import read_state_dict
+
+    assert detect(read_state_dict(out)).family.name == "sdxl"

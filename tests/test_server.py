@@ -1,0 +1,112 @@
+"""The real server on a loopback port: page, gradio_client generation, errors, auth, share."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import requests
+from gradio_client import Client
+from PIL import Image
+
+from tests.conftest import Server, add_checkpoint, start_server, stop_server
+from webui.infotext import parse_infotext
+
+
+def test_page_is_served_with_the_txt2img_tab(server: Server) -> None:
+    r = requests.get(server.url + "/", timeout=10)
+    assert r.status_code == 200
+    config = requests.get(server.url + "/config", timeout=10).json()
+    shown = {str(c.get("props", {}).get(k)) for c in config["components"] for k in ("label", "value")}
+    assert {"txt2img", "Prompt", "Negative prompt", "Sampling steps", "Seed", "Generate", "Output"} <= shown
+
+
+def test_listens_on_loopback_only(server: Server) -> None:
+    assert server.url.startswith("http://127.0.0.1:")
+    assert "0.0.0.0" not in server.output()
+
+
+def test_generate_through_gradio_client(server: Server) -> None:
+    client = Client(server.url, verbose=False)
+    gallery, info = client.predict(
+        "sd1.safetensors", "a lighthouse", "fog", "Euler a", 4, 64, 64, 2, 7, 21, api_name="/txt2img"
+    )
+    assert len(gallery) == 2
+    image = Image.open(gallery[0]["image"])
+    assert image.size == (64, 64)
+    fields = parse_infotext(image.info["parameters"])
+    assert (fields["Prompt"], fields["Negative prompt"], fields["Seed"], fields["Size"]) == ("a lighthouse", "fog", "21", "64x64")
+    assert fields["Sampler"] == "Euler a" and fields["Model"] == "sd1"
+    assert "Seed: 22" in info
+    saved = list((server.data_dir / "outputs" / "txt2img-images").rglob("*.png"))
+    assert {p.name for p in saved} >= {"00000-21.png", "00001-22.png"}
+
+
+def test_bad_requests_answer_with_a_reason_and_the_server_keeps_serving(server: Server) -> None:
+    client = Client(server.url, verbose=False)
+    for args, expected in [
+        (("no-such-model", "x", "", "Euler", 2, 64, 64, 1, 7, 1), "not found"),
+        (("sd1", "x", "", "Bogus", 2, 64, 64, 1, 7, 1), "unknown sampler"),
+    ]:
+        with pytest.raises(Exception, match=expected):
+            client.predict(*args, api_name="/txt2img")
+    gallery, _ = client.predict("sd1", "x", "", "Euler", 2, 64, 64, 1, 7, 1, api_name="/txt2img")
+    assert len(gallery) == 1
+
+
+def test_refresh_lists_a_new_checkpoint_with_its_hash(server: Server, checkpoint_store: Path) -> None:
+    new = add_checkpoint(server.data_dir, checkpoint_store, "sd1-other.safetensors", "more/other.safetensors")
+    client = Client(server.url, verbose=False)
+    update, _help = client.predict("sd1.safetensors", api_name="/refresh_checkpoints")
+    choices = [c[0] for c in update["choices"]]
+    import hashlib
+
+    assert f"more/other.safetensors [{hashlib.sha256(new.read_bytes()).hexdigest()[:10]}]" in choices
+    assert update["value"].startswith("sd1.safetensors [")  # the selection is kept, now with its hash
+    _gallery, info = client.predict("more/other.safetensors", "x", "", "Euler", 2, 64, 64, 1, 7, 1, api_name="/txt2img")
+    assert "Model: more/other" in info
+
+
+def test_empty_models_folder_page_says_what_to_do(tmp_path: Path) -> None:
+    s = start_server(tmp_path)
+    try:
+        config = requests.get(s.url + "/config", timeout=10).json()
+        texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
+        assert "No checkpoints yet" in texts and "Stable-diffusion" in texts
+        client = Client(s.url, verbose=False)
+        with pytest.raises(Exception, match="no checkpoints found"):
+            client.predict(None, "x", "", "Euler", 2, 64, 64, 1, 7, 1, api_name="/txt2img")
+    finally:
+        stop_server(s)
+
+
+def test_gradio_auth_protects_the_page(tmp_path: Path, checkpoint_store: Path) -> None:
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    s = start_server(tmp_path, "--gradio-auth", "alice:secret")
+    try:
+        assert requests.get(s.url + "/config", timeout=10).status_code == 401
+        session = requests.Session()
+        bad = session.post(s.url + "/login", data={"username": "alice", "password": "nope"}, timeout=10)
+        assert bad.status_code >= 400
+        ok = session.post(s.url + "/login", data={"username": "alice", "password": "secret"}, timeout=10)
+        assert ok.status_code == 200
+        assert session.get(s.url + "/config", timeout=10).status_code == 200
+    finally:
+        stop_server(s)
+
+
+def test_share_without_internet_keeps_the_local_server(tmp_path: Path) -> None:
+    """This machine has no internet, so the share tunnel cannot be made: the page must stay up."""
+    s = start_server(tmp_path, "--share")
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while "Public link" not in s.output() and "gradio.live" not in s.output() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = s.output()
+        assert "gradio.live" in out or "Public link not created" in out
+        assert requests.get(s.url + "/", timeout=10).status_code == 200
+    finally:
+        stop_server(s)
