@@ -76,7 +76,7 @@ def load_bundle(
     carries a `v_pred` key. Raises `ModelError` with a one-line reason naming the file.
     """
     path = Path(path)
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, _runtime_dtypes(runtime))
     found = detect(sd, path)
     try:
         alphas = _alphas_cumprod(sd, found.family)
@@ -113,9 +113,25 @@ def load_bundle(
     )
 
 
+def _runtime_dtypes(runtime: Runtime, vae_only: bool = False):
+    """Read module weights straight into the dtype they run in; skip what no module uses (EMA)."""
+    modules = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+    def select(key: str, dtype: torch.dtype) -> torch.dtype | None:
+        if key.startswith("model_ema."):
+            return None
+        if not dtype.is_floating_point:
+            return dtype
+        if vae_only or key.startswith(VAE_PREFIX):
+            return runtime.vae_dtype
+        return runtime.dtype if key.startswith(modules) else dtype
+
+    return select
+
+
 def load_vae(path: Path, family: FamilySpec, runtime: Runtime) -> AutoencoderKL:
     """A standalone VAE file in LDM layout, bare or under `first_stage_model.`."""
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, _runtime_dtypes(runtime, vae_only=True))
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in sd) else ""
     if f"{prefix}decoder.conv_in.weight" not in sd:
         raise ModelError("not a VAE in the original layout (no 'decoder.conv_in.weight')", path)

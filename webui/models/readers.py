@@ -1,6 +1,9 @@
 """Read a weights file into a flat {key: tensor} dict, safely.
 
-- `.safetensors` is memory-mapped (no pickle, no code).
+- `.safetensors` is memory-mapped (no pickle, no code). Each tensor is copied out of the
+  mapping already cast to the dtype it will run in, and its pages are then released, so the
+  peak memory is about one copy of the weights rather than file + copy (what
+  `safetensors.torch.load_file` costs).
 - `.ckpt` / `.pt` / `.pth` / `.bin` are pickles: they are read only with torch's weights-only
   unpickler, which refuses any object outside an allow-list of tensor types, so a file that
   carries code is rejected before that code can run.
@@ -10,53 +13,119 @@ Any failure is a `ModelError` with a one-line reason naming the file.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import pickle
 import struct
+import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from webui.models.errors import ModelError
 from webui.models.registry import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
 
 StateDict = dict[str, torch.Tensor]
+# (key, dtype in the file) -> dtype to keep it in, or None to skip the tensor
+Select = Callable[[str, torch.dtype], "torch.dtype | None"]
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
-def read_state_dict(path: Path) -> StateDict:
+def read_state_dict(path: Path, select: Select | None = None) -> StateDict:
+    """All tensors of `path`; with `select`, only those it keeps, in the dtype it names."""
     path = Path(path)
     if not path.is_file():
         raise ModelError("file not found", path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
+        try:
+            return _read_safetensors(path, select)
+        except OSError as e:
+            raise ModelError(f"could not read the file: {e.strerror or e}", path) from None
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
+        return _apply(_read_pickle(path), select)
     raise ModelError(f"unsupported file type {suffix!r} (expected one of {', '.join(WEIGHT_SUFFIXES)})", path)
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` block of a safetensors header, without reading any tensor."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                return {}
-            header = json.loads(f.read(length))
-        return dict(header.get("__metadata__") or {})
-    except (OSError, ValueError, struct.error):
-        return {}
+def _apply(sd: StateDict, select: Select | None) -> StateDict:
+    if select is None:
+        return sd
+    out = {}
+    for key in list(sd):
+        tensor = sd.pop(key)
+        dtype = select(key, tensor.dtype)
+        if dtype is not None:
+            out[key] = tensor.to(dtype)
+    return out
 
 
-def _read_safetensors(path: Path) -> StateDict:
+def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ModelError("not a safetensors file (too short)", path)
+    (length,) = struct.unpack("<Q", raw)
+    if length > size - 8 or length > 100_000_000:
+        raise ModelError("not a safetensors file (bad header length; truncated or corrupt)", path)
     try:
-        return load_file(path, device="cpu")
-    except SafetensorError as e:
-        raise ModelError(f"not a readable safetensors file (truncated or corrupt): {e}", path) from None
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"could not read safetensors file: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", path) from None
+        header = json.loads(f.read(length))
+    except ValueError:
+        raise ModelError("not a safetensors file (unreadable header)", path) from None
+    if not isinstance(header, dict):
+        raise ModelError("not a safetensors file (header is not a table)", path)
+    return header, 8 + length
+
+
+def _read_safetensors(path: Path, select: Select | None) -> StateDict:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header, start = _safetensors_header(f, size, path)
+        if size == start:
+            return {}
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    page = mmap.PAGESIZE
+    out: StateDict = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we copy at once
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                try:
+                    dtype = _ST_DTYPES[info["dtype"]]
+                    shape = [int(n) for n in info["shape"]]
+                    begin, end = (int(n) for n in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise ModelError(f"not a safetensors file (bad entry for {key!r})", path) from None
+                numel = 1
+                for n in shape:
+                    numel *= n
+                if not 0 <= begin <= end or start + end > size or end - begin != numel * dtype.itemsize:
+                    raise ModelError(f"truncated or corrupt: tensor {key!r} lies outside the file", path)
+                keep = select(key, dtype) if select else dtype
+                if keep is None:
+                    continue
+                if numel == 0:
+                    out[key] = torch.empty(shape, dtype=keep)
+                    continue
+                view = torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start + begin).view(shape)
+                out[key] = view.to(keep, copy=True)
+                del view
+                if hasattr(mapping, "madvise"):  # give the file's pages back: they are copied now
+                    lo = (start + begin) // page * page
+                    mapping.madvise(mmap.MADV_DONTNEED, lo, start + end - lo)
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes with it
+            pass
+    return out
 
 
 def _read_pickle(path: Path) -> StateDict:
