@@ -123,12 +123,17 @@ class Runner:
         job.negative_prompts = [job.request.negative_prompt] * n
 
     def stage_conditioning(self, job: Job) -> None:
-        # One call for both, so cond and uncond get the same number of 75-token chunks.
-        both = encode(job.bundle, job.prompts + job.negative_prompts, job.request.clip_skip)
+        # One call for both, so cond and uncond get the same number of 75-token chunks;
+        # each distinct text is encoded once and shared by the images that use it.
+        texts = job.prompts + job.negative_prompts
+        unique = list(dict.fromkeys(texts))
+        encoded = encode(job.bundle, unique, job.request.clip_skip)
+        rows = torch.tensor([unique.index(t) for t in texts])
+        context = encoded.context[rows]
+        pooled = None if encoded.pooled is None else encoded.pooled[rows]
         n = len(job.prompts)
-        split = lambda t: (None, None) if t is None else (t[:n], t[n:])  # noqa: E731
-        (c, u), (pc, pu) = split(both.context), split(both.pooled)
-        job.cond, job.uncond = Conditioning(c, pc), Conditioning(u, pu)
+        job.cond = Conditioning(context[:n], None if pooled is None else pooled[:n])
+        job.uncond = Conditioning(context[n:], None if pooled is None else pooled[n:])
 
     def stage_noise(self, job: Job) -> None:
         """Noise from a CPU generator per image seeded with its seed: the same on any device."""
