@@ -272,21 +272,35 @@ def step_ours(engine, size: int, steps: int) -> list[float]:
     return [b - a for a, b in zip(elapsed, elapsed[1:])]  # steps 2..N: the first one is warm-up
 
 
-def step_bare(unet, size: int, steps: int) -> list[float]:
+def record_unet_calls(engine, unet, size: int, steps: int) -> list:
+    """The exact UNet calls one generation makes (inputs cloned), for the bare loop to replay:
+    on a CPU the time of a call depends on the values it computes on, so both sides must match."""
     import torch
 
-    cfg = unet.config
-    dtype = unet.dtype
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((2, cfg.in_channels, size // 8, size // 8), generator=g).to(dtype)
-    ctx = torch.randn((2, 77, cfg.cross_attention_dim), generator=g).to(dtype)
-    ts = [torch.tensor(999.0 * (1 - i / steps), dtype=torch.float32).expand(2) for i in range(steps)]
+    calls: list = []
+
+    def hook(module, args, kwargs):
+        clone = lambda v: v.clone() if torch.is_tensor(v) else v  # noqa: E731
+        calls.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        step_ours(engine, size, steps)
+    finally:
+        handle.remove()
+    return calls
+
+
+def step_bare(unet, calls: list) -> list[float]:
+    """Replay the recorded calls in a plain loop: no sampler, no CFG maths, no callbacks."""
+    import torch
+
     with torch.inference_mode():
-        unet(x, ts[0], encoder_hidden_states=ctx).sample  # warm-up, not timed
+        unet(*calls[0][0], **calls[0][1])  # warm-up, not timed (as the first step of ours)
         times = []
-        for t in ts[1:]:
+        for args, kwargs in calls[1:]:
             t0 = time.perf_counter()
-            unet(x, t, encoder_hidden_states=ctx).sample
+            unet(*args, **kwargs)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -307,6 +321,7 @@ def bench_steps(ckpt: Path, sizes: list[tuple[int, int]], rounds: int, workdir: 
     unet = bundle.unet
     assert unet.dtype == torch.bfloat16, unet.dtype
     for size, steps in sizes:
+        calls = record_unet_calls(engine, unet, size, steps)
         ours: list[float] = []
         bare: list[float] = []
         for r in range(rounds):
@@ -315,7 +330,7 @@ def bench_steps(ckpt: Path, sizes: list[tuple[int, int]], rounds: int, workdir: 
                 if which == "ours":
                     ours += step_ours(engine, size, steps)
                 else:
-                    bare += step_bare(unet, size, steps)
+                    bare += step_bare(unet, calls)
         # Per-step samples pooled over the rounds. This VM's step times swing by tens of percent
         # from moment to moment, so the fastest steps (least disturbed) are reported beside the median.
         o, b = median(ours), median(bare)
