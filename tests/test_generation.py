@@ -197,3 +197,11 @@ def test_long_prompt_is_chunked(engine: Engine) -> None:
     cond = encode(bundle, [long, ""])
     assert cond.context.shape[1] == 77 * 2
     assert engine.runner.generate(req(prompt=long)).images
+
+
+def test_ckpt_and_safetensors_of_the_same_weights_give_the_same_image(data_dir: Path, checkpoint_store: Path) -> None:
+    add_checkpoint(data_dir, checkpoint_store, "sd1.ckpt", "pickled.ckpt")
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    a = engine.runner.generate(req(checkpoint="sd1.safetensors")).images[0]
+    b = engine.runner.generate(req(checkpoint="pickled.ckpt")).images[0]
+    assert np.array_equal(pixels(a), pixels(b))

@@ -77,18 +77,12 @@ def build_txt2img_tab(engine: Engine, demo: gr.Blocks) -> None:
             images = [str(p) for p in result.paths] if result.paths else result.images
             return images, "\n\n".join(result.infotexts)
 
-        generate.click(
-            run,
+        gr.on(
+            triggers=[generate.click, prompt.submit],
+            fn=run,
             inputs=[checkpoint, prompt, negative, sampler, steps, width, height, batch_size, cfg, seed],
             outputs=[gallery, info],
             api_name="txt2img",
-            concurrency_id="generate",
-        )
-        prompt.submit(
-            run,
-            inputs=[checkpoint, prompt, negative, sampler, steps, width, height, batch_size, cfg, seed],
-            outputs=[gallery, info],
-            api_visibility="private",
             concurrency_id="generate",
         )
 
