@@ -18,9 +18,12 @@ from webui.models.cache import ModelCache
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 from webui.models.registry import CheckpointInfo, ModelRegistry
+from webui.networks.registry import NetworkRegistry
+from webui.prompts.styles import StyleStore
 
 if TYPE_CHECKING:
     from webui.models.load import ModelBundle
+    from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.runner import Runner
     from webui.prompts.tokenizer import TokenizerFactory
     from webui.runtime.devices import Runtime
@@ -32,15 +35,18 @@ log = logging.getLogger("webui")
 class _ModelSide:
     runtime: Runtime
     tokenizers: TokenizerFactory
+    embeddings: EmbeddingLibrary
     runner: Runner
 
 
 class Engine:
     """Models plus the runner: what the UI, the command line and the API call into."""
 
-    def __init__(self, config: Config, registry: ModelRegistry) -> None:
+    def __init__(self, config: Config, registry: ModelRegistry, networks: NetworkRegistry, styles: StyleStore) -> None:
         self.config = config
         self.registry = registry
+        self.networks = networks
+        self.styles = styles
         self.cache: ModelCache[ModelBundle] = ModelCache(config.model_cache_size)
         self._side: _ModelSide | None = None
         self._side_lock = threading.Lock()
@@ -50,13 +56,17 @@ class Engine:
     def _model_side(self) -> _ModelSide:
         with self._side_lock:
             if self._side is None:
-                from webui.pipeline.runner import Runner
+                from webui.networks.embeddings import EmbeddingLibrary
+                from webui.pipeline.runner import Library, Runner
                 from webui.prompts.tokenizer import TokenizerFactory
                 from webui.runtime.devices import pick_runtime
 
                 runtime = pick_runtime(self.config)
                 log.info("model runtime: %s", runtime.describe())
-                self._side = _ModelSide(runtime, TokenizerFactory(), Runner(self.bundle, self.config.outputs_path))
+                embeddings = EmbeddingLibrary(self.networks)
+                library = Library(self.styles, self.networks, embeddings, self.registry.hashes)
+                runner = Runner(self.bundle, self.config.outputs_path, library)
+                self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, runner)
             return self._side
 
     @property
@@ -66,6 +76,16 @@ class Engine:
     @property
     def runner(self) -> Runner:
         return self._model_side().runner
+
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        """(used, available) tokens of a prompt as it will be chunked: `37/75`, `80/150`."""
+        from webui.prompts.encode import count_tokens
+        from webui.prompts.parser import extract_extra_networks
+
+        side = self._model_side()
+        clean, _ = extract_extra_networks(text)
+        embeddings = side.embeddings.find_in_prompt(clean)
+        return count_tokens(side.tokenizers.get("<|endoftext|>"), clean, embeddings)
 
     def warm_up(self) -> threading.Thread:
         """Import the model stack in the background so the first generation does not wait for it."""
@@ -127,4 +147,6 @@ def build_engine(config: Config) -> Engine:
         config.checkpoints_path, config.vae_path, hashes, overrides_file=config.data_dir / "model-overrides.json"
     )
     registry.refresh(compute_hashes=False)  # cached hashes only: start-up never reads whole files
-    return Engine(config, registry)
+    networks = NetworkRegistry(config.lora_path, config.embeddings_path, hashes)
+    networks.refresh()
+    return Engine(config, registry, networks, StyleStore(config.styles_path))

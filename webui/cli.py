@@ -18,6 +18,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--models-dir", type=Path, help="models folder (default: <data-dir>/models)")
     g.add_argument("--ckpt-dir", type=Path, help="checkpoints folder (default: <models-dir>/Stable-diffusion)")
     g.add_argument("--vae-dir", type=Path, help="VAE folder (default: <models-dir>/VAE)")
+    g.add_argument("--lora-dir", type=Path, help="LoRA folder (default: <models-dir>/Lora)")
+    g.add_argument("--embeddings-dir", type=Path, help="textual-inversion folder (default: <models-dir>/embeddings)")
+    g.add_argument("--styles-file", type=Path, help="styles CSV (default: <data-dir>/styles.csv)")
     g.add_argument("--outdir", type=Path, help="output folder (default: <data-dir>/outputs)")
     g.add_argument("--vae", help='VAE to use: "Automatic" (default), "None", or a file name in the VAE folder')
     g = ap.add_argument_group("device and precision")
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--n-iter", type=int, default=1)
     t.add_argument("--clip-skip", type=int, default=1)
+    t.add_argument("--style", action="append", default=[], dest="styles", help="apply a style from the styles file (repeatable)")
     t.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto", help="override v-prediction detection")
     return ap
 
@@ -67,6 +71,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
         models_dir=a.models_dir,
         ckpt_dir=a.ckpt_dir,
         vae_dir=a.vae_dir,
+        lora_dir=a.lora_dir,
+        embeddings_dir=a.embeddings_dir,
+        styles_file=a.styles_file,
         outdir=a.outdir,
         vae=a.vae,
         listen=getattr(a, "listen", False),
@@ -102,6 +109,7 @@ def _txt2img(a: argparse.Namespace, config: Config) -> int:
         batch_size=a.batch_size,
         n_iter=a.n_iter,
         clip_skip=a.clip_skip,
+        styles=tuple(a.styles),
         checkpoint=a.ckpt,
     )
     engine = build_engine(config)

@@ -22,6 +22,9 @@ class Config(BaseModel):
     models_dir: Path | None = None  # default: <data_dir>/models
     ckpt_dir: Path | None = None  # default: <models_dir>/Stable-diffusion
     vae_dir: Path | None = None  # default: <models_dir>/VAE
+    lora_dir: Path | None = None  # default: <models_dir>/Lora
+    embeddings_dir: Path | None = None  # default: <models_dir>/embeddings
+    styles_file: Path | None = None  # default: <data_dir>/styles.csv
     outdir: Path | None = None  # default: <data_dir>/outputs
 
     # server
@@ -62,6 +65,18 @@ class Config(BaseModel):
     @property
     def vae_path(self) -> Path:
         return self.vae_dir or self.models_path / "VAE"
+
+    @property
+    def lora_path(self) -> Path:
+        return self.lora_dir or self.models_path / "Lora"
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.embeddings_dir or self.models_path / "embeddings"
+
+    @property
+    def styles_path(self) -> Path:
+        return self.styles_file or self.data_dir / "styles.csv"
 
     @property
     def outputs_path(self) -> Path:

@@ -1,16 +1,53 @@
-"""Saving images: folder layout, file names that never overwrite, metadata, atomic writes."""
+"""Saving images: folder layout, file names that never overwrite, metadata, atomic writes.
+
+Metadata goes where A1111 puts it, so other tools (A1111's PNG Info, civitai, exiftool) read it:
+
+- PNG: a `parameters` text chunk.
+- JPEG, WebP: EXIF UserComment (tag 0x9286 in the Exif IFD), type UNDEFINED, the 8-byte prefix
+  `UNICODE\\0` then the text in UTF-16 big-endian, in a big-endian ("MM") TIFF structure. That
+  is what piexif (`UserComment.dump(text, encoding="unicode")`), and so A1111, writes (same
+  layout; we also end the Exif IFD with the next-IFD pointer TIFF asks for). piexif reads
+  UTF-16 as big-endian only and exiftool follows the TIFF byte order, so both read it.
+  Pillow's `Image.Exif` would store the tag as BYTE (piexif then hands A1111 a tuple it cannot
+  decode), so the Exif IFD is built with an explicit tag type.
+
+Reading accepts more than it writes: UTF-16 in either byte order (a BOM, else whichever order
+puts the zero bytes of ASCII characters in the high byte), the `ASCII\\0\\0\\0` and `JIS` prefixes,
+and no prefix at all when the rest is valid UTF-8.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
+import logging
 import os
 import re
+import struct
 import tempfile
+import threading
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, TiffImagePlugin, TiffTags
+
+log = logging.getLogger(__name__)
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
+# Names are claimed one at a time within this process, so concurrent saves also get distinct
+# numbers (not only distinct names) whatever their seed or format; across processes the hard
+# link still guarantees that nothing is overwritten.
+_NAMING = threading.Lock()
+
+EXIF_IFD = 0x8769
+USER_COMMENT = 0x9286
+_UNICODE_PREFIX = b"UNICODE\0"
+_ASCII_PREFIX = b"ASCII\0\0\0"
+_JIS_PREFIX = b"JIS\0\0\0\0\0"
+_UNDEFINED_PREFIX = b"\0" * 8
+_JPEG_MAX_EXIF = 65533  # an APP1 segment holds 65535 bytes, 2 of them its length
+
+# format name as passed to `save_image` -> (Pillow format, file extension)
+FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "jpg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 
 
 def dated_dir(root: Path, kind: str, today: dt.date | None = None) -> Path:
@@ -23,36 +60,162 @@ def next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+# --- EXIF UserComment ----------------------------------------------------------------------------
+
+
+def exif_with_user_comment(text: str) -> bytes:
+    """A complete EXIF block (`Exif\\0\\0` + big-endian TIFF) holding only UserComment = `text`,
+    laid out as piexif lays it out."""
+    head = b"MM\x00\x2a" + struct.pack(">L", 8)
+    exif_ifd_offset = 8 + 2 + 12 + 4  # IFD0: count, one entry, next-IFD pointer
+    ifd0 = struct.pack(">H", 1) + struct.pack(">HHLL", EXIF_IFD, TiffTags.LONG, 1, exif_ifd_offset) + struct.pack(">L", 0)
+    exif_ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=head)
+    exif_ifd.tagtype[USER_COMMENT] = TiffTags.UNDEFINED
+    exif_ifd[USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
+    return b"Exif\x00\x00" + head + ifd0 + exif_ifd.tobytes(exif_ifd_offset)
+
+
+def _decode_utf16(body: bytes) -> str | None:
+    if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+        orders = ["utf-16-be" if body[:2] == b"\xfe\xff" else "utf-16-le"]
+        body = body[2:]
+    else:
+        # ASCII characters have a zero high byte: at even offsets in big-endian, odd in little
+        zeros_even, zeros_odd = body[0::2].count(0), body[1::2].count(0)
+        orders = ["utf-16-le", "utf-16-be"] if zeros_odd > zeros_even else ["utf-16-be", "utf-16-le"]
+    if len(body) % 2:
+        body = body[:-1]
+    for encoding in orders:
+        try:
+            return body.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return body.decode(orders[0], errors="replace")
+
+
+def decode_user_comment(data: bytes | str | tuple | None) -> str | None:
+    """The text of an EXIF UserComment value as Pillow returns it, or None."""
+    if isinstance(data, tuple) and all(isinstance(b, int) and 0 <= b < 256 for b in data):
+        data = bytes(data)
+    if isinstance(data, str):
+        text = data
+        for prefix in ("UNICODE\0", "ASCII\0\0\0", "\0" * 8):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+                break
+    elif isinstance(data, bytes):
+        prefix, body = data[:8], data[8:]
+        if prefix == _UNICODE_PREFIX:
+            text = _decode_utf16(body)
+        elif prefix in (_ASCII_PREFIX, _UNDEFINED_PREFIX):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                text = body.decode("latin-1")
+        elif prefix == _JIS_PREFIX:
+            text = body.decode("shift_jis", errors="replace")
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    else:
+        return None
+    text = (text or "").rstrip("\0")
+    return text or None
+
+
+def _exif_user_comment(image: Image.Image) -> bytes | str | tuple | None:
+    exif = image.getexif()
+    value = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
+    return exif.get(USER_COMMENT) if value is None else value  # some writers put it in IFD0
+
+
 def read_infotext(image: Image.Image) -> str | None:
-    """The `parameters` text chunk of a PNG, if any."""
-    return image.info.get("parameters") if isinstance(image.info.get("parameters"), str) else None
+    """The infotext of an opened image: the PNG `parameters` chunk, else the EXIF UserComment
+    (JPEG, WebP, PNG eXIf). None when there is none or it cannot be read; never raises."""
+    try:
+        parameters = image.info.get("parameters")
+        if isinstance(parameters, str):
+            return str(parameters)
+        if isinstance(parameters, bytes):
+            return parameters.decode("utf-8", errors="replace")
+        return decode_user_comment(_exif_user_comment(image))
+    except Exception:  # noqa: BLE001 - metadata from any file on disk: bad data is "no infotext"
+        log.debug("could not read EXIF from %r", getattr(image, "filename", image), exc_info=True)
+        return None
 
 
-def save_image(image: Image.Image, folder: Path, seed: int, infotext: str) -> Path:
-    """Save as `NNNNN-SEED.png` with the infotext in the `parameters` chunk.
+# --- saving --------------------------------------------------------------------------------------
+
+
+def _encode(image: Image.Image, fmt: str, infotext: str, quality: int) -> bytes:
+    pil_format = FORMATS[fmt][0]
+    buf = io.BytesIO()
+    if pil_format == "PNG":
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", infotext)
+        image.save(buf, format="PNG", pnginfo=meta)
+        return buf.getvalue()
+    exif = exif_with_user_comment(infotext) if infotext else b""
+    if pil_format == "JPEG":
+        if image.mode not in ("RGB", "L", "CMYK"):
+            image = image.convert("RGB")
+        if len(exif) > _JPEG_MAX_EXIF:
+            log.warning("infotext of %d characters is too long for JPEG EXIF; saved without it", len(infotext))
+            exif = b""
+        image.save(buf, format="JPEG", quality=quality, exif=exif)
+    else:
+        if image.mode not in ("RGB", "RGBA"):
+            image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+        image.save(buf, format="WEBP", quality=quality, exif=exif)
+    return buf.getvalue()
+
+
+def save_image(image: Image.Image, folder: Path, seed: int, infotext: str, fmt: str = "png", quality: int = 95) -> Path:
+    """Save as `NNNNN-SEED.<png|jpg|webp>` with the infotext as metadata (see the module doc).
 
     The bytes go to a temporary file that is then hard-linked under its final name; linking
     fails if the name exists, so concurrent saves never overwrite each other, and a reader
-    never sees a half-written image.
+    never sees a half-written image. Numbers are shared by all formats and seeds: the next
+    one is one past the highest `NNNNN-` in the folder. `quality` applies to JPEG and WebP.
     """
+    key = fmt.lower().lstrip(".")
+    if key not in FORMATS:
+        raise ValueError(f"unknown image format {fmt!r} (available: png, jpeg, webp)")
+    ext = FORMATS[key][1]
+    data = _encode(image, key, infotext, quality)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", infotext)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=f".{ext}")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=meta)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        number = next_number(folder)
-        while True:
-            target = folder / f"{number:05d}-{seed}.png"
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                number += 1
+        with _NAMING:
+            number = next_number(folder)
+            while True:
+                target = folder / f"{number:05d}-{seed}.{ext}"
+                try:
+                    _publish(tmp, target)
+                    return target
+                except FileExistsError:
+                    number += 1
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Give `tmp` the name `target`; FileExistsError when that name is taken."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # no hard links here (FAT, some network shares): claim the name exclusively, then
+        # replace the empty placeholder atomically
+        with open(target, "xb"):
+            pass
+        os.replace(tmp, target)

@@ -1,11 +1,14 @@
 """Generation parameters as text (A1111's "infotext"), in both directions.
 
-    <prompt>
-    Negative prompt: <negative>            (omitted when empty)
+    <prompt, may span lines>
+    Negative prompt: <negative, may span lines>     (omitted when empty)
     Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512, ...
 
 A value holding `,` `:` or a newline is written as a JSON string. The last line counts as
 parameters only when it has at least 3 `Key: value` pairs.
+
+`parse_infotext` gives strings, keyed as written; `infotext_to_fields` turns those into
+`GenerationRequest`/API field names with typed values ("Send to txt2img", paste).
 """
 
 from __future__ import annotations
@@ -20,49 +23,210 @@ FIELD_ORDER = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
     "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Denoising strength", "Clip skip",
 )
-_PAIR = re.compile(r'\s*([\w][\w \-/+()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# One `Key: value` pair. A pair starts at the beginning of the line or right after a comma, so
+# text such as `masterpiece, (best quality:1.2), (sharp:1.1)` at the end of a prompt is not
+# mistaken for parameters (every line A1111 writes has that shape, so nothing it writes is lost).
+# Keys: a word character, then anything but `,` `:` `"` (`Hires upscale`, `ADetailer model 2nd`,
+# `Hypertile U-Net`, `Module (1)`). Values: a JSON string, or anything up to the next comma.
+_PAIR = re.compile(r'(?:^|(?<=,))\s*(\w[^,:"\n]*?)\s*:\s*("(?:\\.|[^\\"])*"|[^,]*)(?=,|$)')
+_SIZE = re.compile(r"(\d+)x(\d+)")
 
 
 def _quote(value: Any) -> str:
+    """JSON-quote a value the parser could not otherwise read back unchanged."""
     text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+    if any(c in text for c in ",:\n\r") or text.startswith('"') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return decoded if isinstance(decoded, str) else value
+    return value
 
 
 def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]) -> str:
-    """`params` values of None are left out; `Version` is always written last."""
+    """`params` values of None are left out; `Version` is always written last.
+
+    Keys are written as given; they should not hold `:` `,` or a newline.
+    """
     ordered = [k for k in FIELD_ORDER if k in params] + [k for k in params if k not in FIELD_ORDER and k != "Version"]
     if "Version" in params:
         ordered.append("Version")
     line = ", ".join(f"{k}: {_quote(params[k])}" for k in ordered if params[k] is not None)
-    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{line}"
 
 
-def parse_infotext(text: str) -> dict[str, str]:
-    """Keys `Prompt`, `Negative prompt` and every parameter (`Size` also as `Size-1`/`Size-2`)."""
-    lines = text.strip().split("\n")
+def _parse_params(line: str) -> dict[str, str] | None:
+    """The pairs of a parameter line, or None when it holds fewer than 3."""
+    pairs = _PAIR.findall(line.strip())
+    if len(pairs) < 3:
+        return None
     params: dict[str, str] = {}
-    if lines:
-        pairs = _PAIR.findall(lines[-1])
-        if len(pairs) >= 3:
-            lines.pop()
-            for key, value in pairs:
-                value = value.strip()
-                if len(value) >= 2 and value[0] == value[-1] == '"':
-                    try:
-                        value = json.loads(value)
-                    except ValueError:
-                        pass
-                params[key.strip()] = value
-    prompt_lines, negative_lines, in_negative = [], [], False
+    for key, raw in pairs:
+        key, raw = key.strip(), raw.strip()
+        value = _unquote(raw)
+        params[key] = value
+        # `Size: 512x768` -> Size-1/Size-2, and likewise `Hires resize` and any other WxH value
+        # (A1111 does the same); the original key is kept as well.
+        if m := _SIZE.fullmatch(value):
+            params[f"{key}-1"], params[f"{key}-2"] = m.group(1), m.group(2)
+    return params
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Keys `Prompt`, `Negative prompt` (always present, "" when absent) and every parameter,
+    all values strings. A `WxH` value such as `Size` is also given as `Size-1`/`Size-2`.
+    Windows line ends (pasted text) count as newlines."""
+    lines = text.replace("\r\n", "\n").strip().split("\n")
+    params = None if lines[-1].startswith(NEGATIVE_PREFIX) else _parse_params(lines[-1])
+    if params is not None:
+        lines.pop()
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
     for line in lines:
-        if line.startswith("Negative prompt:"):
+        if not in_negative and line.startswith(NEGATIVE_PREFIX):
             in_negative = True
-            line = line[len("Negative prompt:") :].lstrip()
+            line = line[len(NEGATIVE_PREFIX):]
+            line = line[1:] if line.startswith(" ") else line
         (negative_lines if in_negative else prompt_lines).append(line)
     out = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
-    out.update(params)
-    size = params.get("Size", "")
-    if re.fullmatch(r"\d+x\d+", size):
-        out["Size-1"], out["Size-2"] = size.split("x")
+    if params:
+        params.pop("Prompt", None)
+        params.pop("Negative prompt", None)
+        out.update(params)
+    return out
+
+
+# --- parsed infotext -> request fields ---------------------------------------------------------
+
+# Schedule types older A1111 versions folded into the sampler name ("DPM++ 2M Karras"), with the
+# spellings that appear there; matched at the end of the name, case-insensitively.
+_SCHEDULE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("Align Your Steps", "Align Your Steps"),
+    ("Polyexponential", "Polyexponential"),
+    ("Exponential", "Exponential"),
+    ("SGM Uniform", "SGM Uniform"),
+    ("SGMUniform", "SGM Uniform"),
+    ("KL Optimal", "KL Optimal"),
+    ("Karras", "Karras"),
+    ("Uniform", "Uniform"),
+)
+
+
+def split_sampler_name(name: str) -> tuple[str, str | None]:
+    """`"DPM++ 2M Karras"` -> `("DPM++ 2M", "Karras")`; a name without a schedule suffix comes
+    back unchanged with None. Works on any name, known to our sampler table or not."""
+    name = name.strip()
+    lowered = name.lower()
+    for suffix, schedule in _SCHEDULE_SUFFIXES:
+        if lowered.endswith(" " + suffix.lower()):
+            base = name[: -len(suffix) - 1].rstrip()
+            if base:
+                return base, schedule
+    return name, None
+
+
+def _int(text: str) -> int | None:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _float(text: str) -> float | None:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return None
+    return number if number == number and number not in (float("inf"), float("-inf")) else None
+
+
+def _size(params: Mapping[str, str], key: str) -> tuple[int, int] | None:
+    if (m := _SIZE.fullmatch(params.get(key, "").strip())) is not None:
+        return int(m.group(1)), int(m.group(2))
+    w, h = _int(params.get(f"{key}-1", "")), _int(params.get(f"{key}-2", ""))
+    return (w, h) if w is not None and h is not None else None
+
+
+def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
+    """Map `parse_infotext` output to request field names with typed values.
+
+    Only fields the infotext holds are returned (a value that does not parse as the right type
+    is skipped), except two defaults that apply whenever there is a parameter line, because
+    A1111 leaves these out when they hold their default: `clip_skip` 1 and, when a sampler is
+    named, `scheduler` "Automatic". Styles are left to the caller.
+    """
+    out: dict[str, object] = {}
+    has_params = any(k not in ("Prompt", "Negative prompt") for k in params)
+
+    if "Prompt" in params:
+        out["prompt"] = params["Prompt"]
+    if "Negative prompt" in params:
+        out["negative_prompt"] = params["Negative prompt"]
+
+    def put(field: str, key: str, convert: Any) -> None:
+        if key in params and (value := convert(params[key])) is not None:
+            out[field] = value
+
+    put("steps", "Steps", _int)
+    put("cfg_scale", "CFG scale", _float)
+    put("seed", "Seed", _int)
+    put("subseed", "Variation seed", _int)
+    put("subseed_strength", "Variation seed strength", _float)
+    put("denoising_strength", "Denoising strength", _float)
+
+    # sampler and schedule: "Schedule type" wins over a schedule folded into the sampler name
+    sampler = params.get("Sampler", "").strip()
+    schedule = params.get("Schedule type", "").strip()
+    if sampler:
+        base, folded = split_sampler_name(sampler)
+        out["sampler_name"] = base
+        out["scheduler"] = schedule or folded or "Automatic"
+    elif schedule:
+        out["scheduler"] = schedule
+
+    if (size := _size(params, "Size")) is not None:
+        out["width"], out["height"] = size
+
+    if "Clip skip" in params:
+        put("clip_skip", "Clip skip", _int)
+    elif has_params:
+        out["clip_skip"] = 1
+
+    checkpoint = params.get("Model hash", "").strip() or params.get("Model", "").strip()
+    if checkpoint:
+        out["checkpoint"] = checkpoint
+
+    # hires fix
+    if any(k.startswith("Hires ") for k in params):
+        out["enable_hr"] = True
+        put("hr_scale", "Hires upscale", _float)
+        put("hr_second_pass_steps", "Hires steps", _int)
+        if params.get("Hires upscaler", "").strip():
+            out["hr_upscaler"] = params["Hires upscaler"].strip()
+        if (resize := _size(params, "Hires resize")) is not None:
+            out["hr_resize_x"], out["hr_resize_y"] = resize
+    elif (first := _size(params, "First pass size")) is not None and size is not None:
+        # pre-1.0 A1111 hires fix: `Size` was the final size, `First pass size` the first pass
+        out["enable_hr"] = True
+        if first != (0, 0):
+            out["width"], out["height"] = first
+            out["hr_resize_x"], out["hr_resize_y"] = size
     return out

@@ -16,12 +16,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
+def sha256_file(path: Path, block: int = 1 << 20, skip_safetensors_header: bool = False) -> str:
+    """sha256 of the file; with `skip_safetensors_header`, of the tensor data after the header
+    (the "addnet" hash A1111 and civitai give LoRA files, unchanged by metadata edits)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_safetensors_header:
+            raw = f.read(8)
+            if len(raw) == 8:
+                f.seek(8 + int.from_bytes(raw, "little"))
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+HashKind = str  # "sha256" (whole file) or "addnet" (safetensors data after the header)
 
 
 class HashCache:
@@ -44,7 +53,7 @@ class HashCache:
         st = path.stat()
         return st.st_size, st.st_mtime
 
-    def cached(self, path: Path) -> str | None:
+    def cached(self, path: Path, kind: HashKind = "sha256") -> str | None:
         """The stored hash if the file has not changed since it was computed."""
         key = str(Path(path).resolve())
         try:
@@ -54,19 +63,23 @@ class HashCache:
         with self._lock:
             e = self._entries.get(key)
         if e and e.get("size") == size and e.get("mtime") == mtime:
-            return e.get("sha256")
+            return e.get(kind)
         return None
 
-    def get(self, path: Path) -> str:
+    def get(self, path: Path, kind: HashKind = "sha256") -> str:
         """The hash, computing and storing it if needed."""
-        found = self.cached(path)
+        found = self.cached(path, kind)
         if found:
             return found
         key = str(Path(path).resolve())
         size, mtime = self._stamp(Path(key))
-        digest = sha256_file(Path(key))
+        digest = sha256_file(Path(key), skip_safetensors_header=kind == "addnet")
         with self._lock:
-            self._entries[key] = {"size": size, "mtime": mtime, "sha256": digest}
+            entry = self._entries.get(key)
+            if not entry or entry.get("size") != size or entry.get("mtime") != mtime:
+                entry = {"size": size, "mtime": mtime}
+            entry[kind] = digest
+            self._entries[key] = entry
             self._write_locked()
         return digest
 

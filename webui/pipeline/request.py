@@ -25,6 +25,7 @@ class GenerationRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=16)
     n_iter: int = Field(1, ge=1, le=100)
     clip_skip: int = Field(1, ge=1, le=12)
+    styles: tuple[str, ...] = ()  # names from styles.csv, applied to prompt and negative in order
     checkpoint: str | None = None  # title, name or hash; None = the server's current model
     save_images: bool = True
 

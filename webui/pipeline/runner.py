@@ -8,11 +8,12 @@ except the loaded model (in the cache). These are the seams extensions will hook
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,19 @@ from PIL import Image
 import webui
 from webui.images import dated_dir, save_image
 from webui.infotext import format_infotext
+from webui.models.errors import ModelError
+from webui.models.hashing import HashCache
 from webui.models.load import ModelBundle
+from webui.networks.embeddings import Embedding, EmbeddingLibrary
+from webui.networks.lora import LoraWeights, apply_loras, load_lora
+from webui.networks.registry import NetworkFile, NetworkRegistry
+from webui.pipeline.conditioning import ScheduledConditioning, plan_prompts
 from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest
-from webui.prompts.encode import Conditioning, encode
+from webui.prompts.encode import TextConditioner
+from webui.prompts.parser import extract_extra_networks, lora_weight
+from webui.prompts.styles import StyleStore, apply_styles
 from webui.samplers.kdiffusion import StepState
 from webui.samplers.schedules import DiscreteSchedule, make_sigmas
 from webui.samplers.table import resolve
@@ -39,6 +48,16 @@ STAGES = ("model", "prompt", "conditioning", "noise", "sample", "decode", "postp
 
 class Interrupted(Exception):
     """Raised inside the sampling loop when the job's cancel token is set."""
+
+
+@dataclass(frozen=True)
+class Library:
+    """The user's files the prompt stage draws on: styles, LoRAs, embeddings."""
+
+    styles: StyleStore
+    networks: NetworkRegistry
+    embeddings: EmbeddingLibrary
+    hashes: HashCache
 
 
 @dataclass
@@ -58,10 +77,12 @@ class Job:
     bundle: ModelBundle
     seed: int
     seeds: list[int] = field(default_factory=list)  # one per image of the current batch
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # after styles, without extra-network tags
     negative_prompts: list[str] = field(default_factory=list)
-    cond: Conditioning | None = None
-    uncond: Conditioning | None = None
+    loras: list[tuple[NetworkFile, float]] = field(default_factory=list)
+    embeddings: list[Embedding] = field(default_factory=list)  # used by this job's texts
+    conditioner: TextConditioner | None = None  # per job: caches each distinct text's encoding
+    conditioning: ScheduledConditioning | None = None
     generators: list[torch.Generator] = field(default_factory=list)
     latents: torch.Tensor | None = None
     batch_images: list[Image.Image] = field(default_factory=list)  # decoded images of the current batch
@@ -74,10 +95,12 @@ class Job:
 class Runner:
     """Runs jobs one at a time on one device (a lock serialises callers)."""
 
-    def __init__(self, get_bundle: Callable[[str | None], ModelBundle], outputs_dir: Path) -> None:
+    def __init__(self, get_bundle: Callable[[str | None], ModelBundle], outputs_dir: Path, library: Library) -> None:
         self.get_bundle = get_bundle
         self.outputs_dir = Path(outputs_dir)
+        self.library = library
         self._lock = threading.Lock()
+        self._lora_cache: dict[Path, tuple[int, LoraWeights]] = {}  # path -> (mtime_ns, weights)
 
     def generate(
         self,
@@ -101,13 +124,14 @@ class Runner:
                     job.seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
                     all_seeds += job.seeds
                     self.stage_prompt(job)
-                    self.stage_conditioning(job)
-                    self.stage_noise(job)
-                    try:
-                        self.stage_sample(job, batch, started, progress, cancel)
-                    except Interrupted:
-                        interrupted = True  # keep the partly denoised batch, as A1111 does
-                    self.stage_decode(job)
+                    with self.stage_networks(job):
+                        self.stage_conditioning(job)
+                        self.stage_noise(job)
+                        try:
+                            self.stage_sample(job, batch, started, progress, cancel)
+                        except Interrupted:
+                            interrupted = True  # keep the partly denoised batch, as A1111 does
+                        self.stage_decode(job)
                     self.stage_postprocess(job)
                     self.stage_save(job)
                     if interrupted:
@@ -118,22 +142,59 @@ class Runner:
     # --- stages -------------------------------------------------------------------------------
 
     def stage_prompt(self, job: Job) -> None:
+        """Styles, then extra-network tags out of the text, then the embeddings the text uses."""
+        r, lib = job.request, self.library
+        known = {s.name: s for s in lib.styles.list()}
+        missing = [name for name in r.styles if name not in known]
+        if missing:
+            raise ModelError(f"style {missing[0]!r} not found in {lib.styles.path}")
+        styles = [known[name] for name in r.styles]
+        prompt, negative = apply_styles(r.prompt, r.negative_prompt, styles)
+        prompt, tags = extract_extra_networks(prompt)
+        negative, _ = extract_extra_networks(negative)  # tags in the negative are dropped
+        job.loras = []
+        for tag in tags:
+            if tag.kind == "lora":
+                job.loras.append((lib.networks.find_lora(tag.name), lora_weight(tag)))
+            else:
+                log.warning("extra network <%s:%s> ignored: only <lora:...> is supported", tag.kind, tag.name)
         n = len(job.seeds)
-        job.prompts = [job.request.prompt] * n
-        job.negative_prompts = [job.request.negative_prompt] * n
+        job.prompts, job.negative_prompts = [prompt] * n, [negative] * n
+        sizes = [enc.model.config.hidden_size for enc in job.bundle.text_encoders]
+        job.embeddings = [e for e in lib.embeddings.find_in_prompt(prompt + "\n" + negative) if e.fits(sizes)]
+
+    @contextlib.contextmanager
+    def stage_networks(self, job: Job) -> Iterator[None]:
+        """LoRA weights merged into the model for this batch only, restored exactly after."""
+        if not job.loras:
+            yield
+            return
+        loras = [(self._load_lora(f), weight) for f, weight in job.loras]
+        with apply_loras(job.bundle, loras) as resolutions:
+            for res in resolutions:
+                for warning in res.warnings():
+                    log.warning("%s", warning)
+            yield
+
+    def _load_lora(self, file: NetworkFile) -> LoraWeights:
+        stamp = file.path.stat().st_mtime_ns
+        hit = self._lora_cache.get(file.path)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        weights = load_lora(file.path)
+        if len(self._lora_cache) >= 8:
+            self._lora_cache.pop(next(iter(self._lora_cache)))
+        self._lora_cache[file.path] = (stamp, weights)
+        return weights
 
     def stage_conditioning(self, job: Job) -> None:
-        # One call for both, so cond and uncond get the same number of 75-token chunks;
-        # each distinct text is encoded once and shared by the images that use it.
-        texts = job.prompts + job.negative_prompts
-        unique = list(dict.fromkeys(texts))
-        encoded = encode(job.bundle, unique, job.request.clip_skip)
-        rows = torch.tensor([unique.index(t) for t in texts])
-        context = encoded.context[rows]
-        pooled = None if encoded.pooled is None else encoded.pooled[rows]
-        n = len(job.prompts)
-        job.cond = Conditioning(context[:n], None if pooled is None else pooled[:n])
-        job.uncond = Conditioning(context[n:], None if pooled is None else pooled[n:])
+        r = job.request
+        if job.conditioner is None:
+            job.conditioner = TextConditioner(job.bundle, r.clip_skip, job.embeddings)
+        plan = plan_prompts(job.prompts, job.negative_prompts, r.steps)
+        single = all(len(subs) == 1 and subs[0][1] == 1.0 for subs in plan.cond)
+        guided = r.cfg_scale != 1.0 or not single  # AND needs the negative even at scale 1
+        job.conditioning = ScheduledConditioning(job.conditioner, plan, guided)
 
     def stage_noise(self, job: Job) -> None:
         """Noise from a CPU generator per image seeded with its seed: the same on any device."""
@@ -150,12 +211,11 @@ class Runner:
         spec, schedule_name = resolve(r.sampler_name, r.scheduler)
         schedule = DiscreteSchedule(bundle.alphas_cumprod)
         sigmas = make_sigmas(schedule, schedule_name, r.steps).to(device)
-        assert job.cond is not None and job.uncond is not None and job.latents is not None
+        assert job.conditioning is not None and job.latents is not None
         denoiser = CFGDenoiser(
             bundle,
             schedule,
-            job.cond,
-            job.uncond,
+            job.conditioning,
             r.cfg_scale,
             image_cond=self._image_conditioning(job),
             time_ids=self._time_ids(job),
@@ -168,6 +228,7 @@ class Runner:
         def on_step(state: StepState) -> None:
             job.steps_done += 1
             job.latents = state.x
+            denoiser.step = state.step + 2  # the 1-based number of the next step
             if progress:
                 progress(Progress(job.steps_done, r.steps * r.n_iter, batch, r.n_iter, time.perf_counter() - started))
             if cancel.interrupted:
@@ -186,7 +247,7 @@ class Runner:
         grey = torch.zeros((1, 3, r.height, r.width), device=bundle.runtime.device, dtype=bundle.runtime.vae_dtype)
         latent = bundle.vae.encode(grey).latent_dist.mode().float() * bundle.family.latent_scaling_factor
         mask = torch.ones_like(latent[:, :1])
-        return torch.cat([mask, latent], dim=1).repeat(len(job.seeds), 1, 1, 1)
+        return torch.cat([mask, latent], dim=1).expand(len(job.seeds), -1, -1, -1)
 
     def _time_ids(self, job: Job) -> torch.Tensor | None:
         """SDXL: original size, crop top-left, target size (no crop, original = target)."""
@@ -219,6 +280,13 @@ class Runner:
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def _hashes(self, loras: list[tuple[NetworkFile, float]]) -> str:
+        return ", ".join(f"{f.stem}: {f.short_hash(self.library.hashes)}" for f, _ in loras)
+
+    def _embedding_hash(self, embedding: Embedding) -> str:
+        file = self.library.embeddings.files().get(embedding.name)
+        return file.short_hash(self.library.hashes) if file else "unknown"
+
     def infotext(self, job: Job, index: int) -> str:
         r, bundle = job.request, job.bundle
         params = {
@@ -232,6 +300,8 @@ class Runner:
             "Model": bundle.model_name,
             "VAE": bundle.vae_name.rsplit(".", 1)[0] if bundle.vae_name else None,
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+            "Lora hashes": self._hashes(job.loras) if job.loras else None,
+            "TI hashes": ", ".join(f"{e.name}: {self._embedding_hash(e)}" for e in job.embeddings) or None,
             "Version": f"v{webui.__version__}",
         }
         return format_infotext(job.prompts[index], job.negative_prompts[index], params)
