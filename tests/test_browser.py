@@ -79,3 +79,66 @@ def test_checkpoint_dropdown_shows_titles_with_hashes(server: Server, browser) -
         assert box.input_value().startswith("sd1.safetensors [")
     finally:
         page.close()
+
+
+def test_pnginfo_reads_an_image_and_sends_its_fields_to_txt2img(server: Server, browser, tmp_path: Path) -> None:
+    import hashlib
+
+    from PIL import Image, PngImagePlugin
+
+    h10 = hashlib.sha256((server.data_dir / "models/Stable-diffusion/sd1.safetensors").read_bytes()).hexdigest()[:10]
+    text = ("a castle on a hill\nNegative prompt: fog, rain\n"
+            f"Steps: 12, Sampler: Euler, Schedule type: Automatic, CFG scale: 5.5, Seed: 4242, Size: 128x96, "
+            f"Model hash: {h10}, Model: sd1, Clip skip: 2, Version: v1.10.1")
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    source = tmp_path / "made-elsewhere.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(source, pnginfo=meta)
+
+    page = browser.new_page()
+    try:
+        page.goto(server.url, wait_until="networkidle")
+        page.get_by_role("tab", name="PNG Info").click()
+        page.locator("#pnginfo_image input[type=file]").set_input_files(str(source))
+        page.wait_for_function(
+            "() => document.querySelector('#pnginfo_text textarea')?.value.includes('Seed: 4242')", timeout=30_000
+        )
+        assert "a castle on a hill" in page.locator("#pnginfo_table").inner_text()
+        page.locator("#pnginfo_send_txt2img").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_prompt textarea')?.value === 'a castle on a hill'", timeout=30_000
+        )
+        assert page.locator("#txt2img_prompt").is_visible()  # switched to the txt2img tab
+        values = {
+            "negative": page.locator("#txt2img_neg_prompt textarea").input_value(),
+            "steps": page.locator("#txt2img_steps input[type=number]").input_value(),
+            "width": page.locator("#txt2img_width input[type=number]").input_value(),
+            "height": page.locator("#txt2img_height input[type=number]").input_value(),
+            "cfg": page.locator("#txt2img_cfg_scale input[type=number]").input_value(),
+            "seed": page.locator("#txt2img_seed input").input_value(),
+            "clip_skip": page.locator("#txt2img_clip_skip input[type=number]").input_value(),
+            "sampler": page.locator("#txt2img_sampler input").input_value(),
+            "checkpoint": page.locator("#checkpoint input").input_value(),
+        }
+        assert values == {
+            "negative": "fog, rain", "steps": "12", "width": "128", "height": "96", "cfg": "5.5", "seed": "4242",
+            "clip_skip": "2", "sampler": "Euler", "checkpoint": f"sd1.safetensors [{h10}]",
+        }
+    finally:
+        page.close()
+
+
+def test_token_counter_follows_the_prompt(server: Server, browser) -> None:
+    page = browser.new_page()
+    try:
+        page.goto(server.url, wait_until="networkidle")
+        page.locator("#txt2img_prompt textarea").fill("a red cube")
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_token_counter')?.innerText.trim() === '3/75'", timeout=60_000
+        )
+        page.locator("#txt2img_prompt textarea").fill("cat " * 80)
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_token_counter')?.innerText.trim() === '80/150'", timeout=30_000
+        )
+    finally:
+        page.close()

@@ -30,7 +30,8 @@ def test_listens_on_loopback_only(server: Server) -> None:
 def test_generate_through_gradio_client(server: Server) -> None:
     client = Client(server.url, verbose=False)
     gallery, info = client.predict(
-        "sd1.safetensors", "a lighthouse", "fog", "Euler a", 4, 64, 64, 2, 7, 21, api_name="/txt2img"
+        checkpoint="sd1.safetensors", prompt="a lighthouse", negative_prompt="fog", sampler_name="Euler a",
+        steps=4, width=64, height=64, batch_size=2, cfg_scale=7, seed=21, api_name="/txt2img",
     )
     assert len(gallery) == 2
     image = Image.open(gallery[0]["image"])
@@ -47,13 +48,17 @@ def test_generate_through_gradio_client(server: Server) -> None:
 
 def test_bad_requests_answer_with_a_reason_and_the_server_keeps_serving(server: Server) -> None:
     client = Client(server.url, verbose=False)
-    for args, expected in [
-        (("no-such-model", "x", "", "Euler", 2, 64, 64, 1, 7, 1), "not found"),
-        (("sd1", "x", "", "Bogus", 2, 64, 64, 1, 7, 1), "unknown sampler"),
+    small = dict(prompt="x", steps=2, width=64, height=64, seed=1)
+    for bad, expected in [
+        (dict(checkpoint="no-such-model"), "not found"),
+        (dict(checkpoint="sd1", sampler_name="Bogus"), "unknown sampler"),
+        (dict(checkpoint="sd1", styles=["no-such-style"]), "style 'no-such-style' not found"),
+        (dict(checkpoint="sd1", prompt="x <lora:nothing-here:1>"), "LoRA 'nothing-here' not found"),
+        (dict(checkpoint="sd1", prompt="x <lora:a:heavy>"), "not a number"),
     ]:
         with pytest.raises(Exception, match=expected):
-            client.predict(*args, api_name="/txt2img")
-    gallery, _ = client.predict("sd1", "x", "", "Euler", 2, 64, 64, 1, 7, 1, api_name="/txt2img")
+            client.predict(**{**small, **bad}, api_name="/txt2img")
+    gallery, _ = client.predict(checkpoint="sd1", **small, api_name="/txt2img")
     assert len(gallery) == 1
 
 
@@ -66,7 +71,8 @@ def test_refresh_lists_a_new_checkpoint_with_its_hash(server: Server, checkpoint
 
     assert f"more/other.safetensors [{hashlib.sha256(new.read_bytes()).hexdigest()[:10]}]" in choices
     assert update["value"].startswith("sd1.safetensors [")  # the selection is kept, now with its hash
-    _gallery, info = client.predict("more/other.safetensors", "x", "", "Euler", 2, 64, 64, 1, 7, 1, api_name="/txt2img")
+    _gallery, info = client.predict(checkpoint="more/other.safetensors", prompt="x", steps=2, width=64, height=64,
+                                    api_name="/txt2img")
     assert "Model: more/other" in info
 
 
@@ -78,7 +84,7 @@ def test_empty_models_folder_page_says_what_to_do(tmp_path: Path) -> None:
         assert "No checkpoints yet" in texts and "Stable-diffusion" in texts
         client = Client(s.url, verbose=False)
         with pytest.raises(Exception, match="no checkpoints found"):
-            client.predict(None, "x", "", "Euler", 2, 64, 64, 1, 7, 1, api_name="/txt2img")
+            client.predict(checkpoint=None, prompt="x", steps=2, width=64, height=64, api_name="/txt2img")
     finally:
         stop_server(s)
 

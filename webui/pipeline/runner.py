@@ -155,7 +155,8 @@ class Runner:
         job.loras = []
         for tag in tags:
             if tag.kind == "lora":
-                job.loras.append((lib.networks.find_lora(tag.name), lora_weight(tag)))
+                weight = lora_weight(tag)  # a malformed tag is reported before a missing file
+                job.loras.append((lib.networks.find_lora(tag.name), weight))
             else:
                 log.warning("extra network <%s:%s> ignored: only <lora:...> is supported", tag.kind, tag.name)
         n = len(job.seeds)

@@ -1,0 +1,56 @@
+"""The PNG Info tab: drop an image, read its generation parameters, send them to txt2img."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+
+from webui.app import Engine
+from webui.images import read_infotext
+from webui.infotext import parse_infotext
+from webui.ui.params import fields_from_text, updates_for_fields
+from webui.ui.txt2img import Txt2ImgControls
+
+
+def read_parameters(path: str | None) -> tuple[str, str]:
+    """(raw infotext, an HTML table of its fields) for an image file."""
+    if not path:
+        return "", ""
+    try:
+        with Image.open(path) as image:
+            text = read_infotext(image)
+    except (UnidentifiedImageError, OSError):
+        return "", "<p>Not an image this app can read.</p>"
+    if not text:
+        return "", "<p>This image carries no generation parameters.</p>"
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in parse_infotext(text).items()
+    )
+    return text, f"<table class='pnginfo'>{rows}</table>"
+
+
+def build_pnginfo_tab(engine: Engine, tabs: gr.Tabs, txt2img: Txt2ImgControls) -> None:
+    with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+        with gr.Row():
+            with gr.Column():
+                # filepath + no image_mode: Gradio hands over the uploaded file untouched, metadata included
+                image = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload"],
+                                 elem_id="pnginfo_image")
+            with gr.Column():
+                raw = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
+                table = gr.HTML(elem_id="pnginfo_table")
+                send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+
+    image.change(read_parameters, inputs=[image], outputs=[raw, table], api_name="png_info")
+
+    def send_to_txt2img(text: str | None, current: str | None) -> list[Any]:
+        pasted = fields_from_text(text or "")
+        if pasted is None:
+            raise gr.Error("No generation parameters to send.")
+        return [gr.Tabs(selected="txt2img"), *updates_for_fields(engine, pasted, current)]
+
+    send.click(send_to_txt2img, inputs=[raw, txt2img.checkpoint], outputs=[tabs, *txt2img.fillable()],
+               api_visibility="private")
