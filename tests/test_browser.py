@@ -31,6 +31,11 @@ def browser() -> Iterator[object]:
         b.close()
 
 
+def open_page(page, url: str) -> None:
+    page.goto(url, wait_until="domcontentloaded")
+    page.locator("#txt2img_generate").wait_for(state="visible", timeout=60_000)
+
+
 def set_number(page, elem_id: str, value: int) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
@@ -40,7 +45,7 @@ def set_number(page, elem_id: str, value: int) -> None:
 def test_txt2img_in_the_browser(server: Server, browser, tmp_path: Path) -> None:
     page = browser.new_page()
     try:
-        page.goto(server.url, wait_until="networkidle")
+        open_page(page, server.url)
         tab = page.get_by_role("tab", name="txt2img")
         assert tab.is_visible()
         page.locator("#txt2img_prompt textarea").fill("a lighthouse at night")
@@ -71,7 +76,7 @@ def test_txt2img_in_the_browser(server: Server, browser, tmp_path: Path) -> None
 def test_checkpoint_dropdown_shows_titles_with_hashes(server: Server, browser) -> None:
     page = browser.new_page()
     try:
-        page.goto(server.url, wait_until="networkidle")
+        open_page(page, server.url)
         box = page.locator("#checkpoint input")
         page.wait_for_function(
             "() => /\\[[0-9a-f]{10}\\]$/.test(document.querySelector('#checkpoint input')?.value || '')", timeout=30_000
@@ -97,7 +102,7 @@ def test_pnginfo_reads_an_image_and_sends_its_fields_to_txt2img(server: Server, 
 
     page = browser.new_page()
     try:
-        page.goto(server.url, wait_until="networkidle")
+        open_page(page, server.url)
         page.get_by_role("tab", name="PNG Info").click()
         page.locator("#pnginfo_image input[type=file]").set_input_files(str(source))
         page.wait_for_function(
@@ -131,7 +136,7 @@ def test_pnginfo_reads_an_image_and_sends_its_fields_to_txt2img(server: Server, 
 def test_token_counter_follows_the_prompt(server: Server, browser) -> None:
     page = browser.new_page()
     try:
-        page.goto(server.url, wait_until="networkidle")
+        open_page(page, server.url)
         page.locator("#txt2img_prompt textarea").fill("a red cube")
         page.wait_for_function(
             "() => document.querySelector('#txt2img_token_counter')?.innerText.trim() === '3/75'", timeout=60_000

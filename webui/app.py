@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from webui.pipeline.runner import Runner
     from webui.prompts.tokenizer import TokenizerFactory
     from webui.runtime.devices import Runtime
+    from webui.upscale import UpscalerRegistry
 
 log = logging.getLogger("webui")
 
@@ -36,6 +37,7 @@ class _ModelSide:
     runtime: Runtime
     tokenizers: TokenizerFactory
     embeddings: EmbeddingLibrary
+    upscalers: UpscalerRegistry
     runner: Runner
 
 
@@ -61,12 +63,19 @@ class Engine:
                 from webui.prompts.tokenizer import TokenizerFactory
                 from webui.runtime.devices import pick_runtime
 
+                from webui.upscale import UpscalerRegistry
+
                 runtime = pick_runtime(self.config)
                 log.info("model runtime: %s", runtime.describe())
                 embeddings = EmbeddingLibrary(self.networks)
+                upscalers = UpscalerRegistry(self.config.models_path)
                 library = Library(self.styles, self.networks, embeddings, self.registry.hashes)
-                runner = Runner(self.bundle, self.config.outputs_path, library)
-                self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, runner)
+
+                def upscale(image, name: str, size: tuple[int, int]):
+                    return upscalers.upscale(image, name, size=size, device=runtime.device)
+
+                runner = Runner(self.bundle, self.config.outputs_path, library, upscale)
+                self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
             return self._side
 
     @property
@@ -76,6 +85,14 @@ class Engine:
     @property
     def runner(self) -> Runner:
         return self._model_side().runner
+
+    @property
+    def upscalers(self) -> UpscalerRegistry:
+        return self._model_side().upscalers
+
+    def upscaler_names(self) -> list[str]:
+        """Image upscalers for hires fix and Extras (builds the model side on first call)."""
+        return [n for n in self.upscalers.names() if n != "None"]
 
     def count_tokens(self, text: str) -> tuple[int, int]:
         """(used, available) tokens of a prompt as it will be chunked: `37/75`, `80/150`."""

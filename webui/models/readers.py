@@ -147,9 +147,13 @@ def _read_pickle(path: Path) -> StateDict:
 
 
 def _flatten(obj: object, path: Path) -> StateDict:
-    """Checkpoints nest the weights under `state_dict` (Lightning) or store them at the top."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    """Checkpoints nest the weights under `state_dict` (Lightning), upscalers under `params_ema`
+    or `params` (Real-ESRGAN), or store them at the top."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "params_ema", "params"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
     if not isinstance(obj, dict):
         raise ModelError(f"expected a dict of tensors, found {type(obj).__name__}", path)
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

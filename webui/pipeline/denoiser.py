@@ -26,6 +26,8 @@ class CFGDenoiser:
         *,
         image_cond: torch.Tensor | None = None,  # per image: extra UNet input channels (inpainting)
         time_ids: torch.Tensor | None = None,  # per image: SDXL size/crop conditioning [B, 6]
+        keep: torch.Tensor | None = None,  # inpainting: latent mask, 1 = keep the init latent
+        init_latents: torch.Tensor | None = None,
     ) -> None:
         self.unet = bundle.unet
         self.dtype = bundle.runtime.dtype
@@ -35,6 +37,8 @@ class CFGDenoiser:
         self.cfg_scale = float(cfg_scale)
         self.image_cond = image_cond
         self.time_ids = time_ids
+        self.keep = keep
+        self.init_latents = init_latents
         self.step = 1  # 1-based step being computed; the runner advances it after each step
 
     @torch.no_grad()
@@ -69,4 +73,11 @@ class CFGDenoiser:
                 continue
             uncond = denoised[sc.uncond_rows[image]]
             result[image] = uncond + self.cfg_scale * sum(w * (denoised[r] - uncond) for r, w in conds)
-        return result
+        return self.blend(result)
+
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        """Inpainting with an ordinary model: outside the mask, the init latent stays."""
+        if self.keep is None or self.init_latents is None:
+            return x
+        keep = self.keep.to(x.device)
+        return self.init_latents.to(x.device) * keep + x * (1.0 - keep)

@@ -1,23 +1,77 @@
 """`GenerationRequest`: the one validated description of a generation, shared by the page,
-the command line and (later) the HTTP API."""
+the command line and the HTTP API. Field names follow the A1111 API (compat-facts §6)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ValidationError, ConfigDict, Field, field_validator, model_validator
+import base64
+import binascii
+import io
+from typing import Annotated, Any
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from webui.samplers.table import resolve
 
 MAX_SEED = 2**32 - 1
 
 
+def decode_image(value: Any) -> Image.Image:
+    """A PIL image, or base64 text (a `data:image/...;base64,` prefix allowed)."""
+    if isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a base64-encoded image")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (UnidentifiedImageError, OSError):
+        raise ValueError("the data is not an image") from None
+    return image
+
+
+def encode_image(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+ImageInput = Annotated[
+    Image.Image,
+    BeforeValidator(decode_image),
+    PlainSerializer(encode_image, return_type=str),
+    WithJsonSchema({"type": "string", "description": "base64 image; a data: URL prefix is allowed"}),
+]
+
+
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     prompt: str = ""
     negative_prompt: str = ""
+    styles: tuple[str, ...] = ()  # names from styles.csv, applied to prompt and negative in order
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED)  # variation seed
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    seed_resize_from_w: int = Field(0, ge=0, le=4096)  # 0: off
+    seed_resize_from_h: int = Field(0, ge=0, le=4096)
     width: int = Field(512, ge=64, le=4096)
     height: int = Field(512, ge=64, le=4096)
     sampler_name: str = "Euler a"
@@ -25,9 +79,35 @@ class GenerationRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=16)
     n_iter: int = Field(1, ge=1, le=100)
     clip_skip: int = Field(1, ge=1, le=12)
-    styles: tuple[str, ...] = ()  # names from styles.csv, applied to prompt and negative in order
+    tiling: bool = False
     checkpoint: str | None = None  # title, name or hash; None = the server's current model
     save_images: bool = True
+
+    # hires fix (txt2img)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0)
+    hr_resize_x: int = Field(0, ge=0, le=8192)  # 0: use hr_scale
+    hr_resize_y: int = Field(0, ge=0, le=8192)
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)  # 0: same as steps
+    hr_prompt: str = ""  # empty: the first pass's prompt
+    hr_negative_prompt: str = ""
+    hr_sampler_name: str = ""  # empty: the first pass's sampler
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)  # img2img, and the hires pass
+
+    # img2img and inpainting
+    init_images: tuple[ImageInput, ...] = ()
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
+    mask: ImageInput | None = None
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # True: only the masked area, at full resolution
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+
+    @property
+    def is_img2img(self) -> bool:
+        return bool(self.init_images)
 
     @field_validator("width", "height")
     @classmethod
@@ -43,6 +123,10 @@ class GenerationRequest(BaseModel):
             # normalise legacy combined names ("Euler a Karras") into sampler + schedule
             object.__setattr__(self, "sampler_name", spec.name)
             object.__setattr__(self, "scheduler", schedule)
+        if self.hr_sampler_name:
+            resolve(self.hr_sampler_name, self.scheduler)
+        if self.mask is not None and not self.init_images:
+            raise ValueError("a mask needs an init image")
         return self
 
 

@@ -1,9 +1,11 @@
 """Run a `GenerationRequest` through named stages:
 
-    model -> prompt -> conditioning -> noise -> sample -> decode -> postprocess -> save
+    model -> prompt -> networks -> conditioning -> init -> noise -> sample -> hires
+          -> decode -> postprocess -> save
 
 Each stage is a method taking and filling a per-job `Job` object; nothing is kept between jobs
-except the loaded model (in the cache). These are the seams extensions will hook.
+except the loaded model (in the cache) and parsed LoRA files. These are the seams extensions
+will hook.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -30,8 +31,12 @@ from webui.models.load import ModelBundle
 from webui.networks.embeddings import Embedding, EmbeddingLibrary
 from webui.networks.lora import LoraWeights, apply_loras, load_lora
 from webui.networks.registry import NetworkFile, NetworkRegistry
+from webui.pipeline import init_image as pix
+from webui.pipeline import latents as lat
 from webui.pipeline.conditioning import ScheduledConditioning, plan_prompts
 from webui.pipeline.denoiser import CFGDenoiser
+from webui.pipeline.noise import image_noise
+from webui.pipeline.preview import approximate_rgb
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest
 from webui.prompts.encode import TextConditioner
@@ -43,11 +48,12 @@ from webui.samplers.table import resolve
 
 log = logging.getLogger(__name__)
 
-STAGES = ("model", "prompt", "conditioning", "noise", "sample", "decode", "postprocess", "save")
+STAGES = ("model", "prompt", "networks", "conditioning", "init", "noise", "sample", "hires", "decode",
+          "postprocess", "save")
 
 
 class Interrupted(Exception):
-    """Raised inside the sampling loop when the job's cancel token is set."""
+    """Raised inside the sampling loop when the job is interrupted or its image skipped."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Library:
 class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
+    subseeds: list[int]
     infotexts: list[str]
     paths: list[Path]
     interrupted: bool = False
@@ -76,7 +83,11 @@ class Job:
     request: GenerationRequest
     bundle: ModelBundle
     seed: int
+    subseed: int
+    started: float
+    total_steps: int  # over the whole job, for progress
     seeds: list[int] = field(default_factory=list)  # one per image of the current batch
+    subseeds: list[int] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)  # after styles, without extra-network tags
     negative_prompts: list[str] = field(default_factory=list)
     loras: list[tuple[NetworkFile, float]] = field(default_factory=list)
@@ -84,21 +95,44 @@ class Job:
     conditioner: TextConditioner | None = None  # per job: caches each distinct text's encoding
     conditioning: ScheduledConditioning | None = None
     generators: list[torch.Generator] = field(default_factory=list)
+    noise: torch.Tensor | None = None  # initial noise of the batch
+    # img2img
+    init_latents: torch.Tensor | None = None
+    init_pixels: list[Image.Image] = field(default_factory=list)  # what was encoded (after resize/crop)
+    keep: torch.Tensor | None = None  # latent mask, 1 = keep the init latent
+    image_cond: torch.Tensor | None = None  # inpainting models' extra channels
+    areas: list[pix.InpaintArea | None] = field(default_factory=list)
     latents: torch.Tensor | None = None
+    size: tuple[int, int] = (0, 0)  # (width, height) of `latents` in pixels
     batch_images: list[Image.Image] = field(default_factory=list)  # decoded images of the current batch
     images: list[Image.Image] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
+    all_seeds: list[int] = field(default_factory=list)
+    all_subseeds: list[int] = field(default_factory=list)
     steps_done: int = 0
+    hires_size: tuple[int, int] | None = None
+
+
+def _denoise_steps(steps: int, strength: float) -> int:
+    """img2img runs the last int(strength * steps) steps of a `steps`-step schedule."""
+    return int(min(strength, 0.999) * steps)
 
 
 class Runner:
     """Runs jobs one at a time on one device (a lock serialises callers)."""
 
-    def __init__(self, get_bundle: Callable[[str | None], ModelBundle], outputs_dir: Path, library: Library) -> None:
+    def __init__(
+        self,
+        get_bundle: Callable[[str | None], ModelBundle],
+        outputs_dir: Path,
+        library: Library,
+        upscale: Callable[..., Image.Image] | None = None,  # (image, name, size=(w, h)) -> image
+    ) -> None:
         self.get_bundle = get_bundle
         self.outputs_dir = Path(outputs_dir)
         self.library = library
+        self.upscale = upscale
         self._lock = threading.Lock()
         self._lora_cache: dict[Path, tuple[int, LoraWeights]] = {}  # path -> (mtime_ns, weights)
 
@@ -107,39 +141,55 @@ class Runner:
         request: GenerationRequest,
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
+        preview_every: int = 0,
     ) -> GenerationResult:
         cancel = cancel or CancelToken()
+        r = request
         with self._lock:
-            bundle = self.get_bundle(request.checkpoint)  # stage: model
-            seed = request.seed if request.seed != -1 else random.randint(0, MAX_SEED)
-            job = Job(request=request, bundle=bundle, seed=seed)
-            started = time.perf_counter()
-            all_seeds: list[int] = []
+            bundle = self.get_bundle(r.checkpoint)  # stage: model
+            per_batch = _denoise_steps(r.steps, r.denoising_strength) if r.is_img2img else r.steps
+            if r.enable_hr and not r.is_img2img:
+                per_batch += _denoise_steps(r.hr_second_pass_steps or r.steps, r.denoising_strength)
+            job = Job(
+                request=r,
+                bundle=bundle,
+                seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
+                subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
+                started=time.perf_counter(),
+                total_steps=per_batch * r.n_iter,
+            )
             interrupted = False
-            with torch.inference_mode():
-                for batch in range(request.n_iter):
+            with torch.inference_mode(), self.stage_tiling(job):
+                for batch in range(r.n_iter):
                     if cancel.interrupted:
                         interrupted = True
                         break
-                    job.seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
-                    all_seeds += job.seeds
+                    first = batch * r.batch_size
+                    job.seeds = [job.seed + first + i for i in range(r.batch_size)]
+                    job.subseeds = [job.subseed + first + i for i in range(r.batch_size)]
                     self.stage_prompt(job)
                     with self.stage_networks(job):
-                        self.stage_conditioning(job)
+                        self.stage_conditioning(job, job.prompts, job.negative_prompts, r.steps)
+                        self.stage_init(job)
                         self.stage_noise(job)
                         try:
-                            self.stage_sample(job, batch, started, progress, cancel)
+                            self.stage_sample(job, batch, progress, cancel, preview_every)
+                            if r.enable_hr and not r.is_img2img:
+                                self.stage_hires(job, batch, progress, cancel, preview_every)
                         except Interrupted:
-                            interrupted = True  # keep the partly denoised batch, as A1111 does
+                            interrupted = cancel.interrupted  # a skip only ends this batch
+                            cancel.clear_skip()
                         self.stage_decode(job)
                     self.stage_postprocess(job)
                     self.stage_save(job)
                     if interrupted:
                         break
-            log.info("generated %d image(s) in %.2fs", len(job.images), time.perf_counter() - started)
-            return GenerationResult(job.images, all_seeds[: len(job.images)], job.infotexts, job.paths, interrupted)
+            log.info("generated %d image(s) in %.2fs", len(job.images), time.perf_counter() - job.started)
+            n = len(job.images)
+            return GenerationResult(job.images, job.all_seeds[:n], job.all_subseeds[:n], job.infotexts, job.paths,
+                                    interrupted)
 
-    # --- stages -------------------------------------------------------------------------------
+    # --- prompt and networks ------------------------------------------------------------------
 
     def stage_prompt(self, job: Job) -> None:
         """Styles, then extra-network tags out of the text, then the embeddings the text uses."""
@@ -148,8 +198,7 @@ class Runner:
         missing = [name for name in r.styles if name not in known]
         if missing:
             raise ModelError(f"style {missing[0]!r} not found in {lib.styles.path}")
-        styles = [known[name] for name in r.styles]
-        prompt, negative = apply_styles(r.prompt, r.negative_prompt, styles)
+        prompt, negative = apply_styles(r.prompt, r.negative_prompt, [known[name] for name in r.styles])
         prompt, tags = extract_extra_networks(prompt)
         negative, _ = extract_extra_networks(negative)  # tags in the negative are dropped
         job.loras = []
@@ -162,7 +211,8 @@ class Runner:
         n = len(job.seeds)
         job.prompts, job.negative_prompts = [prompt] * n, [negative] * n
         sizes = [enc.model.config.hidden_size for enc in job.bundle.text_encoders]
-        job.embeddings = [e for e in lib.embeddings.find_in_prompt(prompt + "\n" + negative) if e.fits(sizes)]
+        texts = "\n".join([prompt, negative, r.hr_prompt, r.hr_negative_prompt])
+        job.embeddings = [e for e in lib.embeddings.find_in_prompt(texts) if e.fits(sizes)]
 
     @contextlib.contextmanager
     def stage_networks(self, job: Job) -> Iterator[None]:
@@ -188,96 +238,251 @@ class Runner:
         self._lora_cache[file.path] = (stamp, weights)
         return weights
 
-    def stage_conditioning(self, job: Job) -> None:
+    @contextlib.contextmanager
+    def stage_tiling(self, job: Job) -> Iterator[None]:
+        """Seamless textures: circular padding in every convolution, for this job only."""
+        if not job.request.tiling:
+            yield
+            return
+        convs = [m for model in (job.bundle.unet, job.bundle.vae) for m in model.modules()
+                 if isinstance(m, torch.nn.Conv2d)]
+        saved = [m.padding_mode for m in convs]
+        try:
+            for m in convs:
+                m.padding_mode = "circular"
+            yield
+        finally:
+            for m, mode in zip(convs, saved):
+                m.padding_mode = mode
+
+    def stage_conditioning(self, job: Job, prompts: list[str], negatives: list[str], steps: int) -> None:
         r = job.request
         if job.conditioner is None:
             job.conditioner = TextConditioner(job.bundle, r.clip_skip, job.embeddings)
-        plan = plan_prompts(job.prompts, job.negative_prompts, r.steps)
+        plan = plan_prompts(prompts, negatives, steps)
         single = all(len(subs) == 1 and subs[0][1] == 1.0 for subs in plan.cond)
         guided = r.cfg_scale != 1.0 or not single  # AND needs the negative even at scale 1
         job.conditioning = ScheduledConditioning(job.conditioner, plan, guided)
 
-    def stage_noise(self, job: Job) -> None:
-        """Noise from a CPU generator per image seeded with its seed: the same on any device."""
-        r = job.request
-        shape = (1, 4, r.height // 8, r.width // 8)
-        job.generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-        job.latents = torch.cat([torch.randn(shape, generator=g) for g in job.generators])
+    # --- init image and noise -----------------------------------------------------------------
 
-    def stage_sample(
-        self, job: Job, batch: int, started: float, progress: ProgressFn | None, cancel: CancelToken
-    ) -> None:
+    def stage_init(self, job: Job) -> None:
+        """img2img: resize (or crop, for only-masked inpainting), encode, and build the masks."""
         r, bundle = job.request, job.bundle
+        job.init_latents = job.keep = job.image_cond = None
+        job.areas, job.init_pixels = [None] * len(job.seeds), []
+        job.size = (r.width, r.height)
+        if not r.is_img2img:
+            job.image_cond = self._txt2img_image_cond(job)
+            return
+        mask = None
+        latent_masks = []
+        for i in range(len(job.seeds)):
+            source = r.init_images[(len(job.images) + i) % len(r.init_images)].convert("RGB")
+            if r.mask is None:
+                job.init_pixels.append(pix.resize_image(source, r.resize_mode, r.width, r.height))
+                continue
+            mask = pix.prepare_mask(r.mask.resize(source.size), bool(r.inpainting_mask_invert))
+            crop = pix.crop_region(mask, r.inpaint_full_res_padding, r.width, r.height) if r.inpaint_full_res else None
+            if crop is not None:
+                image = source.crop(crop).resize((r.width, r.height), Image.Resampling.LANCZOS)
+                small_mask = mask.crop(crop).resize((r.width, r.height), Image.Resampling.LANCZOS)
+                job.areas[i] = pix.InpaintArea(source, pix.blur_mask(mask, r.mask_blur), crop)
+            else:
+                image = pix.resize_image(source, r.resize_mode, r.width, r.height)
+                small_mask = pix.resize_image(mask, r.resize_mode, r.width, r.height)
+                job.areas[i] = pix.InpaintArea(image, pix.blur_mask(small_mask, r.mask_blur), None)
+            blurred = pix.blur_mask(small_mask, r.mask_blur)
+            if r.inpainting_fill == 0:
+                image = pix.fill_masked(image, blurred)
+            job.init_pixels.append(image)
+            latent_masks.append(lat.latent_mask(blurred, r.width, r.height))
+        if r.resize_mode == pix.LATENT_UPSCALE and r.mask is None:
+            sources = [r.init_images[(len(job.images) + i) % len(r.init_images)].convert("RGB") for i in range(len(job.seeds))]
+            w8, h8 = (max(64, sources[0].width // 8 * 8), max(64, sources[0].height // 8 * 8))
+            small = lat.encode(bundle, [s.resize((w8, h8), Image.Resampling.LANCZOS) for s in sources])
+            job.init_latents = lat.resize_latents(small, r.height, r.width)
+        else:
+            job.init_latents = lat.encode(bundle, job.init_pixels)
         device = bundle.runtime.device
-        spec, schedule_name = resolve(r.sampler_name, r.scheduler)
-        schedule = DiscreteSchedule(bundle.alphas_cumprod)
-        sigmas = make_sigmas(schedule, schedule_name, r.steps).to(device)
-        assert job.conditioning is not None and job.latents is not None
+        if latent_masks:
+            job.keep = (1.0 - torch.cat(latent_masks)).to(device)
+        if bundle.variant == "inpaint":
+            job.image_cond = self._inpaint_image_cond(job, latent_masks)
+
+    def _inpaint_image_cond(self, job: Job, latent_masks: list[torch.Tensor]) -> torch.Tensor:
+        """Inpainting models see the mask and the latent of the image with the masked area grey."""
+        bundle, r = job.bundle, job.request
+        if latent_masks:
+            masks = [(pix.blur_mask(a.mask if a.crop is None else a.mask.crop(a.crop).resize((r.width, r.height)), 0))
+                     for a in job.areas if a is not None]
+            grey = []
+            for image, m in zip(job.init_pixels, masks):
+                hard = m.point(lambda v: 255 if v >= 128 else 0)
+                grey.append(Image.composite(Image.new("RGB", image.size, (128, 128, 128)), image, hard))
+            cond_mask = torch.cat(latent_masks)
+        else:  # img2img without a mask: nothing is masked
+            grey, cond_mask = job.init_pixels, torch.zeros((len(job.init_pixels), 1, r.height // 8, r.width // 8))
+        latent = lat.encode(bundle, grey)
+        return torch.cat([cond_mask.to(latent.device), latent], dim=1)
+
+    def _txt2img_image_cond(self, job: Job) -> torch.Tensor | None:
+        """txt2img on an inpainting model: everything masked, over a mid-grey image."""
+        bundle = job.bundle
+        if bundle.variant != "inpaint":
+            return None
+        w, h = job.size
+        latent = lat.encode(bundle, [Image.new("RGB", (w, h), (128, 128, 128))])
+        mask = torch.ones_like(latent[:, :1])
+        return torch.cat([mask, latent], dim=1).expand(len(job.seeds), -1, -1, -1)
+
+    def stage_noise(self, job: Job) -> None:
+        """Per-image seeded noise; variation seeds; the masked area's content for inpainting."""
+        r = job.request
+        w, h = job.size
+        resize_from = None
+        if r.seed_resize_from_w > 0 and r.seed_resize_from_h > 0:
+            resize_from = (r.seed_resize_from_h // 8, r.seed_resize_from_w // 8)
+        made = [
+            image_noise(seed, (4, h // 8, w // 8), sub, r.subseed_strength, resize_from)
+            for seed, sub in zip(job.seeds, job.subseeds)
+        ]
+        job.noise = torch.cat([n for n, _ in made])
+        job.generators = [g for _, g in made]
+        if job.init_latents is not None and job.keep is not None and r.inpainting_fill in (2, 3):
+            masked_content = job.noise.to(job.init_latents.device) if r.inpainting_fill == 2 else 0.0
+            job.init_latents = job.init_latents * job.keep + masked_content * (1.0 - job.keep)
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def _run_sampler(
+        self, job: Job, sampler_name: str, sigmas: torch.Tensor, x: torch.Tensor, batch: int,
+        progress: ProgressFn | None, cancel: CancelToken, preview_every: int,
+    ) -> torch.Tensor:
+        r, bundle = job.request, job.bundle
+        spec, _ = resolve(sampler_name, r.scheduler)
+        assert job.conditioning is not None
+        w, h = job.size
+        time_ids = None
+        if bundle.family.name == "sdxl":  # original size, crop top-left, target size
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(len(job.seeds), 1)
         denoiser = CFGDenoiser(
-            bundle,
-            schedule,
-            job.conditioning,
-            r.cfg_scale,
-            image_cond=self._image_conditioning(job),
-            time_ids=self._time_ids(job),
+            bundle, DiscreteSchedule(bundle.alphas_cumprod), job.conditioning, r.cfg_scale,
+            image_cond=job.image_cond, time_ids=time_ids,
+            keep=job.keep, init_latents=job.init_latents,
         )
         generators = job.generators
 
-        def noise(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generators]).to(x.device)
+        def noise(like: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
 
         def on_step(state: StepState) -> None:
             job.steps_done += 1
             job.latents = state.x
             denoiser.step = state.step + 2  # the 1-based number of the next step
             if progress:
-                progress(Progress(job.steps_done, r.steps * r.n_iter, batch, r.n_iter, time.perf_counter() - started))
-            if cancel.interrupted:
+                preview = None
+                if preview_every and job.steps_done % preview_every == 0:
+                    preview = approximate_rgb(state.denoised, bundle.family.name)
+                progress(Progress(job.steps_done, job.total_steps, batch, r.n_iter,
+                                  time.perf_counter() - job.started, preview))
+            if cancel.interrupted or cancel.skipped:
                 raise Interrupted
 
-        x = job.latents.to(device) * sigmas[0]
-        job.latents = spec.fn(denoiser, x, sigmas, noise=noise, callback=on_step)
+        try:
+            x = spec.fn(denoiser, x, sigmas, noise=noise, callback=on_step)
+        except Interrupted:
+            job.latents = denoiser.blend(job.latents)
+            raise
+        return denoiser.blend(x)
 
-    def _image_conditioning(self, job: Job) -> torch.Tensor | None:
-        """Inpainting models see a mask channel and a masked-image latent; for txt2img the whole
-        image is masked: mask 1 and the latent of a mid-grey image."""
-        bundle = job.bundle
-        if bundle.variant != "inpaint":
-            return None
-        r = job.request
-        grey = torch.zeros((1, 3, r.height, r.width), device=bundle.runtime.device, dtype=bundle.runtime.vae_dtype)
-        latent = bundle.vae.encode(grey).latent_dist.mode().float() * bundle.family.latent_scaling_factor
-        mask = torch.ones_like(latent[:, :1])
-        return torch.cat([mask, latent], dim=1).expand(len(job.seeds), -1, -1, -1)
+    def stage_sample(self, job: Job, batch: int, progress: ProgressFn | None, cancel: CancelToken,
+                     preview_every: int) -> None:
+        r, bundle = job.request, job.bundle
+        device = bundle.runtime.device
+        sigmas = make_sigmas(DiscreteSchedule(bundle.alphas_cumprod), resolve(r.sampler_name, r.scheduler)[1],
+                             r.steps).to(device)
+        assert job.noise is not None
+        noise = job.noise.to(device)
+        if job.init_latents is None:
+            job.latents = noise * sigmas[0]
+        else:
+            t_enc = _denoise_steps(r.steps, r.denoising_strength)
+            if t_enc == 0:  # nothing to denoise: the init image is the result
+                job.latents = None
+                return
+            sigmas = sigmas[r.steps - t_enc - 1 :]
+            job.latents = job.init_latents.to(device) + noise * sigmas[0]
+        job.latents = self._run_sampler(job, r.sampler_name, sigmas, job.latents, batch, progress, cancel,
+                                        preview_every)
 
-    def _time_ids(self, job: Job) -> torch.Tensor | None:
-        """SDXL: original size, crop top-left, target size (no crop, original = target)."""
-        if job.bundle.family.name != "sdxl":
-            return None
-        r = job.request
-        ids = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width]], dtype=torch.float32)
-        return ids.repeat(len(job.seeds), 1).to(job.bundle.runtime.device)
+    def stage_hires(self, job: Job, batch: int, progress: ProgressFn | None, cancel: CancelToken,
+                    preview_every: int) -> None:
+        """Upscale the first pass, then denoise it again at the larger size."""
+        r, bundle = job.request, job.bundle
+        device = bundle.runtime.device
+        if r.hr_resize_x or r.hr_resize_y:
+            tw = r.hr_resize_x or round(r.width * r.hr_resize_y / r.height)
+            th = r.hr_resize_y or round(r.height * r.hr_resize_x / r.width)
+        else:
+            tw, th = round(r.width * r.hr_scale), round(r.height * r.hr_scale)
+        tw, th = tw // 8 * 8, th // 8 * 8
+        job.hires_size = (tw, th)
+        assert job.latents is not None
+        if r.hr_upscaler.lower().startswith("latent"):
+            start = lat.resize_latents(job.latents, th, tw)
+        else:
+            if self.upscale is None:
+                raise ModelError(f"upscaler {r.hr_upscaler!r} is not available")
+            images = lat.decode(bundle, job.latents)
+            start = lat.encode(bundle, [self.upscale(im, r.hr_upscaler, size=(tw, th)) for im in images])
+        job.size = (tw, th)
+        if bundle.variant == "inpaint":
+            job.image_cond = self._txt2img_image_cond(job)
+        steps = r.hr_second_pass_steps or r.steps
+        t_enc = _denoise_steps(steps, r.denoising_strength)
+        if t_enc == 0:
+            job.latents = start
+            return
+        if r.hr_prompt or r.hr_negative_prompt:
+            prompt, _ = extract_extra_networks(r.hr_prompt or r.prompt)
+            negative, _ = extract_extra_networks(r.hr_negative_prompt or r.negative_prompt)
+            self.stage_conditioning(job, [prompt] * len(job.seeds), [negative] * len(job.seeds), steps)
+        else:
+            self.stage_conditioning(job, job.prompts, job.negative_prompts, steps)
+        sampler = r.hr_sampler_name or r.sampler_name
+        sigmas = make_sigmas(DiscreteSchedule(bundle.alphas_cumprod), resolve(sampler, r.scheduler)[1], steps)
+        sigmas = sigmas[steps - t_enc - 1 :].to(device)
+        noise = torch.cat([torch.randn((1, *start.shape[1:]), generator=g) for g in job.generators]).to(device)
+        job.init_latents, job.keep = start, None
+        x = start + noise * sigmas[0]
+        job.latents = self._run_sampler(job, sampler, sigmas, x, batch, progress, cancel, preview_every)
+
+    # --- output -------------------------------------------------------------------------------
 
     def stage_decode(self, job: Job) -> None:
-        bundle = job.bundle
-        assert job.latents is not None
-        latents = job.latents.to(bundle.runtime.device, bundle.runtime.vae_dtype) / bundle.family.latent_scaling_factor
-        decoded = bundle.vae.decode(latents, return_dict=False)[0].float()
-        pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        job.batch_images = [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+        if job.latents is None:  # img2img at denoising strength 0
+            job.batch_images = [im.copy() for im in job.init_pixels]
+        else:
+            job.batch_images = lat.decode(job.bundle, job.latents)
 
     def stage_postprocess(self, job: Job) -> None:
         for i, image in enumerate(job.batch_images):
-            job.infotexts.append(self.infotext(job, i))
+            area = job.areas[i] if i < len(job.areas) else None
+            if area is not None:
+                image = pix.composite(image, area)
             job.images.append(image)
+            job.all_seeds.append(job.seeds[i])
+            job.all_subseeds.append(job.subseeds[i])
+            job.infotexts.append(self.infotext(job, i))
 
     def stage_save(self, job: Job) -> None:
         if not job.request.save_images:
             return
-        folder = dated_dir(self.outputs_dir, "txt2img")
+        folder = dated_dir(self.outputs_dir, "img2img" if job.request.is_img2img else "txt2img")
         first = len(job.images) - len(job.batch_images)
-        for i, image in enumerate(job.batch_images):
-            job.paths.append(save_image(image, folder, job.seeds[i], job.infotexts[first + i]))
+        for i in range(len(job.batch_images)):
+            job.paths.append(save_image(job.images[first + i], folder, job.seeds[i], job.infotexts[first + i]))
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -290,6 +495,8 @@ class Runner:
 
     def infotext(self, job: Job, index: int) -> str:
         r, bundle = job.request, job.bundle
+        variation = r.subseed_strength > 0
+        hires = r.enable_hr and not r.is_img2img
         params = {
             "Steps": r.steps,
             "Sampler": r.sampler_name,
@@ -300,7 +507,22 @@ class Runner:
             "Model hash": bundle.hash10,
             "Model": bundle.model_name,
             "VAE": bundle.vae_name.rsplit(".", 1)[0] if bundle.vae_name else None,
+            "Variation seed": job.subseeds[index] if variation else None,
+            "Variation seed strength": f"{r.subseed_strength:g}" if variation else None,
+            "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if r.seed_resize_from_w else None,
+            "Denoising strength": f"{r.denoising_strength:g}" if (r.is_img2img or hires) else None,
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+            "Mask blur": r.mask_blur if r.mask is not None else None,
+            "Inpaint area": "Only masked" if (r.mask is not None and r.inpaint_full_res) else None,
+            "Masked area padding": r.inpaint_full_res_padding if (r.mask is not None and r.inpaint_full_res) else None,
+            "Tiling": True if r.tiling else None,
+            "Hires upscale": f"{r.hr_scale:g}" if hires and not (r.hr_resize_x or r.hr_resize_y) else None,
+            "Hires resize": f"{job.hires_size[0]}x{job.hires_size[1]}" if hires and job.hires_size and (r.hr_resize_x or r.hr_resize_y) else None,
+            "Hires steps": r.hr_second_pass_steps if hires and r.hr_second_pass_steps else None,
+            "Hires upscaler": r.hr_upscaler if hires else None,
+            "Hires prompt": r.hr_prompt if hires and r.hr_prompt else None,
+            "Hires negative prompt": r.hr_negative_prompt if hires and r.hr_negative_prompt else None,
+            "Hires sampler": r.hr_sampler_name if hires and r.hr_sampler_name else None,
             "Lora hashes": self._hashes(job.loras) if job.loras else None,
             "TI hashes": ", ".join(f"{e.name}: {self._embedding_hash(e)}" for e in job.embeddings) or None,
             "Version": f"v{webui.__version__}",

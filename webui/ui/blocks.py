@@ -1,17 +1,97 @@
-"""The page: all tabs in one gr.Blocks."""
+"""The page: the checkpoint selector above all tabs, then the tabs."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from webui.app import Engine
+from webui.models.errors import ModelError
+from PIL import Image
+
+from webui.ui.extras import build_extras_tab
+from webui.ui.img2img import build_img2img_tab
+from webui.ui.jobs import JobBoard
+from webui.ui.messages import models_help
+from webui.ui.params import checkpoint_choice
 from webui.ui.pnginfo import build_pnginfo_tab
 from webui.ui.txt2img import build_txt2img_tab
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
+    board = JobBoard()
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
+        help_box = gr.Markdown(models_help(engine), elem_id="models_help")
+        with gr.Row():
+            checkpoint = gr.Dropdown(
+                label="Stable Diffusion checkpoint",
+                choices=engine.registry.titles(),
+                value=_default_title(engine),
+                elem_id="checkpoint",
+                allow_custom_value=True,  # API callers may name a checkpoint by name or hash
+                scale=4,
+            )
+            refresh = gr.Button("🔄 Refresh", elem_id="refresh_checkpoints", scale=1, min_width=80)
         with gr.Tabs() as tabs:
-            txt2img = build_txt2img_tab(engine, demo)
-            build_pnginfo_tab(engine, tabs, txt2img)
+            txt2img = build_txt2img_tab(engine, board, checkpoint, ["Lanczos", "Nearest"])
+            img2img = build_img2img_tab(engine, board, checkpoint)
+            extras_image, extras_upscaler = build_extras_tab(engine)
+            build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
+        targets = {"img2img": (img2img["init_image"], "img2img"), "inpaint": (img2img["inpaint_editor"], "img2img"),
+                   "extras": (extras_image, "extras")}
+        for panel in (txt2img, img2img):
+            send_buttons(panel, tabs, targets)
+
+        def refresh_models(current: str | None) -> tuple[dict, str]:
+            engine.registry.refresh(compute_hashes=True)
+            engine.networks.refresh()
+            return gr.update(choices=engine.registry.titles(), value=_current_or_default(engine, current)), models_help(engine)
+
+        refresh.click(refresh_models, inputs=[checkpoint], outputs=[checkpoint, help_box], api_name="refresh_checkpoints")
+
+        def on_load(current: str | None) -> tuple[dict, str, dict, dict]:
+            # hashes computed in the background since start-up now show in the titles; the
+            # upscaler list needs the model side, which is not imported before the page is served
+            return (gr.update(choices=engine.registry.titles(), value=_current_or_default(engine, current)),
+                    models_help(engine), gr.update(choices=["Latent", *engine.upscaler_names()]),
+                    gr.update(choices=engine.upscaler_names()))
+
+        demo.load(on_load, inputs=[checkpoint], outputs=[checkpoint, help_box, txt2img["hr_upscaler"], extras_upscaler],
+                  api_visibility="private")
     return demo
+
+
+def send_buttons(panel, tabs: gr.Tabs, targets: dict) -> None:
+    """"Send to img2img / inpaint / extras" under a tab's gallery: the selected (or first) image."""
+    selected = gr.State(0)
+    panel.gallery.select(_index, None, selected, api_visibility="private")
+    with gr.Row():
+        for name, (target, tab) in targets.items():
+            button = gr.Button(f"Send to {name}", size="sm", elem_id=f"{panel.prefix}_send_to_{name}")
+
+            def send(gallery, index, name=name, tab=tab):
+                if not gallery:
+                    raise gr.Error("Generate an image first.")
+                item = gallery[min(index or 0, len(gallery) - 1)]
+                path = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
+                path = getattr(path, "path", None) or (path.get("path") if isinstance(path, dict) else path)
+                image = Image.open(path)
+                image.load()
+                value = {"background": image, "layers": [], "composite": image} if name == "inpaint" else image
+                return value, gr.Tabs(selected=tab)
+
+            button.click(send, inputs=[panel.gallery, selected], outputs=[target, tabs], api_visibility="private")
+
+
+def _index(evt: gr.SelectData) -> int:
+    return evt.index
+
+
+def _current_or_default(engine: Engine, current: str | None) -> str | None:
+    return checkpoint_choice(engine, current) or _default_title(engine)
+
+
+def _default_title(engine: Engine) -> str | None:
+    try:
+        return engine.resolve_checkpoint(None).title
+    except ModelError:
+        return None

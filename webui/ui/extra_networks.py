@@ -30,16 +30,16 @@ def insert_tag(prompt: str, tag: str) -> str:
     return f"{prompt.rstrip()}, {tag}" if prompt.strip() else tag
 
 
-def build_extra_networks(engine: Engine, prompt: gr.Textbox) -> None:
-    with gr.Accordion("Extra networks", open=False, elem_id="extra_networks"):
+def build_extra_networks(engine: Engine, prompt: gr.Textbox, prefix: str = "txt2img") -> None:
+    with gr.Accordion("Extra networks", open=False, elem_id=f"{prefix}_extra_networks"):
         with gr.Tabs():
-            with gr.Tab("Lora", elem_id="extra_networks_lora"):
+            with gr.Tab("Lora"):
                 loras = gr.Gallery([_card(f) for f in engine.networks.loras()], show_label=False,
-                                   columns=6, height=260, allow_preview=False, elem_id="lora_cards")
-            with gr.Tab("Textual Inversion", elem_id="extra_networks_ti"):
+                                   columns=6, height=260, allow_preview=False, elem_id=f"{prefix}_lora_cards")
+            with gr.Tab("Textual Inversion"):
                 embeddings = gr.Gallery([_card(f) for f in engine.networks.embeddings()], show_label=False,
-                                        columns=6, height=260, allow_preview=False, elem_id="embedding_cards")
-        refresh = gr.Button("Refresh", size="sm", elem_id="extra_networks_refresh")
+                                        columns=6, height=260, allow_preview=False, elem_id=f"{prefix}_embedding_cards")
+        refresh = gr.Button("Refresh", size="sm", elem_id=f"{prefix}_extra_networks_refresh")
 
     def pick_lora(text: str, evt: gr.SelectData) -> str:
         files = engine.networks.loras()

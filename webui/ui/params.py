@@ -37,37 +37,28 @@ def checkpoint_choice(engine: Engine, query: str | None) -> str | None:
         return None
 
 
-def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str | None) -> list[Any]:
-    """Updates in `Txt2ImgControls.fillable()` order; fields the infotext lacks stay as they are."""
-    f = pasted.fields
+# The controls infotext can fill, by request field name (a tab fills those it has).
+FILLABLE = ("checkpoint", "prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width",
+            "height", "cfg_scale", "seed", "clip_skip", "subseed", "subseed_strength", "enable_hr", "hr_scale",
+            "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "denoising_strength")
+
+
+def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str | None, panel) -> list[Any]:
+    """Updates for `panel`'s controls named in FILLABLE, in that order; fields the infotext
+    lacks stay as they are."""
+    f = dict(pasted.fields)
     keep = gr.update()
-
-    def value(key: str) -> Any:
-        return gr.update(value=f[key]) if key in f else keep
-
-    ckpt = keep
-    wanted = [str(f["checkpoint"])] if "checkpoint" in f else []
-    wanted += [pasted.model_name] if pasted.model_name else []
-    if wanted:
-        title = next((t for t in (checkpoint_choice(engine, q) for q in wanted) if t), None)
+    if "checkpoint" in f or pasted.model_name:
+        wanted = [q for q in (f.pop("checkpoint", None), pasted.model_name) if q]
+        title = next((t for t in (checkpoint_choice(engine, str(q)) for q in wanted) if t), None)
         if title:
-            ckpt = gr.update(value=title)
+            f["checkpoint"] = title
         else:
             gr.Warning(f"Model {wanted[-1]!r} is not in the models folder; keeping {current_checkpoint!r}.")
-    prompt, negative, styles = str(f.get("prompt", "")), str(f.get("negative_prompt", "")), []
     if "prompt" in f or "negative_prompt" in f:
-        prompt, negative, styles = extract_styles(prompt, negative, engine.styles.list())
-    return [
-        ckpt,
-        gr.update(value=prompt) if "prompt" in f else keep,
-        gr.update(value=negative) if "negative_prompt" in f else keep,
-        gr.update(value=styles) if styles else keep,
-        value("sampler_name"),
-        value("scheduler"),
-        value("steps"),
-        value("width"),
-        value("height"),
-        value("cfg_scale"),
-        value("seed"),
-        value("clip_skip"),
-    ]
+        prompt, negative, styles = extract_styles(str(f.get("prompt", "")), str(f.get("negative_prompt", "")),
+                                                  engine.styles.list())
+        f.update(prompt=prompt, negative_prompt=negative)
+        if styles:
+            f["styles"] = styles
+    return [gr.update(value=f[name]) if name in f else keep for name in FILLABLE if name in panel.inputs]

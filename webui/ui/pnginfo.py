@@ -12,7 +12,8 @@ from webui.app import Engine
 from webui.images import read_infotext
 from webui.infotext import parse_infotext
 from webui.ui.params import fields_from_text, updates_for_fields
-from webui.ui.txt2img import Txt2ImgControls
+from webui.ui.generation import Panel
+from webui.ui.txt2img import fillable
 
 
 def read_parameters(path: str | None) -> tuple[str, str]:
@@ -32,7 +33,7 @@ def read_parameters(path: str | None) -> tuple[str, str]:
     return text, f"<table class='pnginfo'>{rows}</table>"
 
 
-def build_pnginfo_tab(engine: Engine, tabs: gr.Tabs, txt2img: Txt2ImgControls) -> None:
+def build_pnginfo_tab(engine: Engine, tabs: gr.Tabs, panels: dict[str, Panel]) -> None:
     with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
         with gr.Row():
             with gr.Column():
@@ -42,15 +43,17 @@ def build_pnginfo_tab(engine: Engine, tabs: gr.Tabs, txt2img: Txt2ImgControls) -
             with gr.Column():
                 raw = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
                 table = gr.HTML(elem_id="pnginfo_table")
-                send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+                with gr.Row():
+                    buttons = {name: gr.Button(f"Send to {name}", elem_id=f"pnginfo_send_{name}") for name in panels}
 
     image.change(read_parameters, inputs=[image], outputs=[raw, table], api_name="png_info")
 
-    def send_to_txt2img(text: str | None, current: str | None) -> list[Any]:
-        pasted = fields_from_text(text or "")
-        if pasted is None:
-            raise gr.Error("No generation parameters to send.")
-        return [gr.Tabs(selected="txt2img"), *updates_for_fields(engine, pasted, current)]
+    for name, panel in panels.items():
+        def send(text: str | None, current: str | None, panel: Panel = panel, name: str = name) -> list[Any]:
+            pasted = fields_from_text(text or "")
+            if pasted is None:
+                raise gr.Error("No generation parameters to send.")
+            return [gr.Tabs(selected=name), *updates_for_fields(engine, pasted, current, panel)]
 
-    send.click(send_to_txt2img, inputs=[raw, txt2img.checkpoint], outputs=[tabs, *txt2img.fillable()],
-               api_visibility="private")
+        buttons[name].click(send, inputs=[raw, panel["checkpoint"]], outputs=[tabs, *fillable(panel)],
+                            api_visibility="private")

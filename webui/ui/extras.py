@@ -1,0 +1,51 @@
+"""The Extras tab: upscale an image with a resampler or an upscaler model."""
+
+from __future__ import annotations
+
+import gradio as gr
+from PIL import Image
+
+from webui.app import Engine
+from webui.images import dated_dir, read_infotext, save_image
+from webui.models.errors import ModelError
+
+BUILTIN = ["Lanczos", "Nearest"]
+
+
+def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
+    with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+        with gr.Row():
+            with gr.Column():
+                source = gr.Image(label="Source", type="pil", image_mode=None, sources=["upload", "clipboard"],
+                                  elem_id="extras_image", height=360)
+                upscaler = gr.Dropdown(BUILTIN, value="Lanczos", label="Upscaler", elem_id="extras_upscaler",
+                                       allow_custom_value=True)
+                with gr.Row():
+                    mode = gr.Radio(["Scale by", "Scale to"], value="Scale by", label="Resize", elem_id="extras_mode")
+                    factor = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_scale")
+                with gr.Row():
+                    width = gr.Slider(64, 8192, value=1024, step=8, label="Width", elem_id="extras_width")
+                    height = gr.Slider(64, 8192, value=1024, step=8, label="Height", elem_id="extras_height")
+                run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
+            with gr.Column():
+                result = gr.Image(label="Result", type="pil", format="png", elem_id="extras_result", height=360)
+                info = gr.Textbox(label="Result", interactive=False, elem_id="extras_info")
+
+    def upscale(image: Image.Image | None, name: str, how: str, scale: float, w: float, h: float):
+        if image is None:
+            raise gr.Error("Put an image in the Extras tab first.")
+        size = (int(w), int(h)) if how == "Scale to" else None
+        try:
+            out = engine.upscalers.upscale(image, name, scale=None if size else float(scale), size=size,
+                                           device=engine.runtime.device)
+        except (ModelError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        source_text = read_infotext(image) or ""
+        note = f"Postprocess upscaler: {name}, Postprocess upscale to: {out.width}x{out.height}"
+        text = f"{source_text}\n{note}".strip() if source_text else note
+        path = save_image(out, dated_dir(engine.config.outputs_path, "extras"), 0, text)
+        return out, f"{out.width}x{out.height}, saved as {path.name}"
+
+    run.click(upscale, inputs=[source, upscaler, mode, factor, width, height], outputs=[result, info],
+              api_name="extras_upscale", concurrency_id="generate")
+    return source, upscaler

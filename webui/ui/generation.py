@@ -1,0 +1,192 @@
+"""Controls shared by the txt2img and img2img tabs, and the handler that turns their values
+into a `GenerationRequest`. Each control is registered under its request field name, so the
+handler needs no positional bookkeeping and API callers can pass keywords."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+from pydantic import ValidationError
+
+from webui.app import Engine
+from webui.pipeline.request import GenerationRequest, validation_message
+from webui.samplers.table import SCHEDULES, sampler_names
+from webui.ui.jobs import JobBoard, run_streaming, session_of
+
+
+@dataclass
+class Panel:
+    """The controls of one tab, by request field name, plus its outputs and buttons."""
+
+    prefix: str
+    inputs: dict[str, gr.components.Component] = field(default_factory=dict)
+    gallery: gr.Gallery | None = None
+    info: gr.Textbox | None = None
+    generate: gr.Button | None = None
+    interrupt: gr.Button | None = None
+    skip: gr.Button | None = None
+
+    def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
+        self.inputs[name] = component
+        return component
+
+    def __getitem__(self, name: str) -> gr.components.Component:
+        return self.inputs[name]
+
+
+def sampling_controls(panel: Panel) -> None:
+    p = panel.prefix
+    with gr.Row():
+        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=sampler_names(), value="Euler a",
+                                              elem_id=f"{p}_sampler", allow_custom_value=True))
+        panel.add("scheduler", gr.Dropdown(label="Schedule type", choices=list(SCHEDULES), value="Automatic",
+                                           elem_id=f"{p}_scheduler", allow_custom_value=True))
+        panel.add("steps", gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{p}_steps"))
+    with gr.Row():
+        panel.add("width", gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{p}_width"))
+        panel.add("height", gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{p}_height"))
+    with gr.Row():
+        panel.add("batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{p}_batch_size"))
+        panel.add("n_iter", gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{p}_batch_count"))
+        panel.add("cfg_scale", gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{p}_cfg_scale"))
+    with gr.Row():
+        panel.add("seed", gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{p}_seed"))
+        panel.add("clip_skip", gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{p}_clip_skip"))
+        panel.add("tiling", gr.Checkbox(False, label="Tiling", elem_id=f"{p}_tiling"))
+    with gr.Accordion("Variation seed", open=False, elem_id=f"{p}_variation"):
+        with gr.Row():
+            panel.add("subseed", gr.Number(value=-1, label="Variation seed", precision=0, elem_id=f"{p}_subseed"))
+            panel.add("subseed_strength", gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
+                                                    elem_id=f"{p}_subseed_strength"))
+        with gr.Row():
+            panel.add("seed_resize_from_w", gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width",
+                                                      elem_id=f"{p}_seed_resize_from_w"))
+            panel.add("seed_resize_from_h", gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height",
+                                                      elem_id=f"{p}_seed_resize_from_h"))
+
+
+def output_area(panel: Panel) -> None:
+    p = panel.prefix
+    with gr.Row():
+        panel.generate = gr.Button("Generate", variant="primary", elem_id=f"{p}_generate", scale=3)
+        panel.interrupt = gr.Button("Interrupt", elem_id=f"{p}_interrupt", scale=1)
+        panel.skip = gr.Button("Skip", elem_id=f"{p}_skip", scale=1)
+    panel.gallery = gr.Gallery(label="Output", elem_id=f"{p}_gallery", columns=2, height=512)
+    panel.info = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id=f"{p}_info")
+
+
+def _to_request(values: dict[str, Any], fixed: dict[str, Any]) -> GenerationRequest:
+    data = {k: v for k, v in values.items() if v is not None}
+    for key in ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "clip_skip",
+                "seed_resize_from_w", "seed_resize_from_h", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps",
+                "mask_blur", "inpaint_full_res_padding"):
+        if key in data:
+            data[key] = int(data[key])
+    data["styles"] = tuple(data.get("styles") or ())
+    data["checkpoint"] = data.get("checkpoint") or None
+    data.update(fixed)
+    return GenerationRequest(**data)
+
+
+def make_handler(
+    engine: Engine,
+    board: JobBoard,
+    names: list[str],
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Callable[..., Any]:
+    """A streaming handler taking the controls named `names` (in that order, as keywords for
+    API callers); `prepare` turns tab-specific values (an editor's layers) into request fields."""
+
+    n = len(names)
+
+    def handler(*args: Any):
+        # Gradio passes the controls' values, then the request and the progress tracker it
+        # injects for the last two parameters of the signature below.
+        given = dict(zip(names, args[:n]))
+        request = args[n] if len(args) > n else None
+        progress = args[n + 1] if len(args) > n + 1 else gr.Progress()
+        try:
+            fields = prepare(given) if prepare else given
+            job = _to_request(fields, {})
+        except ValidationError as e:
+            raise gr.Error(validation_message(e)) from None
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        yield from run_streaming(engine, board, job, session_of(request), progress)
+
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    params += [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request),
+        inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
+    ]
+    handler.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return handler
+
+
+def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers: list[Any],
+         prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    names = list(panel.inputs)
+    gr.on(triggers=triggers, fn=make_handler(engine, board, names, prepare), inputs=list(panel.inputs.values()),
+          outputs=[panel.gallery, panel.info], api_name=api_name, concurrency_id="generate")
+
+    def interrupt(request: gr.Request) -> None:
+        if not board.interrupt(session_of(request)):
+            gr.Info("Nothing of yours is running.")
+
+    def skip(request: gr.Request) -> None:
+        board.skip(session_of(request))
+
+    panel.interrupt.click(interrupt, api_visibility="private", queue=False)
+    panel.skip.click(skip, api_visibility="private", queue=False)
+
+
+def prompt_area(engine: Engine, panel: Panel) -> None:
+    """Prompt, negative prompt (each with a token counter), styles and their saving."""
+    from webui.prompts.styles import Style
+    from webui.ui.extra_networks import build_extra_networks
+
+    p = panel.prefix
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = panel.add("prompt", gr.Textbox("", label="Prompt", lines=3, elem_id=f"{p}_prompt"))
+            prompt_count = gr.HTML("0/75", elem_id=f"{p}_token_counter")
+            negative = panel.add("negative_prompt", gr.Textbox("", label="Negative prompt", lines=2,
+                                                               elem_id=f"{p}_neg_prompt"))
+            negative_count = gr.HTML("0/75", elem_id=f"{p}_negative_token_counter")
+        with gr.Column(scale=1):
+            styles = panel.add("styles", gr.Dropdown(
+                label="Styles", choices=style_names(engine), value=[], multiselect=True, elem_id=f"{p}_styles",
+                allow_custom_value=True,  # the engine checks names against styles.csv
+            ))
+            with gr.Row():
+                style_name = gr.Textbox(placeholder="new style name", show_label=False, elem_id=f"{p}_style_name",
+                                        scale=2)
+                save_style = gr.Button("Save style", elem_id=f"{p}_save_style", size="sm", scale=1)
+    build_extra_networks(engine, prompt, p)
+
+    def count(text: str | None) -> str:
+        used, available = engine.count_tokens(text or "")
+        return f"{used}/{available}"
+
+    for box, counter in ((prompt, prompt_count), (negative, negative_count)):
+        box.change(count, inputs=[box], outputs=[counter], api_visibility="private", queue=False,
+                   show_progress="hidden", trigger_mode="always_last")
+
+    def save_current_style(name: str | None, prompt_text: str | None, negative_text: str | None) -> tuple[dict, str]:
+        name = (name or "").strip()
+        if not name:
+            raise gr.Error("Type a name for the style first.")
+        engine.styles.save(Style(name, prompt_text or "", negative_text or ""))
+        gr.Info(f"Style {name!r} saved.")
+        return gr.update(choices=style_names(engine)), ""
+
+    save_style.click(save_current_style, inputs=[style_name, prompt, negative], outputs=[styles, style_name],
+                     api_visibility="private")
+
+
+def style_names(engine: Engine) -> list[str]:
+    return [s.name for s in engine.styles.list()]

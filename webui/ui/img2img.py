@@ -1,0 +1,109 @@
+"""The img2img tab: an init image, or an image with a mask drawn (or uploaded) for inpainting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from webui.app import Engine
+from webui.ui.generation import Panel, output_area, prompt_area, sampling_controls, wire
+from webui.ui.jobs import JobBoard
+
+RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
+MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
+SOURCES = ("img2img", "inpaint", "inpaint_upload")
+
+
+def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """(background, mask) from an ImageEditor value: the mask is wherever any layer was painted."""
+    if not value or value.get("background") is None:
+        return None, None
+    background = value["background"]
+    painted = None
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    mask = Image.fromarray((painted * 255).astype(np.uint8)) if painted is not None and painted.any() else None
+    return background, mask
+
+
+def prepare(given: dict[str, Any]) -> dict[str, Any]:
+    """Tab-specific values -> request fields."""
+    fields = dict(given)
+    source = fields.pop("source", "img2img")
+    image, editor = fields.pop("init_image", None), fields.pop("inpaint_editor", None)
+    upload_image, upload_mask = fields.pop("inpaint_image", None), fields.pop("inpaint_mask", None)
+    mask = None
+    if source == "inpaint":
+        image, mask = editor_mask(editor)
+        if image is not None and mask is None:
+            raise ValueError("Draw the area to repaint on the image first.")
+    elif source == "inpaint_upload":
+        image, mask = upload_image, upload_mask
+        if image is not None and mask is None:
+            raise ValueError("Upload a mask too (white = repaint).")
+    if image is None:
+        raise ValueError("Put an image in the img2img tab first.")
+    fields["init_images"] = (image,)
+    fields["mask"] = mask
+    fields["resize_mode"] = RESIZE_MODES.index(fields.get("resize_mode") or RESIZE_MODES[0])
+    fields["inpainting_fill"] = MASKED_CONTENT.index(fields.get("inpainting_fill") or "original")
+    fields["inpainting_mask_invert"] = int(fields.get("inpainting_mask_invert") == "Inpaint not masked")
+    fields["inpaint_full_res"] = fields.get("inpaint_full_res") == "Only masked"
+    return fields
+
+
+def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) -> Panel:
+    panel = Panel("img2img")
+    panel.add("checkpoint", checkpoint)
+    with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+        prompt_area(engine, panel)
+        source = panel.add("source", gr.State("img2img"))
+        with gr.Row():
+            with gr.Column():
+                with gr.Tabs(elem_id="img2img_sources"):
+                    with gr.Tab("img2img", elem_id="img2img_img2img_tab") as t0:
+                        panel.add("init_image", gr.Image(label="Image", type="pil", sources=["upload", "clipboard"],
+                                                         elem_id="img2img_image", height=360))
+                    with gr.Tab("Inpaint", elem_id="img2img_inpaint_tab") as t1:
+                        panel.add("inpaint_editor", gr.ImageEditor(
+                            label="Image and mask", type="pil", sources=["upload", "clipboard"], layers=False,
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="img2img_inpaint",
+                            height=360,
+                        ))
+                    with gr.Tab("Inpaint upload", elem_id="img2img_inpaint_upload_tab") as t2:
+                        with gr.Row():
+                            panel.add("inpaint_image", gr.Image(label="Image", type="pil", elem_id="img2img_inpaint_image"))
+                            panel.add("inpaint_mask", gr.Image(label="Mask (white = repaint)", type="pil",
+                                                               image_mode="L", elem_id="img2img_inpaint_mask"))
+                for tab, name in zip((t0, t1, t2), SOURCES):
+                    tab.select(lambda name=name: name, outputs=[source], api_visibility="private", queue=False)
+                panel.add("resize_mode", gr.Radio(RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode",
+                                                  elem_id="img2img_resize_mode"))
+                panel.add("denoising_strength", gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                                          elem_id="img2img_denoising_strength"))
+                with gr.Accordion("Inpainting", open=True, elem_id="img2img_inpaint_settings"):
+                    with gr.Row():
+                        panel.add("mask_blur", gr.Slider(0, 64, value=4, step=1, label="Mask blur",
+                                                         elem_id="img2img_mask_blur"))
+                        panel.add("inpainting_mask_invert", gr.Radio(["Inpaint masked", "Inpaint not masked"],
+                                                                     value="Inpaint masked", label="Mask mode",
+                                                                     elem_id="img2img_mask_mode"))
+                    panel.add("inpainting_fill", gr.Radio(MASKED_CONTENT, value="original", label="Masked content",
+                                                          elem_id="img2img_inpainting_fill"))
+                    with gr.Row():
+                        panel.add("inpaint_full_res", gr.Radio(["Whole picture", "Only masked"], value="Whole picture",
+                                                               label="Inpaint area", elem_id="img2img_inpaint_full_res"))
+                        panel.add("inpaint_full_res_padding", gr.Slider(0, 256, value=32, step=4,
+                                                                        label="Only masked padding, pixels",
+                                                                        elem_id="img2img_inpaint_padding"))
+                sampling_controls(panel)
+            with gr.Column():
+                output_area(panel)
+    wire(engine, board, panel, "img2img", [panel.generate.click, panel["prompt"].submit], prepare=prepare)
+    return panel
