@@ -147,3 +147,45 @@ def test_token_counter_follows_the_prompt(server: Server, browser) -> None:
         )
     finally:
         page.close()
+
+
+def test_inpaint_in_the_browser_then_upscale_in_extras(server: Server, browser, tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(source)
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    try:
+        open_page(page, server.url)
+        page.get_by_role("tab", name="img2img").first.click()
+        page.get_by_role("tab", name="Inpaint", exact=True).click()
+        page.locator("#img2img_inpaint input[type=file]").set_input_files(str(source))
+        canvas = page.locator("#img2img_inpaint canvas").last
+        canvas.wait_for(state="visible", timeout=30_000)
+        page.wait_for_timeout(1000)
+        box = canvas.bounding_box()
+        assert box is not None
+        # paint a stroke across the middle of the image
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+        page.mouse.down()
+        for i in range(10):
+            page.mouse.move(box["x"] + box["width"] * (0.3 + 0.04 * i), box["y"] + box["height"] * 0.5, steps=2)
+        page.mouse.up()
+        set_number(page, "img2img_steps", 3)
+        set_number(page, "img2img_width", 64)
+        set_number(page, "img2img_height", 64)
+        page.locator("#img2img_prompt textarea").fill("a red square")
+        page.locator("#img2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#img2img_info textarea')?.value.includes('Mask blur')", timeout=120_000
+        )
+        page.screenshot(path=str(tmp_path / "inpaint.png"), full_page=True)
+        page.locator("#img2img_send_to_extras").click()
+        page.locator("#extras_image img").wait_for(state="visible", timeout=30_000)
+        set_number(page, "extras_scale", 2)
+        page.locator("#extras_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#extras_info textarea')?.value.startsWith('128x128')", timeout=60_000
+        )
+    finally:
+        page.close()

@@ -64,22 +64,20 @@ def send_buttons(panel, tabs: gr.Tabs, targets: dict) -> None:
     """"Send to img2img / inpaint / extras" under a tab's gallery: the selected (or first) image."""
     selected = gr.State(0)
     panel.gallery.select(_index, None, selected, api_visibility="private")
-    with gr.Row():
-        for name, (target, tab) in targets.items():
-            button = gr.Button(f"Send to {name}", size="sm", elem_id=f"{panel.prefix}_send_to_{name}")
+    for name, (target, tab) in targets.items():
 
-            def send(gallery, index, name=name, tab=tab):
-                if not gallery:
-                    raise gr.Error("Generate an image first.")
-                item = gallery[min(index or 0, len(gallery) - 1)]
-                path = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
-                path = getattr(path, "path", None) or (path.get("path") if isinstance(path, dict) else path)
-                image = Image.open(path)
-                image.load()
-                value = {"background": image, "layers": [], "composite": image} if name == "inpaint" else image
-                return value, gr.Tabs(selected=tab)
+        def send(gallery, index, name=name, tab=tab):
+            if not gallery:
+                raise gr.Error("Generate an image first.")
+            item = gallery[min(index or 0, len(gallery) - 1)]
+            path = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
+            path = getattr(path, "path", None) or (path.get("path") if isinstance(path, dict) else path)
+            image = Image.open(path)
+            image.load()
+            value = {"background": image, "layers": [], "composite": image} if name == "inpaint" else image
+            return value, gr.Tabs(selected=tab)
 
-            button.click(send, inputs=[panel.gallery, selected], outputs=[target, tabs], api_visibility="private")
+        panel.send[name].click(send, inputs=[panel.gallery, selected], outputs=[target, tabs], api_visibility="private")
 
 
 def _index(evt: gr.SelectData) -> int:

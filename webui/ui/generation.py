@@ -29,6 +29,7 @@ class Panel:
     generate: gr.Button | None = None
     interrupt: gr.Button | None = None
     skip: gr.Button | None = None
+    send: dict[str, gr.Button] = field(default_factory=dict)  # "Send to img2img / inpaint / extras"
 
     def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
         self.inputs[name] = component
@@ -77,6 +78,9 @@ def output_area(panel: Panel) -> None:
         panel.skip = gr.Button("Skip", elem_id=f"{p}_skip", scale=1)
     panel.gallery = gr.Gallery(label="Output", elem_id=f"{p}_gallery", columns=2, height=512)
     panel.info = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id=f"{p}_info")
+    with gr.Row():
+        for name in ("img2img", "inpaint", "extras"):
+            panel.send[name] = gr.Button(f"Send to {name}", size="sm", elem_id=f"{p}_send_to_{name}")
 
 
 def _to_request(values: dict[str, Any], fixed: dict[str, Any]) -> GenerationRequest:
