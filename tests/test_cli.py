@@ -74,3 +74,29 @@ def test_make_checkpoint_command(tmp_path: Path) -> None:
     from webui.models.readers import read_state_dict
 
     assert detect(read_state_dict(out)).family.name == "sdxl"
+
+
+def test_img2img_and_hires_from_the_command_line(data_dir: Path) -> None:
+    from PIL import ImageDraw
+
+    init = data_dir / "in.png"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(init)
+    mask = data_dir / "mask.png"
+    m = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(m).rectangle((16, 16, 47, 47), fill=255)
+    m.save(mask)
+    common = ["--ckpt", "sd1", "--prompt", "a house", "--steps", "3", "--width", "64", "--height", "64", "--seed", "5",
+              "--data-dir", str(data_dir)]
+    r = run(sys.executable, "-m", "webui", "img2img", *common, "--init-image", str(init), "--mask", str(mask),
+            "--denoising-strength", "0.8", "--mask-blur", "0", cwd=data_dir)
+    assert r.returncode == 0, r.stderr
+    out = Image.open(data_dir / r.stdout.strip())
+    assert "img2img-images" in r.stdout
+    corner = np.asarray(out)[:8, :8]
+    assert (corner == np.array([10, 200, 30])).all()  # outside the mask: the input's pixels
+    assert parse_infotext(out.info["parameters"])["Denoising strength"] == "0.8"
+    h = run(sys.executable, "-m", "webui", "txt2img", *common, "--enable-hr", "--hr-scale", "1.5", cwd=data_dir)
+    assert h.returncode == 0, h.stderr
+    assert Image.open(data_dir / h.stdout.strip()).size == (96, 96)
+    bad = run(sys.executable, "-m", "webui", "img2img", *common, "--init-image", str(data_dir / "none.png"), cwd=data_dir)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot read image" in bad.stderr

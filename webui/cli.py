@@ -46,6 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", help="checkpoint selected at start (title, name, hash or path)")
     sub = ap.add_subparsers(dest="command")
     t = sub.add_parser("txt2img", help="generate images from a prompt and exit", description="Generate images and print their paths.")
+    _generation_args(t)
+    h = t.add_argument_group("hires fix")
+    h.add_argument("--enable-hr", action="store_true", help="upscale and denoise again at a larger size")
+    h.add_argument("--hr-scale", type=float, default=2.0)
+    h.add_argument("--hr-resize-x", type=int, default=0)
+    h.add_argument("--hr-resize-y", type=int, default=0)
+    h.add_argument("--hr-upscaler", default="Latent", help="Latent, Lanczos, Nearest or a model in models/ESRGAN")
+    h.add_argument("--hr-steps", type=int, default=0, dest="hr_second_pass_steps")
+    h.add_argument("--denoising-strength", type=float, default=0.7)
+    i = sub.add_parser("img2img", help="transform or inpaint an image and exit", description="img2img / inpainting; prints the paths.")
+    _generation_args(i)
+    i.add_argument("--init-image", type=Path, required=True, action="append", dest="init_images")
+    i.add_argument("--mask", type=Path, help="white = repaint")
+    i.add_argument("--denoising-strength", type=float, default=0.75)
+    i.add_argument("--resize-mode", type=int, default=0, choices=range(4), help="0 resize, 1 crop, 2 fill, 3 latent")
+    i.add_argument("--mask-blur", type=int, default=4)
+    i.add_argument("--inpainting-fill", type=int, default=1, choices=range(4), help="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    i.add_argument("--inpaint-full-res", action="store_true", help="only the masked area, at full resolution")
+    i.add_argument("--inpaint-full-res-padding", type=int, default=32)
+    i.add_argument("--inpainting-mask-invert", type=int, default=0, choices=(0, 1))
+    return ap
+
+
+def _generation_args(t: argparse.ArgumentParser) -> None:
     _common(t)
     t.add_argument("--ckpt", required=True, help="checkpoint: a path, or a title/name/hash from the models folder")
     t.add_argument("--prompt", required=True)
@@ -53,16 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--cfg-scale", type=float, default=7.0)
     t.add_argument("--seed", type=int, default=-1)
+    t.add_argument("--subseed", type=int, default=-1, help="variation seed")
+    t.add_argument("--subseed-strength", type=float, default=0.0)
     t.add_argument("--width", type=int, default=512)
     t.add_argument("--height", type=int, default=512)
-    t.add_argument("--sampler", default="Euler a")
+    t.add_argument("--sampler", default="Euler a", dest="sampler_name")
     t.add_argument("--scheduler", default="Automatic")
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--n-iter", type=int, default=1)
     t.add_argument("--clip-skip", type=int, default=1)
+    t.add_argument("--tiling", action="store_true")
     t.add_argument("--style", action="append", default=[], dest="styles", help="apply a style from the styles file (repeatable)")
     t.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto", help="override v-prediction detection")
-    return ap
+
+
+# argparse destinations that are GenerationRequest fields of the same name
+_REQUEST_FIELDS = (
+    "prompt", "negative_prompt", "steps", "cfg_scale", "seed", "subseed", "subseed_strength", "width", "height",
+    "sampler_name", "scheduler", "batch_size", "n_iter", "clip_skip", "tiling", "enable_hr", "hr_scale", "hr_resize_x",
+    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "resize_mode", "mask_blur",
+    "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+)
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
@@ -92,28 +127,21 @@ def config_from_args(a: argparse.Namespace) -> Config:
     )
 
 
-def _txt2img(a: argparse.Namespace, config: Config) -> int:
+def _generate(a: argparse.Namespace, config: Config) -> int:
+    from PIL import Image, UnidentifiedImageError
+
     from webui.app import build_engine
     from webui.pipeline.request import GenerationRequest
 
-    request = GenerationRequest(
-        prompt=a.prompt,
-        negative_prompt=a.negative_prompt,
-        steps=a.steps,
-        cfg_scale=a.cfg_scale,
-        seed=a.seed,
-        width=a.width,
-        height=a.height,
-        sampler_name=a.sampler,
-        scheduler=a.scheduler,
-        batch_size=a.batch_size,
-        n_iter=a.n_iter,
-        clip_skip=a.clip_skip,
-        styles=tuple(a.styles),
-        checkpoint=a.ckpt,
-    )
-    engine = build_engine(config)
-    result = engine.runner.generate(request)
+    fields = {k: getattr(a, k) for k in _REQUEST_FIELDS if hasattr(a, k)}
+    try:
+        if a.command == "img2img":
+            fields["init_images"] = tuple(Image.open(p) for p in a.init_images)
+            fields["mask"] = Image.open(a.mask) if a.mask else None
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image: {e}") from None
+    request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)
+    result = build_engine(config).runner.generate(request)
     for p in result.paths:
         print(p)
     return 0
@@ -127,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = config_from_args(a)
-        if a.command == "txt2img":
-            return _txt2img(a, config)
+        if a.command in ("txt2img", "img2img"):
+            return _generate(a, config)
         from webui.server import serve
 
         serve(config)
