@@ -43,7 +43,7 @@ from webui.prompts.encode import TextConditioner
 from webui.prompts.parser import extract_extra_networks, lora_weight
 from webui.prompts.styles import StyleStore, apply_styles
 from webui.samplers.kdiffusion import StepState
-from webui.samplers.schedules import DiscreteSchedule, make_sigmas
+from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
 from webui.samplers.table import resolve
 
 log = logging.getLogger(__name__)
@@ -400,8 +400,7 @@ class Runner:
                      preview_every: int) -> None:
         r, bundle = job.request, job.bundle
         device = bundle.runtime.device
-        sigmas = make_sigmas(DiscreteSchedule(bundle.alphas_cumprod), resolve(r.sampler_name, r.scheduler)[1],
-                             r.steps).to(device)
+        sigmas = self._sigmas(job, r.sampler_name, r.steps).to(device)
         assert job.noise is not None
         noise = job.noise.to(device)
         if job.init_latents is None:
@@ -411,7 +410,7 @@ class Runner:
             if t_enc == 0:  # nothing to denoise: the init image is the result
                 job.latents = None
                 return
-            sigmas = sigmas[r.steps - t_enc - 1 :]
+            sigmas = sigmas[len(sigmas) - t_enc - 1 :]  # the last t_enc steps
             job.latents = job.init_latents.to(device) + noise * sigmas[0]
         job.latents = self._run_sampler(job, r.sampler_name, sigmas, job.latents, batch, progress, cancel,
                                         preview_every)
@@ -451,12 +450,19 @@ class Runner:
         else:
             self.stage_conditioning(job, job.prompts, job.negative_prompts, steps)
         sampler = r.hr_sampler_name or r.sampler_name
-        sigmas = make_sigmas(DiscreteSchedule(bundle.alphas_cumprod), resolve(sampler, r.scheduler)[1], steps)
-        sigmas = sigmas[steps - t_enc - 1 :].to(device)
+        sigmas = self._sigmas(job, sampler, steps)
+        sigmas = sigmas[len(sigmas) - t_enc - 1 :].to(device)
         noise = torch.cat([torch.randn((1, *start.shape[1:]), generator=g) for g in job.generators]).to(device)
         job.init_latents, job.keep = start, None
         x = start + noise * sigmas[0]
         job.latents = self._run_sampler(job, sampler, sigmas, x, batch, progress, cancel, preview_every)
+
+    @staticmethod
+    def _sigmas(job: Job, sampler_name: str, steps: int) -> torch.Tensor:
+        """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
+        spec, schedule = resolve(sampler_name, job.request.scheduler)
+        return sampler_sigmas(DiscreteSchedule(job.bundle.alphas_cumprod), spec, schedule, steps,
+                              family=job.bundle.family.name)
 
     # --- output -------------------------------------------------------------------------------
 
