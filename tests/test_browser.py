@@ -159,26 +159,47 @@ def test_inpaint_in_the_browser_then_upscale_in_extras(server: Server, browser, 
         open_page(page, server.url)
         page.get_by_role("tab", name="img2img").first.click()
         page.get_by_role("tab", name="Inpaint", exact=True).click()
-        page.locator("#img2img_inpaint input[type=file]").set_input_files(str(source))
+        editor = page.locator("#img2img_inpaint")
+        editor.wait_for(state="visible", timeout=30_000)
+        empty = editor.get_by_text("Upload an image")
+        for attempt in range(3):  # the editor sometimes ignores a file given while it initialises
+            page.wait_for_timeout(1000)
+            with page.expect_file_chooser() as chooser:  # as a user does: click the empty editor
+                empty.click()
+            chooser.value.set_files(str(source))
+            try:
+                empty.wait_for(state="hidden", timeout=10_000)
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
         canvas = page.locator("#img2img_inpaint canvas").last
         canvas.wait_for(state="visible", timeout=30_000)
-        page.wait_for_timeout(1000)
-        box = canvas.bounding_box()
-        assert box is not None
-        # paint a stroke across the middle of the image
-        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
-        page.mouse.down()
-        for i in range(10):
-            page.mouse.move(box["x"] + box["width"] * (0.3 + 0.04 * i), box["y"] + box["height"] * 0.5, steps=2)
-        page.mouse.up()
         set_number(page, "img2img_steps", 3)
         set_number(page, "img2img_width", 64)
         set_number(page, "img2img_height", 64)
         page.locator("#img2img_prompt textarea").fill("a red square")
-        page.locator("#img2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#img2img_info textarea')?.value.includes('Mask blur')", timeout=120_000
-        )
+        done = "() => document.querySelector('#img2img_info textarea')?.value.includes('Mask blur')"
+        for attempt in range(3):
+            page.wait_for_timeout(1500)  # the editor draws the uploaded image before it takes strokes
+            box = canvas.bounding_box()
+            assert box is not None
+            # paint a stroke across the middle of the image
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+            page.mouse.down()
+            for i in range(10):
+                page.mouse.move(box["x"] + box["width"] * (0.3 + 0.04 * i), box["y"] + box["height"] * 0.5, steps=2)
+            page.mouse.up()
+            page.locator("#img2img_generate").click()
+            try:
+                page.wait_for_function(done, timeout=60_000)
+                break
+            except Exception:
+                page.screenshot(path=str(tmp_path / f"inpaint-fail-{attempt}.png"), full_page=True)
+                toasts = page.locator(".toast-body, .toast-wrap, [data-testid='toast-body']").all_inner_texts()
+                # a stroke made while the editor is still busy can be lost ("Draw the area ...")
+                if attempt == 2:
+                    raise AssertionError(f"no inpainting result; messages shown: {toasts}") from None
         page.screenshot(path=str(tmp_path / "inpaint.png"), full_page=True)
         page.locator("#img2img_send_to_extras").click()
         page.locator("#extras_image img").wait_for(state="visible", timeout=30_000)

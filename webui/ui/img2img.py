@@ -14,7 +14,7 @@ from webui.ui.jobs import JobBoard
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
-SOURCES = ("img2img", "inpaint", "inpaint_upload")
+SOURCES = ("img2img", "sketch", "inpaint", "inpaint_upload")
 
 
 def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
@@ -37,9 +37,12 @@ def prepare(given: dict[str, Any]) -> dict[str, Any]:
     fields = dict(given)
     source = fields.pop("source", "img2img")
     image, editor = fields.pop("init_image", None), fields.pop("inpaint_editor", None)
+    sketch = fields.pop("sketch", None)
     upload_image, upload_mask = fields.pop("inpaint_image", None), fields.pop("inpaint_mask", None)
     mask = None
-    if source == "inpaint":
+    if source == "sketch":
+        image = sketch.get("composite") if sketch else None
+    elif source == "inpaint":
         image, mask = editor_mask(editor)
         if image is not None and mask is None:
             raise ValueError("Draw the area to repaint on the image first.")
@@ -70,6 +73,12 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                     with gr.Tab("img2img", elem_id="img2img_img2img_tab") as t0:
                         panel.add("init_image", gr.Image(label="Image", type="pil", sources=["upload", "clipboard"],
                                                          elem_id="img2img_image", height=360))
+                    with gr.Tab("Sketch", elem_id="img2img_sketch_tab") as t_sketch:
+                        panel.add("sketch", gr.ImageEditor(
+                            label="Sketch", type="pil", sources=["upload", "clipboard"], layers=False,
+                            brush=gr.Brush(colors=["#000000", "#ffffff", "#e03030", "#30a030", "#3050e0"]),
+                            elem_id="img2img_sketch", height=360,
+                        ))
                     with gr.Tab("Inpaint", elem_id="img2img_inpaint_tab") as t1:
                         panel.add("inpaint_editor", gr.ImageEditor(
                             label="Image and mask", type="pil", sources=["upload", "clipboard"], layers=False,
@@ -81,7 +90,7 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                             panel.add("inpaint_image", gr.Image(label="Image", type="pil", elem_id="img2img_inpaint_image"))
                             panel.add("inpaint_mask", gr.Image(label="Mask (white = repaint)", type="pil",
                                                                image_mode="L", elem_id="img2img_inpaint_mask"))
-                for tab, name in zip((t0, t1, t2), SOURCES):
+                for tab, name in zip((t0, t_sketch, t1, t2), SOURCES):
                     tab.select(lambda name=name: name, outputs=[source], api_visibility="private", queue=False)
                 panel.add("resize_mode", gr.Radio(RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode",
                                                   elem_id="img2img_resize_mode"))
