@@ -210,3 +210,26 @@ def test_inpaint_in_the_browser_then_upscale_in_extras(server: Server, browser, 
         )
     finally:
         page.close()
+
+
+def test_lora_card_click_inserts_its_tag(server: Server, browser) -> None:
+    from tests.test_lora import SD1_KOHYA, kohya_file
+
+    lora_dir = server.data_dir / "models" / "Lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    kohya_file(lora_dir / "paper cut.safetensors", SD1_KOHYA)
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        open_page(page, server.url)
+        page.locator("#txt2img_prompt textarea").fill("a fox")
+        page.locator("#txt2img_extra_networks").get_by_text("Extra networks").click()
+        page.locator("#txt2img_extra_networks_refresh").click()
+        card = page.locator("#txt2img_lora_cards img").first
+        card.wait_for(state="visible", timeout=30_000)
+        card.click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_prompt textarea')?.value === 'a fox, <lora:paper cut:1>'",
+            timeout=30_000,
+        )
+    finally:
+        page.close()
