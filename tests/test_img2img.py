@@ -207,3 +207,17 @@ def test_two_concurrent_jobs_keep_their_own_parameters(engine: Engine) -> None:
 def test_mask_without_image_is_rejected() -> None:
     with pytest.raises(ValueError, match="mask needs an init image"):
         req(mask=Image.new("L", (8, 8)))
+
+
+def test_sampler_options_reach_the_sampler(engine: Engine) -> None:
+    base = px(engine.runner.generate(req(sampler_name="Euler a")).images[0])
+    no_noise = engine.runner.generate(req(sampler_name="Euler a", eta=0.0))
+    euler = px(engine.runner.generate(req(sampler_name="Euler")).images[0])
+    # Euler a with eta 0 adds no noise: it is Euler
+    assert np.abs(px(no_noise.images[0]) - euler).max() <= 1
+    assert not np.array_equal(base, euler)
+    assert parse_infotext(no_noise.infotexts[0])["Eta"] == "0"
+    churned = px(engine.runner.generate(req(sampler_name="Euler", s_churn=5.0)).images[0])
+    assert not np.array_equal(churned, euler)
+    # options a sampler does not take are ignored, not an error
+    assert engine.runner.generate(req(sampler_name="DPM++ 2M", eta=0.5, s_churn=1.0)).images

@@ -80,6 +80,12 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(1, ge=1, le=100)
     clip_skip: int = Field(1, ge=1, le=12)
     tiling: bool = False
+    # sampler options, passed to the samplers that take them (None: the sampler's default)
+    eta: float | None = Field(None, ge=0.0, le=10.0)
+    s_churn: float | None = Field(None, ge=0.0, le=100.0)
+    s_tmin: float | None = Field(None, ge=0.0)
+    s_tmax: float | None = Field(None, ge=0.0)
+    s_noise: float | None = Field(None, ge=0.0, le=10.0)
     checkpoint: str | None = None  # title, name or hash; None = the server's current model
     save_images: bool = True
 

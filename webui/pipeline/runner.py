@@ -389,8 +389,10 @@ class Runner:
             if cancel.interrupted or cancel.skipped:
                 raise Interrupted
 
+        options = {k: getattr(r, k) for k in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+                   if k in spec.options and getattr(r, k) is not None}
         try:
-            x = spec.fn(denoiser, x, sigmas, noise=noise, callback=on_step)
+            x = spec.fn(denoiser, x, sigmas, noise=noise, callback=on_step, **options)
         except Interrupted:
             job.latents = denoiser.blend(job.latents)
             raise
@@ -522,6 +524,9 @@ class Runner:
             "Inpaint area": "Only masked" if (r.mask is not None and r.inpaint_full_res) else None,
             "Masked area padding": r.inpaint_full_res_padding if (r.mask is not None and r.inpaint_full_res) else None,
             "Tiling": True if r.tiling else None,
+            "Eta": f"{r.eta:g}" if r.eta is not None and "eta" in resolve(r.sampler_name, r.scheduler)[0].options else None,
+            "Sigma churn": f"{r.s_churn:g}" if r.s_churn else None,
+            "Sigma noise": f"{r.s_noise:g}" if r.s_noise is not None and r.s_noise != 1.0 else None,
             "Hires upscale": f"{r.hr_scale:g}" if hires and not (r.hr_resize_x or r.hr_resize_y) else None,
             "Hires resize": f"{job.hires_size[0]}x{job.hires_size[1]}" if hires and job.hires_size and (r.hr_resize_x or r.hr_resize_y) else None,
             "Hires steps": r.hr_second_pass_steps if hires and r.hr_second_pass_steps else None,
