@@ -114,6 +114,11 @@ class Job:
     hires_size: tuple[int, int] | None = None
 
 
+def _fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """The next noise of each image's seeded generator, shaped like one image of `like`."""
+    return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
+
+
 def _denoise_steps(steps: int, strength: float) -> int:
     """img2img runs the last int(strength * steps) steps of a `steps`-step schedule."""
     return int(min(strength, 0.999) * steps)
@@ -314,7 +319,7 @@ class Runner:
         """Inpainting models see the mask and the latent of the image with the masked area grey."""
         bundle, r = job.bundle, job.request
         if latent_masks:
-            masks = [(pix.blur_mask(a.mask if a.crop is None else a.mask.crop(a.crop).resize((r.width, r.height)), 0))
+            masks = [a.mask if a.crop is None else a.mask.crop(a.crop).resize((r.width, r.height))
                      for a in job.areas if a is not None]
             grey = []
             for image, m in zip(job.init_pixels, masks):
@@ -374,7 +379,7 @@ class Runner:
         generators = job.generators
 
         def noise(like: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
+            return _fresh_noise(generators, like)
 
         def on_step(state: StepState) -> None:
             job.steps_done += 1
@@ -454,9 +459,8 @@ class Runner:
         sampler = r.hr_sampler_name or r.sampler_name
         sigmas = self._sigmas(job, sampler, steps)
         sigmas = sigmas[len(sigmas) - t_enc - 1 :].to(device)
-        noise = torch.cat([torch.randn((1, *start.shape[1:]), generator=g) for g in job.generators]).to(device)
         job.init_latents, job.keep = start, None
-        x = start + noise * sigmas[0]
+        x = start + _fresh_noise(job.generators, start) * sigmas[0]
         job.latents = self._run_sampler(job, sampler, sigmas, x, batch, progress, cancel, preview_every)
 
     @staticmethod
