@@ -246,3 +246,14 @@ def test_fields_build_a_generation_request() -> None:
     req = GenerationRequest(**{k: v for k, v in fields.items() if k in GenerationRequest.model_fields})
     assert (req.prompt, req.negative_prompt, req.steps, req.cfg_scale, req.seed) == ("a red cube\non a table", "blurry", 12, 6.5, 99)
     assert (req.width, req.height, req.clip_skip, req.checkpoint, req.sampler_name) == (640, 448, 2, "6ce0161689", "Euler a")
+
+
+def test_refiner_sampler_options_and_tiling() -> None:
+    text = ("a cat\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 64x64, Tiling: True, Eta: 0.5, Sigma churn: 0.2, "
+            "Sigma noise: 0.9, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.7")
+    fields = infotext_to_fields(parse_infotext(text))
+    assert fields["refiner_checkpoint"] == "7440042bbd"
+    assert fields["refiner_switch_at"] == 0.7
+    assert (fields["eta"], fields["s_churn"], fields["s_noise"], fields["tiling"]) == (0.5, 0.2, 0.9, True)
+    named = infotext_to_fields(parse_infotext("x\nSteps: 2, Sampler: Euler, Refiner: my-refiner"))
+    assert named["refiner_checkpoint"] == "my-refiner"

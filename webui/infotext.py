@@ -213,6 +213,16 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
     checkpoint = params.get("Model hash", "").strip() or params.get("Model", "").strip()
     if checkpoint:
         out["checkpoint"] = checkpoint
+    refiner = params.get("Refiner", "").strip()
+    if refiner:  # "name [hash10]": the hash finds the file even if it was renamed
+        m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,10})\]", refiner)
+        out["refiner_checkpoint"] = m.group(2) if m else refiner
+        put("refiner_switch_at", "Refiner switch at", _float)
+    put("eta", "Eta", _float)
+    put("s_churn", "Sigma churn", _float)
+    put("s_noise", "Sigma noise", _float)
+    if params.get("Tiling", "").strip().lower() == "true":
+        out["tiling"] = True
 
     # hires fix
     if any(k.startswith("Hires ") for k in params):

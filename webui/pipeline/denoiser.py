@@ -26,6 +26,7 @@ class CFGDenoiser:
         *,
         image_cond: torch.Tensor | None = None,  # per image: extra UNet input channels (inpainting)
         time_ids: torch.Tensor | None = None,  # per image: SDXL size/crop conditioning [B, 6]
+        uncond_time_ids: torch.Tensor | None = None,  # per image, for the negative rows (refiner)
         keep: torch.Tensor | None = None,  # inpainting: latent mask, 1 = keep the init latent
         init_latents: torch.Tensor | None = None,
     ) -> None:
@@ -37,6 +38,7 @@ class CFGDenoiser:
         self.cfg_scale = float(cfg_scale)
         self.image_cond = image_cond
         self.time_ids = time_ids
+        self.uncond_time_ids = uncond_time_ids
         self.keep = keep
         self.init_latents = init_latents
         self.step = 1  # 1-based step being computed; the runner advances it after each step
@@ -54,7 +56,10 @@ class CFGDenoiser:
             unet_in = torch.cat([unet_in, self.image_cond[rows].to(self.dtype)], dim=1)
         added = None
         if sc.pooled is not None and self.time_ids is not None:
-            added = {"text_embeds": sc.pooled.to(self.dtype), "time_ids": self.time_ids[rows].to(self.dtype)}
+            time_ids = self.time_ids[rows]
+            if self.uncond_time_ids is not None and sc.uncond_rows is not None:
+                time_ids[sc.uncond_rows] = self.uncond_time_ids
+            added = {"text_embeds": sc.pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         out = self.unet(
             unet_in,
             t.expand(unet_in.shape[0]),  # float32: bf16 cannot hold t near 999 exactly

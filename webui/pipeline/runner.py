@@ -48,6 +48,8 @@ from webui.samplers.table import resolve
 
 log = logging.getLogger(__name__)
 
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's defaults
+
 STAGES = ("model", "prompt", "networks", "conditioning", "init", "noise", "sample", "hires", "decode",
           "postprocess", "save")
 
@@ -112,11 +114,18 @@ class Job:
     all_subseeds: list[int] = field(default_factory=list)
     steps_done: int = 0
     hires_size: tuple[int, int] | None = None
+    base: ModelBundle | None = None  # the requested model, when a refiner has taken over `bundle`
+    refiner: ModelBundle | None = None  # set once the refiner has run (for the infotext)
 
 
 def _fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
     """The next noise of each image's seeded generator, shaped like one image of `like`."""
     return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
+
+
+def _latent_space(bundle: ModelBundle) -> str:
+    """Models that can hand latents to each other: SD1 and SD2 share a VAE, SDXL and its refiner another."""
+    return "sdxl" if bundle.family.name.startswith("sdxl") else "sd"
 
 
 def _denoise_steps(steps: int, strength: float) -> int:
@@ -170,6 +179,9 @@ class Runner:
                         interrupted = True
                         break
                     first = batch * r.batch_size
+                    if job.base is not None:  # the refiner took over the last batch
+                        job.bundle, job.base = self.get_bundle(r.checkpoint), None
+                        job.conditioner = None
                     job.seeds = [job.seed + first + i for i in range(r.batch_size)]
                     job.subseeds = [job.subseed + first + i for i in range(r.batch_size)]
                     self.stage_prompt(job)
@@ -362,20 +374,25 @@ class Runner:
 
     def _run_sampler(
         self, job: Job, sampler_name: str, sigmas: torch.Tensor, x: torch.Tensor, batch: int,
-        progress: ProgressFn | None, cancel: CancelToken, preview_every: int,
+        progress: ProgressFn | None, cancel: CancelToken, preview_every: int, first_step: int = 1,
     ) -> torch.Tensor:
         r, bundle = job.request, job.bundle
         spec, _ = resolve(sampler_name, r.scheduler)
         assert job.conditioning is not None
         w, h = job.size
-        time_ids = None
+        n = len(job.seeds)
+        time_ids = uncond_time_ids = None
         if bundle.family.name == "sdxl":  # original size, crop top-left, target size
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(len(job.seeds), 1)
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(n, 1)
+        elif bundle.family.name == "sdxl_refiner":  # original size, crop top-left, aesthetic score
+            time_ids = torch.tensor([[h, w, 0, 0, AESTHETIC_SCORE]], dtype=torch.float32).repeat(n, 1)
+            uncond_time_ids = torch.tensor([[h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE]], dtype=torch.float32).repeat(n, 1)
         denoiser = CFGDenoiser(
             bundle, DiscreteSchedule(bundle.alphas_cumprod), job.conditioning, r.cfg_scale,
-            image_cond=job.image_cond, time_ids=time_ids,
+            image_cond=job.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
             keep=job.keep, init_latents=job.init_latents,
         )
+        denoiser.step = first_step
         generators = job.generators
 
         def noise(like: torch.Tensor) -> torch.Tensor:
@@ -419,8 +436,39 @@ class Runner:
                 return
             sigmas = sigmas[len(sigmas) - t_enc - 1 :]  # the last t_enc steps
             job.latents = job.init_latents.to(device) + noise * sigmas[0]
-        job.latents = self._run_sampler(job, r.sampler_name, sigmas, job.latents, batch, progress, cancel,
-                                        preview_every)
+        job.latents = self._sample_with_refiner(job, r.sampler_name, sigmas, job.latents, batch, progress, cancel,
+                                                preview_every, r.steps)
+
+    def _sample_with_refiner(
+        self, job: Job, sampler_name: str, sigmas: torch.Tensor, x: torch.Tensor, batch: int,
+        progress: ProgressFn | None, cancel: CancelToken, preview_every: int, steps: int,
+    ) -> torch.Tensor:
+        """Sample over `sigmas`; with a refiner, it takes over after `refiner_switch_at` of them."""
+        r = job.request
+        n = len(sigmas) - 1
+        switch = round(r.refiner_switch_at * n) if r.refiner_checkpoint and job.base is None else n
+        first_step = steps - n + 1  # img2img and hires run the last n steps of a `steps` schedule
+        if switch > 0:
+            x = self._run_sampler(job, sampler_name, sigmas[: switch + 1], x, batch, progress, cancel,
+                                  preview_every, first_step)
+        if switch < n:
+            self._switch_to_refiner(job, steps)
+            x = self._run_sampler(job, sampler_name, sigmas[switch:].to(x.device), x, batch, progress, cancel,
+                                  preview_every, first_step + switch)
+        return x
+
+    def _switch_to_refiner(self, job: Job, steps: int) -> None:
+        """The refiner replaces the model for the rest of this batch (and its hires pass)."""
+        r, base = job.request, job.bundle
+        refiner = self.get_bundle(r.refiner_checkpoint)
+        if _latent_space(refiner) != _latent_space(base):
+            raise ModelError(f"refiner {refiner.model_name} ({refiner.family.label}) cannot continue from "
+                             f"{base.model_name} ({base.family.label}): their latent spaces differ")
+        job.base, job.refiner, job.bundle = base, refiner, refiner
+        sizes = [enc.model.config.hidden_size for enc in refiner.text_encoders]
+        job.conditioner = TextConditioner(refiner, r.clip_skip, [e for e in job.embeddings if e.fits(sizes)])
+        self.stage_conditioning(job, job.prompts, job.negative_prompts, steps)
+        job.image_cond = self._txt2img_image_cond(job) if refiner.variant == "inpaint" and not r.is_img2img else None
 
     def stage_hires(self, job: Job, batch: int, progress: ProgressFn | None, cancel: CancelToken,
                     preview_every: int) -> None:
@@ -461,7 +509,8 @@ class Runner:
         sigmas = sigmas[len(sigmas) - t_enc - 1 :].to(device)
         job.init_latents, job.keep = start, None
         x = start + _fresh_noise(job.generators, start) * sigmas[0]
-        job.latents = self._run_sampler(job, sampler, sigmas, x, batch, progress, cancel, preview_every)
+        job.latents = self._sample_with_refiner(job, sampler, sigmas, x, batch, progress, cancel, preview_every,
+                                                steps)
 
     @staticmethod
     def _sigmas(job: Job, sampler_name: str, steps: int) -> torch.Tensor:
@@ -506,7 +555,8 @@ class Runner:
         return file.short_hash(self.library.hashes) if file else "unknown"
 
     def infotext(self, job: Job, index: int) -> str:
-        r, bundle = job.request, job.bundle
+        r, bundle = job.request, job.base or job.bundle
+        refiner = job.refiner
         variation = r.subseed_strength > 0
         hires = r.enable_hr and not r.is_img2img
         params = {
@@ -528,6 +578,9 @@ class Runner:
             "Inpaint area": "Only masked" if (r.mask is not None and r.inpaint_full_res) else None,
             "Masked area padding": r.inpaint_full_res_padding if (r.mask is not None and r.inpaint_full_res) else None,
             "Tiling": True if r.tiling else None,
+            "Refiner": f"{refiner.model_name} [{refiner.hash10}]" if refiner and refiner.hash10 else
+                       (refiner.model_name if refiner else None),
+            "Refiner switch at": f"{r.refiner_switch_at:g}" if refiner else None,
             "Eta": f"{r.eta:g}" if r.eta is not None and "eta" in resolve(r.sampler_name, r.scheduler)[0].options else None,
             "Sigma churn": f"{r.s_churn:g}" if r.s_churn else None,
             "Sigma noise": f"{r.s_noise:g}" if r.s_noise is not None and r.s_noise != 1.0 else None,
