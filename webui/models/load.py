@@ -24,6 +24,7 @@ from webui.models.errors import ModelError
 from webui.models.families import FamilySpec, TextEncoderSpec
 from webui.models.readers import StateDict, read_state_dict
 from webui.prompts.tokenizer import TokenizerFactory
+from webui.runtime.attention import apply_attention
 from webui.runtime.devices import Runtime
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,9 @@ def _build_unet(sd: StateDict, found: Detected, runtime: Runtime) -> UNet2DCondi
     weights = convert_ldm_unet_checkpoint(_take(sd, UNET_PREFIX, strip=False), found.unet_config)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(found.unet_config)
-    return _finish(unet, weights, runtime, runtime.dtype)
+    _finish(unet, weights, runtime, runtime.dtype)
+    apply_attention(unet, runtime.attention)
+    return unet
 
 
 def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtime: Runtime) -> AutoencoderKL:
@@ -184,7 +187,9 @@ def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtim
     weights = convert_ldm_vae_checkpoint(_take(sd, prefix, strip=True), config)
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
-    return _finish(vae, weights, runtime, runtime.vae_dtype)
+    _finish(vae, weights, runtime, runtime.vae_dtype)
+    apply_attention(vae, runtime.attention)
+    return vae
 
 
 def _build_text_encoder(

@@ -1,6 +1,9 @@
-"""Pixels <-> latents through the model's VAE, and latent-space resizing."""
+"""Pixels <-> latents through the model's VAE (with the float32 retry when a half-precision VAE
+produces NaNs), and latent-space resizing."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -8,6 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from webui.models.load import ModelBundle
+
+log = logging.getLogger(__name__)
 
 
 def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -25,11 +30,39 @@ def encode(bundle: ModelBundle, images: list[Image.Image]) -> torch.Tensor:
 
 
 def decode(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.Image]:
+    """Images from scaled latents. A float16/bfloat16 VAE whose output has NaNs (or infinities:
+    an overflow) decodes again in float32, with a warning."""
     rt = bundle.runtime
     scaled = latents.to(rt.device, rt.vae_dtype) / bundle.family.latent_scaling_factor
     decoded = bundle.vae.decode(scaled, return_dict=False)[0].float()
+    vae_dtype = bundle.vae.dtype
+    if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(decoded).all():
+        name = str(vae_dtype).removeprefix("torch.")
+        log.warning("VAE produced NaNs in %s; decoded again in float32. Use --no-half-vae to skip the first try", name)
+        decoded = _decode_float32(bundle.vae, latents.to(rt.device, torch.float32) / bundle.family.latent_scaling_factor)
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def _decode_float32(vae: torch.nn.Module, scaled: torch.Tensor) -> torch.Tensor:
+    """Decode with `vae` upcast to float32 for this call only, then cast back to its dtype.
+
+    Upcasting in place is cheaper than keeping a float32 copy: the float32 weights exist only
+    while this call runs (a copy would hold them beside the half ones for the model's whole life,
+    or cost the same conversion per call plus a second set of weights), and half -> float32 ->
+    half is exact, so the module ends bit-for-bit as it was. It mutates the shared bundle, which
+    is safe because one job at a time runs per bundle (as for LoRA merging). The casts run
+    outside inference mode so the weights stay ordinary tensors that later in-place edits accept;
+    `.float()` / `.half()` rather than `.to(dtype)`, which diffusers answers with a warning.
+    """
+    back = vae.half if next(vae.parameters()).dtype == torch.float16 else vae.bfloat16
+    with torch.inference_mode(False):
+        vae.float()
+    try:
+        return vae.decode(scaled, return_dict=False)[0].float()
+    finally:
+        with torch.inference_mode(False):
+            back()
 
 
 def resize_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

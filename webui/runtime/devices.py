@@ -1,11 +1,13 @@
-"""Pick the device and the dtypes the model runs in.
+"""Pick the device, the dtypes the model runs in, and the attention backend.
 
 float16 on CUDA (and MPS), bfloat16 on a CPU with native bf16 instructions, float32
 otherwise; `--no-half` / `--no-half-vae` force float32 for the whole model / the VAE.
+The attention backend is chosen by `webui.runtime.attention.pick_attention`.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,9 @@ from pathlib import Path
 import torch
 
 from webui.config import Config
+from webui.runtime.attention import pick_attention
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,9 +27,12 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype  # UNet and text encoders
     vae_dtype: torch.dtype
+    attention: str = "sdpa"  # "sdpa", "xformers" or "sliced" (see webui.runtime.attention)
+    attention_message: str = ""  # what was chosen and, after a fallback, why
 
     def describe(self) -> str:
-        return f"device={self.device}, dtype={_name(self.dtype)}, vae dtype={_name(self.vae_dtype)}"
+        return (f"device={self.device}, dtype={_name(self.dtype)}, vae dtype={_name(self.vae_dtype)}, "
+                f"attention={self.attention}")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -67,4 +75,9 @@ def pick_runtime(config: Config) -> Runtime:
     if config.no_half:
         dtype = torch.float32
     vae_dtype = torch.float32 if (config.no_half or config.no_half_vae) else dtype
-    return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype)
+    attention, message = pick_attention(config.attention, device)
+    if config.attention not in ("auto", attention):
+        log.warning("%s", message)
+    else:
+        log.info("attention: %s", message)
+    return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype, attention=attention, attention_message=message)
