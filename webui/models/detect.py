@@ -1,8 +1,8 @@
 """Recognise a single-file checkpoint (original CompVis/LDM key names) from keys and shapes.
 
 The family follows from the text-encoder layout, cross-checked against the UNet's
-cross-attention width (768 SD1, 1024 SD2, 2048 SDXL at full size; the sum of the encoder
-widths in general). The variant follows from the UNet's input channels (4 normal,
+cross-attention width (768 SD1, 1024 SD2, 2048 SDXL, 1280 SDXL refiner at full size; the sum
+of the encoder widths in general). The variant follows from the UNet's input channels (4 normal,
 9 inpainting, 8 instruct-pix2pix). All sizes are read from tensor shapes, so the same code
 loads full-size checkpoints and the tiny ones the tests make.
 """
@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from webui.models.errors import ModelError
-from webui.models.families import SD1, SD2, SDXL, FamilySpec, TextEncoderSpec
+from webui.models.families import SD1, SD2, SDXL, SDXL_REFINER, FamilySpec, TextEncoderSpec
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -73,7 +73,7 @@ def _family_from_keys(sd: dict[str, torch.Tensor], path: Path | None) -> FamilyS
     if any(k.startswith("conditioner.embedders.1.model.") for k in sd):
         return SDXL
     if any(k.startswith("conditioner.embedders.0.model.") for k in sd):
-        raise ModelError("SDXL refiner checkpoints are not supported yet", path)
+        return SDXL_REFINER  # bigG alone, where SDXL base has CLIP-L
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         return SD2
     if any(k.startswith("cond_stage_model.transformer.") for k in sd):
@@ -159,6 +159,14 @@ def unet_config_from_shapes(
     if not attn_keys:
         raise ModelError("UNet has no cross-attention layers", path)
     context = int(sd[attn_keys[0]].shape[1])
+    # diffusers takes the middle block's transformer depth from the last level's entry; where
+    # that level has no attention (SD1, the SDXL refiner) the entry is free to carry it.
+    mid_depth = _count(sd, re.escape(u + "middle_block.1.transformer_blocks.") + r"(\d+)\.") or 1
+    layers = [d if a else 1 for d, a in zip(depth, has_attn)]
+    if not has_attn[-1]:
+        layers[-1] = mid_depth
+    elif mid_depth != layers[-1]:
+        raise ModelError("UNet middle block depth differs from the last level's; not a known layout", path)
     proj_in = next(k for k in sd if k.startswith(u) and k.endswith(".proj_in.weight"))
     linear_projection = sd[proj_in].ndim == 2
     if family.fixed_heads is not None:
@@ -178,16 +186,17 @@ def unet_config_from_shapes(
         "attention_head_dim": heads,
         "use_linear_projection": linear_projection,
         "upcast_attention": family.upcast_attention,
-        "transformer_layers_per_block": [d if a else 1 for d, a in zip(depth, has_attn)],
+        "transformer_layers_per_block": layers,
     }
-    if family is SDXL:
+    if family.num_time_ids:
+        # label_emb takes [pooled text embedding, num_time_ids sinusoidal embeddings of one width]
         adm_in = int(_shape(sd, u + "label_emb.0.0.weight", path)[1])
-        pooled = text_configs[1]["projection_dim"]
-        if (adm_in - pooled) % 6:
-            raise ModelError("SDXL size conditioning has an unexpected width", path)
+        pooled = next(c["projection_dim"] for c, spec in zip(text_configs, family.text_encoders) if spec.pooled)
+        if adm_in <= pooled or (adm_in - pooled) % family.num_time_ids:
+            raise ModelError(f"{family.label} size conditioning has an unexpected width", path)
         config.update(
             addition_embed_type="text_time",
-            addition_time_embed_dim=(adm_in - pooled) // 6,
+            addition_time_embed_dim=(adm_in - pooled) // family.num_time_ids,
             projection_class_embeddings_input_dim=adm_in,
         )
     return config

@@ -23,11 +23,14 @@ class TextEncoderSpec:
     default_layer_from_end: int
     final_layer_norm: bool  # apply the final layer norm to that hidden state
     pooled: bool = False  # provides the pooled, projected embedding (SDXL)
+    # Index into an SDXL embedding's roles ("clip_l", "clip_g") when it differs from this
+    # encoder's position in the family (the refiner's only encoder is SDXL's second, bigG).
+    embedding_slot: int | None = None
 
 
 @dataclass(frozen=True)
 class FamilySpec:
-    name: str  # "sd1", "sd2", "sdxl"
+    name: str  # "sd1", "sd2", "sdxl", "sdxl_refiner"
     label: str
     text_encoders: tuple[TextEncoderSpec, ...]
     default_size: int
@@ -39,6 +42,14 @@ class FamilySpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    # Size conditioning ("text_time" added embedding): how many time ids the UNet takes per image.
+    # 0 = none; SDXL: 6 = [orig_h, orig_w, crop_top, crop_left, target_h, target_w];
+    # SDXL refiner: 5 = [orig_h, orig_w, crop_top, crop_left, aesthetic_score].
+    num_time_ids: int = 0
+    aesthetic_score: bool = False  # the last time id is an aesthetic score (6.0 positive, 2.5 negative)
+    # Which latent space the VAE encodes to ("sd" or "sdxl"): previews, TAESD and schedules that
+    # depend on the latent space rather than the UNet should key on this, not on `name`.
+    latent_space: str = "sd"
 
 
 CLIP_L = TextEncoderSpec(
@@ -108,6 +119,36 @@ SDXL = FamilySpec(
     fixed_heads=None,
     head_dim=64,
     upcast_attention=False,
+    num_time_ids=6,
+    latent_space="sdxl",
 )
 
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+# The SDXL refiner: one text encoder, OpenCLIP bigG at `conditioner.embedders.0.model.`, used as
+# in SDXL base (penultimate hidden state without the final layer norm, plus the projected pooled
+# output); the UNet's size conditioning ends with an aesthetic score instead of the target size.
+SDXL_REFINER = FamilySpec(
+    name="sdxl_refiner",
+    label="SDXL Refiner",
+    text_encoders=(
+        TextEncoderSpec(
+            kind="openclip",
+            prefix="conditioner.embedders.0.model.",
+            hidden_act="gelu",
+            pad_token="!",
+            default_layer_from_end=2,
+            final_layer_norm=False,
+            pooled=True,
+            embedding_slot=1,  # an SDXL embedding's "clip_g" vectors
+        ),
+    ),
+    default_size=1024,
+    latent_scaling_factor=0.13025,
+    fixed_heads=None,
+    head_dim=64,
+    upcast_attention=False,
+    num_time_ids=5,
+    aesthetic_score=True,
+    latent_space="sdxl",
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}

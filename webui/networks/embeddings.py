@@ -56,9 +56,13 @@ class Embedding:
             found = None
         return found if found is not None and found.shape[-1] == hidden_size else None
 
-    def fits(self, hidden_sizes: list[int]) -> bool:
-        """True when every text encoder (given by width, in bundle order) gets vectors."""
-        return all(self.vectors_for(i, h) is not None for i, h in enumerate(hidden_sizes))
+    def fits(self, hidden_sizes: list[int], slots: list[int | None] | None = None) -> bool:
+        """True when every text encoder (given by width, in bundle order) gets vectors; `slots`
+        names the vector set each encoder takes when it is not its position (the SDXL refiner's
+        only encoder takes an SDXL embedding's second set)."""
+        slots = slots or [None] * len(hidden_sizes)
+        return all(self.vectors_for(i if s is None else s, h) is not None
+                   for i, (h, s) in enumerate(zip(hidden_sizes, slots)))
 
 
 def load_embedding(path: Path) -> Embedding:

@@ -55,7 +55,7 @@ class Chunk:
 @dataclass
 class Conditioning:
     context: torch.Tensor  # [B, 77 * chunks, D]
-    pooled: torch.Tensor | None  # [B, P] for SDXL
+    pooled: torch.Tensor | None  # [B, P] for SDXL and the SDXL refiner (P = projection width)
 
 
 def _embedding_pattern(embeddings: Sequence[EmbeddingLike]) -> re.Pattern[str] | None:
@@ -174,7 +174,8 @@ class TextConditioner:
             contexts.append(hidden)
             if enc_pooled is not None:
                 pooled = enc_pooled
-        context = torch.cat(contexts, dim=-1)  # SDXL: CLIP-L and OpenCLIP-bigG side by side
+        # SDXL: CLIP-L and OpenCLIP-bigG side by side; the SDXL refiner: bigG alone
+        context = torch.cat(contexts, dim=-1)
         return EncodedText(context.reshape(-1, context.shape[-1]), pooled)
 
     def _run_encoder(self, index: int, enc: TextEncoder, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,12 +183,13 @@ class TextConditioner:
         device = self.bundle.runtime.device
         bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         hidden_size = enc.model.config.hidden_size
+        slot_index = index if enc.spec.embedding_slot is None else enc.spec.embedding_slot
         ids, weights, slots = [], [], []  # slots: (chunk, position, vector)
         for c, chunk in enumerate(chunks):
             row = [bos]
             for pos, t in enumerate(chunk.tokens, start=1):
                 if isinstance(t, Slot):
-                    vectors = t.embedding.vectors_for(index, hidden_size)
+                    vectors = t.embedding.vectors_for(slot_index, hidden_size)
                     if vectors is None:
                         raise ValueError(f"embedding {t.embedding.name!r} does not fit this model ({self.bundle.family.label})")
                     slots.append((c, pos, vectors[t.index]))

@@ -5,6 +5,9 @@ Tiny ones (a few MB) for tests, or full-size SD1.5-architecture ones for benchma
     python -m webui.testing.make_checkpoint --family sd1 OUT.safetensors
     python -m webui.testing.make_checkpoint --family sd1 --full-size --dtype float16 OUT.safetensors
 
+`--family sdxl-refiner --full-size` gives the SDXL refiner architecture (2.3B UNet, bigG text
+encoder); the tests build that one only on the meta device, to check detection from shapes.
+
 The modules are built with diffusers / transformers and their keys mapped back to the names
 the CompVis code used, so loading them exercises the same conversion as a downloaded file.
 """
@@ -20,9 +23,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-refiner")
+FULL_SIZE = ("sd1", "sdxl-refiner")
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 FULL_SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+FULL_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
+# Tiny refiner bigG: projection narrower than the hidden width, so a mix-up of the two shows.
+TINY_REFINER_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
+TINY_REFINER_PROJECTION = 40
 
 
 def _text_config(size: dict, hidden_act: str, projection_dim: int | None = None) -> CLIPTextConfig:
@@ -35,7 +43,36 @@ def _text_config(size: dict, hidden_act: str, projection_dim: int | None = None)
     )
 
 
+def _refiner_unet(full: bool, context: int, pooled: int) -> UNet2DConditionModel:
+    """The SDXL refiner's UNet: attention only in the middle levels, the middle block as deep as
+    they are (while the last level has none), 5 time ids (size, crop, aesthetic score)."""
+    if full:  # stabilityai/stable-diffusion-xl-refiner-1.0
+        channels, layers, depth, time_dim, heads = (384, 768, 1536, 1536), 2, 4, 256, [6, 12, 24, 24]
+    else:
+        channels, layers, depth, time_dim, heads = (32, 64, 64), 1, 2, 8, [1, 1, 1]
+    inner = ("CrossAttnDownBlock2D",) * (len(channels) - 2)
+    return UNet2DConditionModel(
+        sample_size=128 if full else 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=layers,
+        block_out_channels=channels,
+        down_block_types=("DownBlock2D", *inner, "DownBlock2D"),
+        up_block_types=("UpBlock2D", *("CrossAttnUpBlock2D",) * len(inner), "UpBlock2D"),
+        cross_attention_dim=context,
+        attention_head_dim=heads,
+        use_linear_projection=True,
+        transformer_layers_per_block=depth,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + 5 * time_dim,
+        norm_num_groups=32,
+    )
+
+
 def _unet(family: str, full: bool, context: int, pooled: int = 0) -> UNet2DConditionModel:
+    if family == "sdxl-refiner":
+        return _refiner_unet(full, context, pooled)
     if full:  # SD1.5 architecture
         return UNet2DConditionModel(
             sample_size=64,
@@ -239,8 +276,8 @@ def make_state_dict(family: str, full_size: bool = False, seed: int = 0) -> dict
     """A random-weight checkpoint of `family` in LDM layout (float32)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    if full_size and family != "sd1":
-        raise ValueError("--full-size is only available for sd1")
+    if full_size and family not in FULL_SIZE:
+        raise ValueError(f"--full-size is only available for {', '.join(FULL_SIZE)}")
     torch.manual_seed(seed)
     size = FULL_SD1_TEXT if full_size else TINY_TEXT
     sd: dict[str, torch.Tensor] = {}
@@ -252,6 +289,12 @@ def make_state_dict(family: str, full_size: bool = False, seed: int = 0) -> dict
         te = CLIPTextModel(_text_config(size, "gelu"))
         sd.update(openclip_to_ldm(te, "cond_stage_model.model."))
         context, pooled = size["hidden_size"], 0
+    elif family == "sdxl-refiner":  # OpenCLIP bigG alone, where SDXL base has CLIP-L
+        big = FULL_BIGG_TEXT if full_size else TINY_REFINER_TEXT
+        projection = big["hidden_size"] if full_size else TINY_REFINER_PROJECTION
+        te = CLIPTextModelWithProjection(_text_config(big, "gelu", projection_dim=projection))
+        sd.update(openclip_to_ldm(te, "conditioner.embedders.0.model."))
+        context, pooled = big["hidden_size"], projection
     else:
         te1 = CLIPTextModel(_text_config(size, "quick_gelu"))
         big = dict(size, hidden_size=48, num_attention_heads=1)
@@ -285,7 +328,8 @@ def write_checkpoint(path: Path, family: str, full_size: bool = False, dtype: to
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m webui.testing.make_checkpoint", description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=FAMILIES, default="sd1")
-    ap.add_argument("--full-size", action="store_true", help="SD1.5 architecture (860M UNet), not a tiny model")
+    ap.add_argument("--full-size", action="store_true",
+                    help="full-size architecture (sd1: SD1.5, sdxl-refiner: SDXL refiner), not a tiny model")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("out", type=Path)
