@@ -15,7 +15,7 @@ _FACTORS = {
 
 def approximate_rgb(latents: torch.Tensor, family: str) -> list[Image.Image]:
     """One small RGB image per latent of the batch, at latent resolution x 8 (nearest)."""
-    factors = _FACTORS["sdxl" if family == "sdxl" else "sd"]
+    factors = _FACTORS["sdxl" if family.startswith("sdxl") else "sd"]
     rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), factors)
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return [Image.fromarray(np.ascontiguousarray(p)).resize((p.shape[1] * 8, p.shape[0] * 8), Image.Resampling.NEAREST) for p in pixels]

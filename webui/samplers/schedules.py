@@ -109,7 +109,7 @@ def _kl_optimal(s: DiscreteSchedule, n: int) -> torch.Tensor:
 
 
 def _align_your_steps(s: DiscreteSchedule, n: int, family: str) -> torch.Tensor:
-    published = np.array(AYS_SIGMAS["sdxl" if family == "sdxl" else "sd1"])
+    published = np.array(AYS_SIGMAS["sdxl" if family.startswith("sdxl") else "sd1"])
     # log-linear interpolation of the published list onto n points
     log_sigmas = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(published)), np.log(published[::-1]))
     sigmas = np.exp(log_sigmas)[::-1]
