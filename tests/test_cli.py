@@ -100,3 +100,12 @@ def test_img2img_and_hires_from_the_command_line(data_dir: Path) -> None:
     assert Image.open(data_dir / h.stdout.strip()).size == (96, 96)
     bad = run(sys.executable, "-m", "webui", "img2img", *common, "--init-image", str(data_dir / "none.png"), cwd=data_dir)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot read image" in bad.stderr
+    o = run(sys.executable, "-m", "webui", "img2img", *common, "--init-image", str(init), "--outpaint", "0,0,16,8",
+            "--inpainting-fill", "0", "--mask-blur", "0", cwd=data_dir)
+    assert o.returncode == 0, o.stderr
+    wide = Image.open(data_dir / o.stdout.strip())
+    assert wide.size == (80, 72)
+    assert (np.asarray(wide)[:48, :48] == np.array([10, 200, 30])).all()  # the original, kept
+    badout = run(sys.executable, "-m", "webui", "img2img", *common, "--init-image", str(init), "--outpaint", "8,8",
+                 cwd=data_dir)
+    assert badout.returncode == 2 and "LEFT,TOP,RIGHT,BOTTOM" in badout.stderr and "Traceback" not in badout.stderr

@@ -98,6 +98,24 @@ def test_inpainting_keeps_unmasked_pixels(data_dir: Path, checkpoint_store: Path
     assert np.abs(px(out)[inside] - px(photo)[inside]).mean() > 1
 
 
+def test_outpainting_extends_the_canvas_and_keeps_the_original(engine: Engine, photo: Image.Image) -> None:
+    from webui.pipeline.init_image import Outpaint, extend_canvas
+
+    image, mask = extend_canvas(photo, Outpaint(left=16, right=20))  # 96 + 36 = 132 -> 136
+    assert image.size == (136, 80) and mask.size == (136, 80)
+    m = np.asarray(mask)
+    assert (m[:, :16 + 8] == 255).all() and (m[:, 16 + 8:16 + 96 - 8] == 0).all() and (m[:, 16 + 96 - 8:] == 255).all()
+    out = engine.runner.generate(req(init_images=(image,), mask=mask, mask_blur=2, inpainting_fill=0,
+                                     denoising_strength=0.9, width=136, height=80)).images[0]
+    assert out.size == (136, 80)
+    kept = np.asarray(mask.filter(ImageFilter.GaussianBlur(2))) == 0
+    assert np.array_equal(px(out)[kept], px(image)[kept])
+    assert np.array_equal(px(image)[:, 16:112][:, 12:84], px(photo)[:, 12:84])  # the original sits in the middle
+    assert np.abs(px(out)[:, :8] - px(image)[:, :8]).mean() > 1  # the border was painted
+    with pytest.raises(ValueError, match="LEFT,TOP,RIGHT,BOTTOM"):
+        Outpaint.parse("1,2,3")
+
+
 def test_inpaint_only_masked_at_full_resolution(engine: Engine, photo: Image.Image) -> None:
     mask = square_mask(photo.size, (40, 30, 55, 45))
     result = engine.runner.generate(req(init_images=(photo,), mask=mask, mask_blur=2, inpaint_full_res=True,
@@ -180,6 +198,27 @@ def test_previews_arrive_every_n_steps(engine: Engine) -> None:
     engine.runner.generate(req(steps=6), progress=lambda p: previews.append(p.preview), preview_every=2)
     assert [p is not None for p in previews] == [False, True, False, True, False, True]
     assert previews[1][0].size == (64, 64)
+
+
+def test_previews_use_taesd_when_its_decoder_is_there(engine: Engine, data_dir: Path) -> None:
+    from webui.pipeline.taesd import TaesdPreviewer, load_taesd
+    from webui.testing.make_taesd import write_taesd
+
+    def last_preview() -> Image.Image:
+        seen: list = []
+        engine.runner.generate(req(steps=2), progress=lambda p: seen.append(p.preview), preview_every=1)
+        return seen[-1][0]
+
+    approx = px(last_preview())
+    path = write_taesd(data_dir / "models" / "VAE-approx" / "taesd_decoder.safetensors", seed=3)
+    taesd = last_preview()
+    assert taesd.size == (64, 64) and np.abs(px(taesd) - approx).mean() > 1
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = TaesdPreviewer(load_taesd(path, "cpu", torch.float32))(z)[0]
+    assert np.abs(px(engine.runner.previewer(engine.bundle(None))(z)[0]) - px(expected)).max() <= 1
+    # a broken decoder file: the job still runs, with the approximation
+    path.write_bytes(b"not a safetensors file")
+    assert np.abs(px(last_preview()) - approx).max() == 0
 
 
 def test_tiling_is_undone_after_the_job(engine: Engine) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from gradio_client import Client
@@ -116,5 +117,56 @@ def test_share_without_internet_keeps_the_local_server(tmp_path: Path) -> None:
         out = s.output()
         assert "gradio.live" in out or "Public link not created" in out
         assert requests.get(s.url + "/", timeout=10).status_code == 200
+    finally:
+        stop_server(s)
+
+
+def test_img2img_batch_and_extras_folder_through_gradio_client(server: Server, tmp_path: Path) -> None:
+    src, masks, out, up = tmp_path / "in", tmp_path / "masks", tmp_path / "out", tmp_path / "up"
+    src.mkdir(), masks.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src / "red.png")
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(src / "blue.jpg")
+    (src / "notes.txt").write_text("not an image")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half of red.png only
+    mask.save(masks / "red.png")
+    client = Client(server.url, verbose=False)
+    gallery, info = client.predict(
+        checkpoint="sd1.safetensors", prompt="a castle", steps=3, width=64, height=64, seed=5, source="batch",
+        batch_input_dir=str(src), batch_output_dir=str(out), batch_mask_dir=str(masks), denoising_strength=0.8,
+        mask_blur=0, api_name="/img2img",
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["blue.png", "red.png"]
+    red = np.asarray(Image.open(out / "red.png").convert("RGB")).astype(int)
+    assert (red[:, 40:] == [200, 30, 30]).all()  # outside its mask: the input
+    assert np.abs(red[:, :24] - [200, 30, 30]).mean() > 1
+    assert "Denoising strength: 0.8" in Image.open(out / "blue.png").info["parameters"]
+    assert len(gallery) == 2
+    # Extras: the same folder upscaled 2x into another
+    _, text = client.predict(src=str(out), dst=str(up), name="Lanczos", how="Scale by", scale=2, w=64, h=64,
+                             api_name="/extras_upscale_folder")
+    assert "2 image(s)" in text
+    assert Image.open(up / "red.png").size == (128, 128)
+    # bad folders: a message, and the server keeps serving
+    with pytest.raises(Exception, match="does not exist"):
+        client.predict(checkpoint="sd1.safetensors", prompt="x", steps=1, width=64, height=64, source="batch",
+                       batch_input_dir=str(tmp_path / "missing"), api_name="/img2img")
+    with pytest.raises(Exception, match="must differ"):
+        client.predict(src=str(src), dst=str(src), name="Lanczos", how="Scale by", scale=2, w=64, h=64,
+                       api_name="/extras_upscale_folder")
+    assert requests.get(server.url + "/", timeout=10).status_code == 200
+
+
+def test_folder_batches_are_refused_when_listening_beyond_localhost(tmp_path: Path, checkpoint_store: Path) -> None:
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    s = start_server(tmp_path, "--listen")
+    try:
+        client = Client(s.url, verbose=False)
+        with pytest.raises(Exception, match="--listen"):
+            client.predict(checkpoint="sd1.safetensors", prompt="x", steps=1, width=64, height=64, source="batch",
+                           batch_input_dir=str(tmp_path), api_name="/img2img")
+        with pytest.raises(Exception, match="--listen"):
+            client.predict(src=str(tmp_path), dst=str(tmp_path / "o"), name="Lanczos", how="Scale by", scale=2,
+                           w=64, h=64, api_name="/extras_upscale_folder")
     finally:
         stop_server(s)

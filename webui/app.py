@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from webui.config import Config
+from webui.jobs.queue import Job, JobQueue
 from webui.models.cache import ModelCache
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
@@ -23,6 +24,8 @@ from webui.prompts.styles import StyleStore
 
 if TYPE_CHECKING:
     from webui.models.load import ModelBundle
+    from webui.pipeline.batch import FolderBatch
+    from webui.pipeline.request import GenerationRequest
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.runner import Runner
     from webui.prompts.tokenizer import TokenizerFactory
@@ -50,6 +53,10 @@ class Engine:
         self.networks = networks
         self.styles = styles
         self.cache: ModelCache[ModelBundle] = ModelCache(config.model_cache_size)
+        self.jobs = JobQueue()
+        # the model a request without a checkpoint runs on (the API's `sd_model_checkpoint`
+        # option); starts as --ckpt, else the first listed
+        self.current_checkpoint: str | None = config.ckpt
         self._side: _ModelSide | None = None
         self._side_lock = threading.Lock()
 
@@ -74,7 +81,7 @@ class Engine:
                 def upscale(image, name: str, size: tuple[int, int]):
                     return upscalers.upscale(image, name, size=size, device=runtime.device)
 
-                runner = Runner(self.bundle, self.config.outputs_path, library, upscale)
+                runner = Runner(self.bundle, self.config.outputs_path, library, upscale, self.config.models_path)
                 self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
             return self._side
 
@@ -104,6 +111,20 @@ class Engine:
         embeddings = side.embeddings.find_in_prompt(clean)
         return count_tokens(side.tokenizers.get("<|endoftext|>"), clean, embeddings)
 
+    def submit(self, request: GenerationRequest, *, owner: str | None = None,
+               folder: FolderBatch | None = None) -> Job:
+        """Queue a generation (with `folder`: img2img over each image in it); answers at once."""
+        kind = "img2img" if request.is_img2img or folder is not None else "txt2img"
+
+        def work(progress, cancel, preview_every: int):
+            if folder is not None:
+                from webui.pipeline.batch import img2img_folder
+
+                return img2img_folder(self.runner, request, folder, progress, cancel, preview_every)
+            return self.runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
+
+        return self.jobs.submit(kind, work, request=request, owner=owner)
+
     def warm_up(self) -> threading.Thread:
         """Import the model stack in the background so the first generation does not wait for it."""
         t = threading.Thread(target=self._model_side, name="warm-up", daemon=True)
@@ -113,7 +134,7 @@ class Engine:
     # --- checkpoints --------------------------------------------------------------------------
 
     def resolve_checkpoint(self, query: str | None) -> CheckpointInfo:
-        query = query or self.config.ckpt
+        query = query or self.current_checkpoint
         if query:
             return self.registry.find(query)
         items = self.registry.checkpoints()

@@ -219,3 +219,28 @@ def _publish(tmp: Path, target: Path) -> None:
         with open(target, "xb"):
             pass
         os.replace(tmp, target)
+
+
+def save_png(image: Image.Image, target: Path, infotext: str | None) -> Path:
+    """Write `target` (a chosen name, replaced if it exists) atomically, with the infotext."""
+    meta = None
+    if infotext:
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", infotext)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=meta)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
+    """The image as PNG bytes, with the infotext in its `parameters` chunk when given."""
+    if infotext:
+        return _encode(image, "png", infotext, 0)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

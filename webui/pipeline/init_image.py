@@ -112,3 +112,54 @@ def composite(generated: Image.Image, area: InpaintArea) -> Image.Image:
         placed.paste(generated.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
         generated = placed
     return Image.composite(generated.convert("RGB"), original, area.mask)
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """Pixels to add on each side of the image; the result is rounded up to multiples of 8."""
+
+    left: int = 0
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+    overlap: int = 8  # the mask reaches this far into the original, so the seam is repainted too
+
+    @property
+    def active(self) -> bool:
+        return any((self.left, self.top, self.right, self.bottom))
+
+    @classmethod
+    def parse(cls, text: str) -> "Outpaint":
+        """"L,T,R,B" pixels (e.g. "0,0,128,0" widens to the right). ValueError with the reason."""
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"outpaint wants four whole numbers of pixels LEFT,TOP,RIGHT,BOTTOM, got {text!r}")
+        return cls(*(int(p) for p in parts))
+
+
+def extend_canvas(image: Image.Image, out: Outpaint, mask: Image.Image | None = None
+                  ) -> tuple[Image.Image, Image.Image]:
+    """(bigger image, mask) for outpainting: the new border holds the stretched edge pixels (a
+    start the sampler can work from) and is white in the mask; an existing mask is carried over."""
+    if min(out.left, out.top, out.right, out.bottom) < 0:
+        raise ValueError("outpaint sizes must not be negative")
+    rgb = np.asarray(image.convert("RGB"))
+    w = rgb.shape[1] + out.left + out.right
+    h = rgb.shape[0] + out.top + out.bottom
+    right = out.right + (-w % 8)  # round the canvas up to a multiple of 8 on the right and bottom
+    bottom = out.bottom + (-h % 8)
+    padded = np.pad(rgb, ((out.top, bottom), (out.left, right), (0, 0)), mode="edge")
+    new_mask = np.full(padded.shape[:2], 255, dtype=np.uint8)
+    o = out.overlap
+    y1, x1 = out.top + (o if out.top else 0), out.left + (o if out.left else 0)
+    y2 = out.top + rgb.shape[0] - (o if bottom else 0)
+    x2 = out.left + rgb.shape[1] - (o if right else 0)
+    inner = np.zeros(rgb.shape[:2], dtype=np.uint8)
+    if mask is not None:
+        inner = np.asarray(mask.convert("L").resize(image.size))
+    new_mask[out.top:out.top + rgb.shape[0], out.left:out.left + rgb.shape[1]] = inner
+    new_mask[out.top:max(y1, out.top), :] = 255
+    new_mask[min(y2, out.top + rgb.shape[0]):, :] = 255
+    new_mask[:, out.left:max(x1, out.left)] = 255
+    new_mask[:, min(x2, out.left + rgb.shape[1]):] = 255
+    return Image.fromarray(padded), Image.fromarray(new_mask)

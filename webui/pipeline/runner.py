@@ -37,6 +37,7 @@ from webui.pipeline.conditioning import ScheduledConditioning, plan_prompts
 from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.noise import image_noise
 from webui.pipeline.preview import approximate_rgb
+from webui.pipeline.taesd import TaesdPreviewer, find_taesd, load_taesd
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest
 from webui.prompts.encode import TextConditioner
@@ -123,9 +124,9 @@ def _fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch
     return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
 
 
-def _latent_space(bundle: ModelBundle) -> str:
-    """Models that can hand latents to each other: SD1 and SD2 share a VAE, SDXL and its refiner another."""
-    return "sdxl" if bundle.family.name.startswith("sdxl") else "sd"
+def _fits(embedding: Embedding, bundle: ModelBundle) -> bool:
+    encoders = bundle.text_encoders
+    return embedding.fits([e.model.config.hidden_size for e in encoders], [e.spec.embedding_slot for e in encoders])
 
 
 def _denoise_steps(steps: int, strength: float) -> int:
@@ -142,8 +143,11 @@ class Runner:
         outputs_dir: Path,
         library: Library,
         upscale: Callable[..., Image.Image] | None = None,  # (image, name, size=(w, h)) -> image
+        models_path: Path | None = None,  # where models/VAE-approx (TAESD preview decoders) lives
     ) -> None:
         self.get_bundle = get_bundle
+        self.models_path = models_path
+        self._taesd: dict[tuple, TaesdPreviewer | None] = {}  # (file, mtime, device, dtype) -> decoder
         self.outputs_dir = Path(outputs_dir)
         self.library = library
         self.upscale = upscale
@@ -227,9 +231,8 @@ class Runner:
                 log.warning("extra network <%s:%s> ignored: only <lora:...> is supported", tag.kind, tag.name)
         n = len(job.seeds)
         job.prompts, job.negative_prompts = [prompt] * n, [negative] * n
-        sizes = [enc.model.config.hidden_size for enc in job.bundle.text_encoders]
         texts = "\n".join([prompt, negative, r.hr_prompt, r.hr_negative_prompt])
-        job.embeddings = [e for e in lib.embeddings.find_in_prompt(texts) if e.fits(sizes)]
+        job.embeddings = [e for e in lib.embeddings.find_in_prompt(texts) if _fits(e, job.bundle)]
 
     @contextlib.contextmanager
     def stage_networks(self, job: Job) -> Iterator[None]:
@@ -384,7 +387,7 @@ class Runner:
         time_ids = uncond_time_ids = None
         if bundle.family.name == "sdxl":  # original size, crop top-left, target size
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(n, 1)
-        elif bundle.family.name == "sdxl_refiner":  # original size, crop top-left, aesthetic score
+        elif bundle.family.aesthetic_score:  # the refiner: original size, crop top-left, aesthetic score
             time_ids = torch.tensor([[h, w, 0, 0, AESTHETIC_SCORE]], dtype=torch.float32).repeat(n, 1)
             uncond_time_ids = torch.tensor([[h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE]], dtype=torch.float32).repeat(n, 1)
         denoiser = CFGDenoiser(
@@ -394,6 +397,7 @@ class Runner:
         )
         denoiser.step = first_step
         generators = job.generators
+        make_preview = self.previewer(bundle)
 
         def noise(like: torch.Tensor) -> torch.Tensor:
             return _fresh_noise(generators, like)
@@ -405,7 +409,7 @@ class Runner:
             if progress:
                 preview = None
                 if preview_every and job.steps_done % preview_every == 0:
-                    preview = approximate_rgb(state.denoised, bundle.family.name)
+                    preview = make_preview(state.denoised)
                 progress(Progress(job.steps_done, job.total_steps, batch, r.n_iter,
                                   time.perf_counter() - job.started, preview))
             if cancel.interrupted or cancel.skipped:
@@ -461,12 +465,11 @@ class Runner:
         """The refiner replaces the model for the rest of this batch (and its hires pass)."""
         r, base = job.request, job.bundle
         refiner = self.get_bundle(r.refiner_checkpoint)
-        if _latent_space(refiner) != _latent_space(base):
+        if refiner.family.latent_space != base.family.latent_space:
             raise ModelError(f"refiner {refiner.model_name} ({refiner.family.label}) cannot continue from "
                              f"{base.model_name} ({base.family.label}): their latent spaces differ")
         job.base, job.refiner, job.bundle = base, refiner, refiner
-        sizes = [enc.model.config.hidden_size for enc in refiner.text_encoders]
-        job.conditioner = TextConditioner(refiner, r.clip_skip, [e for e in job.embeddings if e.fits(sizes)])
+        job.conditioner = TextConditioner(refiner, r.clip_skip, [e for e in job.embeddings if _fits(e, refiner)])
         self.stage_conditioning(job, job.prompts, job.negative_prompts, steps)
         job.image_cond = self._txt2img_image_cond(job) if refiner.variant == "inpaint" and not r.is_img2img else None
 
@@ -511,6 +514,24 @@ class Runner:
         x = start + _fresh_noise(job.generators, start) * sigmas[0]
         job.latents = self._sample_with_refiner(job, sampler, sigmas, x, batch, progress, cancel, preview_every,
                                                 steps)
+
+    def previewer(self, bundle: ModelBundle) -> Callable[[torch.Tensor], list[Image.Image]]:
+        """TAESD when models/VAE-approx has the family's decoder, else the linear approximation."""
+        family = bundle.family.name
+        path = find_taesd(self.models_path, family) if self.models_path else None
+        if path is not None:
+            rt = bundle.runtime
+            key = (path, path.stat().st_mtime_ns, str(rt.device), rt.vae_dtype)
+            if key not in self._taesd:
+                try:
+                    self._taesd[key] = TaesdPreviewer(load_taesd(path, rt.device, rt.vae_dtype))
+                    log.info("live previews: TAESD from %s", path.name)
+                except ModelError as e:
+                    log.warning("live previews: %s; using the approximation", e)
+                    self._taesd[key] = None
+            if (previewer := self._taesd[key]) is not None:
+                return previewer
+        return lambda latents: approximate_rgb(latents, family)
 
     @staticmethod
     def _sigmas(job: Job, sampler_name: str, steps: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from webui.ui.txt2img import build_txt2img_tab
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
-    board = JobBoard()
+    board = JobBoard(engine)
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
         help_box = gr.Markdown(models_help(engine), elem_id="models_help")
         with gr.Row():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 from PIL import Image
 
 from webui.app import Engine
 from webui.images import dated_dir, read_infotext, save_image
 from webui.models.errors import ModelError
+from webui.ui.img2img import FOLDERS_REFUSED
 
 BUILTIN = ["Lanczos", "Nearest"]
 
@@ -16,8 +19,15 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
     with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
         with gr.Row():
             with gr.Column():
-                source = gr.Image(label="Source", type="pil", image_mode=None, sources=["upload", "clipboard"],
-                                  elem_id="extras_image", height=360)
+                with gr.Tabs():
+                    with gr.Tab("Single image", elem_id="extras_single_tab"):
+                        source = gr.Image(label="Source", type="pil", image_mode=None,
+                                          sources=["upload", "clipboard"], elem_id="extras_image", height=360)
+                        run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
+                    with gr.Tab("Batch from folder", elem_id="extras_batch_tab"):
+                        input_dir = gr.Textbox(label="Input folder", elem_id="extras_batch_input")
+                        output_dir = gr.Textbox(label="Output folder", elem_id="extras_batch_output")
+                        run_folder = gr.Button("Upscale folder", variant="primary", elem_id="extras_batch_generate")
                 upscaler = gr.Dropdown(BUILTIN, value="Lanczos", label="Upscaler", elem_id="extras_upscaler",
                                        allow_custom_value=True)
                 with gr.Row():
@@ -26,7 +36,6 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
                 with gr.Row():
                     width = gr.Slider(64, 8192, value=1024, step=8, label="Width", elem_id="extras_width")
                     height = gr.Slider(64, 8192, value=1024, step=8, label="Height", elem_id="extras_height")
-                run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
             with gr.Column():
                 result = gr.Image(label="Result", type="pil", format="png", elem_id="extras_result", height=360)
                 info = gr.Textbox(label="Result", interactive=False, elem_id="extras_info")
@@ -47,5 +56,22 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
         return out, f"{out.width}x{out.height}, saved as {path.name}"
 
     run.click(upscale, inputs=[source, upscaler, mode, factor, width, height], outputs=[result, info],
-              api_name="extras_upscale", concurrency_id="generate")
+              api_name="extras_upscale", concurrency_id="extras", concurrency_limit=1)
+
+    def upscale_folder(src: str | None, dst: str | None, name: str, how: str, scale: float, w: float, h: float):
+        if engine.config.listen or engine.config.share:
+            raise gr.Error(FOLDERS_REFUSED)
+        if not (src or "").strip() or not (dst or "").strip():
+            raise gr.Error("Type the input and the output folder first.")
+        options = {"size": (int(w), int(h))} if how == "Scale to" else {"scale": float(scale)}
+        try:
+            written = engine.upscalers.upscale_folder(Path(src.strip()), Path(dst.strip()), name,
+                                                      device=engine.runtime.device, **options)
+        except (ModelError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        last = Image.open(written[-1]) if written else None
+        return last, f"{len(written)} image(s) written to {dst.strip()}"
+
+    run_folder.click(upscale_folder, inputs=[input_dir, output_dir, upscaler, mode, factor, width, height],
+                     outputs=[result, info], api_name="extras_upscale_folder", concurrency_id="extras")
     return source, upscaler

@@ -39,7 +39,8 @@ class Panel:
         return self.inputs[name]
 
 
-def sampling_controls(panel: Panel) -> None:
+def sampling_controls(panel: Panel, titles: list[str]) -> None:
+    """Sampler, size, batch, seed and variation, refiner (`titles`: the checkpoints to offer)."""
     p = panel.prefix
     with gr.Row():
         panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=sampler_names(), value="Euler a",
@@ -68,6 +69,21 @@ def sampling_controls(panel: Panel) -> None:
                                                       elem_id=f"{p}_seed_resize_from_w"))
             panel.add("seed_resize_from_h", gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height",
                                                       elem_id=f"{p}_seed_resize_from_h"))
+    with gr.Accordion("Refiner", open=False, elem_id=f"{p}_refiner"):
+        with gr.Row():
+            panel.add("refiner_checkpoint", gr.Dropdown(
+                ["None", *titles], value="None", label="Checkpoint", elem_id=f"{p}_refiner_checkpoint",
+                allow_custom_value=True,
+            ))
+            panel.add("refiner_switch_at", gr.Slider(0.01, 1, value=0.8, step=0.01, label="Switch at",
+                                                     elem_id=f"{p}_refiner_switch_at"))
+    with gr.Accordion("Sampler parameters", open=False, elem_id=f"{p}_sampler_options"):
+        gr.Markdown("Empty: the sampler's default. Eta applies to ancestral samplers and DDIM; churn and "
+                    "noise to Euler, Heun and DPM2.")
+        with gr.Row():
+            panel.add("eta", gr.Number(None, label="Eta", minimum=0, maximum=10, elem_id=f"{p}_eta"))
+            panel.add("s_churn", gr.Number(None, label="Sigma churn", minimum=0, maximum=100, elem_id=f"{p}_s_churn"))
+            panel.add("s_noise", gr.Number(None, label="Sigma noise", minimum=0, maximum=10, elem_id=f"{p}_s_noise"))
 
 
 def output_area(panel: Panel) -> None:
@@ -92,6 +108,8 @@ def _to_request(values: dict[str, Any], fixed: dict[str, Any]) -> GenerationRequ
             data[key] = int(data[key])
     data["styles"] = tuple(data.get("styles") or ())
     data["checkpoint"] = data.get("checkpoint") or None
+    if data.get("refiner_checkpoint") in ("", "None"):
+        data["refiner_checkpoint"] = None
     data.update(fixed)
     return GenerationRequest(**data)
 
@@ -101,9 +119,11 @@ def make_handler(
     board: JobBoard,
     names: list[str],
     prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """A streaming handler taking the controls named `names` (in that order, as keywords for
-    API callers); `prepare` turns tab-specific values (an editor's layers) into request fields."""
+    API callers, who may leave out any: `defaults` holds the controls' initial values);
+    `prepare` turns tab-specific values (an editor's layers) into request fields."""
 
     n = len(names)
 
@@ -115,14 +135,16 @@ def make_handler(
         progress = args[n + 1] if len(args) > n + 1 else gr.Progress()
         try:
             fields = prepare(given) if prepare else given
+            folder = fields.pop("batch_folder", None)
             job = _to_request(fields, {})
         except ValidationError as e:
             raise gr.Error(validation_message(e)) from None
         except ValueError as e:
             raise gr.Error(str(e)) from None
-        yield from run_streaming(engine, board, job, session_of(request), progress)
+        yield from run_streaming(board, job, session_of(request), progress, folder)
 
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    defaults = defaults or {}
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(n)) for n in names]
     params += [
         inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request),
         inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
@@ -134,7 +156,9 @@ def make_handler(
 def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers: list[Any],
          prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     names = list(panel.inputs)
-    gr.on(triggers=triggers, fn=make_handler(engine, board, names, prepare), inputs=list(panel.inputs.values()),
+    defaults = {n: getattr(c, "value", None) for n, c in panel.inputs.items()}
+    handler = make_handler(engine, board, names, prepare, defaults)
+    gr.on(triggers=triggers, fn=handler, inputs=list(panel.inputs.values()),
           outputs=[panel.gallery, panel.info], api_name=api_name, concurrency_id="generate")
 
     def interrupt(request: gr.Request) -> None:

@@ -9,12 +9,17 @@ import numpy as np
 from PIL import Image
 
 from webui.app import Engine
+from webui.pipeline.batch import FolderBatch
+from webui.pipeline.init_image import Outpaint, extend_canvas
 from webui.ui.generation import Panel, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
-SOURCES = ("img2img", "sketch", "inpaint", "inpaint_upload")
+SOURCES = ("img2img", "sketch", "inpaint", "inpaint_upload", "batch")
+FOLDERS_REFUSED = ("Batch from a folder reads and writes folders on the server, so it is off while the server "
+                   "listens beyond this computer (--listen) or shares a public link (--share).")
+OUTPAINT_SIDES = ("left", "top", "right", "bottom")
 
 
 def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
@@ -32,10 +37,11 @@ def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | N
     return background, mask
 
 
-def prepare(given: dict[str, Any]) -> dict[str, Any]:
-    """Tab-specific values -> request fields."""
+def prepare(given: dict[str, Any], allow_folders: bool = True) -> dict[str, Any]:
+    """Tab-specific values -> request fields (plus `batch_folder` for the Batch source)."""
     fields = dict(given)
     source = fields.pop("source", "img2img")
+    folders = [str(fields.pop(f"batch_{k}_dir", "") or "").strip() for k in ("input", "output", "mask")]
     image, editor = fields.pop("init_image", None), fields.pop("inpaint_editor", None)
     sketch = fields.pop("sketch", None)
     upload_image, upload_mask = fields.pop("inpaint_image", None), fields.pop("inpaint_mask", None)
@@ -50,8 +56,23 @@ def prepare(given: dict[str, Any]) -> dict[str, Any]:
         image, mask = upload_image, upload_mask
         if image is not None and mask is None:
             raise ValueError("Upload a mask too (white = repaint).")
+    if source == "batch":
+        if not allow_folders:
+            raise ValueError(FOLDERS_REFUSED)
+        if not folders[0]:
+            raise ValueError("Type the input folder of the batch first.")
+        from pathlib import Path
+
+        fields["batch_folder"] = FolderBatch(*(Path(f) if f else None for f in folders))
+        fields["batch_folder"].check()
+        image = Image.new("RGB", (8, 8))  # each file of the folder replaces it
     if image is None:
         raise ValueError("Put an image in the img2img tab first.")
+    outpaint = Outpaint(*(int(fields.pop(f"outpaint_{side}", 0) or 0) for side in OUTPAINT_SIDES))
+    if outpaint.active:  # the canvas grows; the new border (and any drawn mask) is repainted
+        image, mask = extend_canvas(image, outpaint, mask)
+        fields["width"], fields["height"] = image.size
+        fields["resize_mode"] = RESIZE_MODES[0]
     fields["init_images"] = (image,)
     fields["mask"] = mask
     fields["resize_mode"] = RESIZE_MODES.index(fields.get("resize_mode") or RESIZE_MODES[0])
@@ -66,7 +87,7 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
     panel.add("checkpoint", checkpoint)
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         prompt_area(engine, panel)
-        source = panel.add("source", gr.State("img2img"))
+        source = panel.add("source", gr.Textbox("img2img", visible=False, elem_id="img2img_source"))
         with gr.Row():
             with gr.Column():
                 with gr.Tabs(elem_id="img2img_sources"):
@@ -90,7 +111,16 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                             panel.add("inpaint_image", gr.Image(label="Image", type="pil", elem_id="img2img_inpaint_image"))
                             panel.add("inpaint_mask", gr.Image(label="Mask (white = repaint)", type="pil",
                                                                image_mode="L", elem_id="img2img_inpaint_mask"))
-                for tab, name in zip((t0, t_sketch, t1, t2), SOURCES):
+                    with gr.Tab("Batch", elem_id="img2img_batch_tab") as t3:
+                        gr.Markdown("Every image in the input folder goes through these settings. With an output "
+                                    "folder, results keep their source's name; a mask folder gives each image the "
+                                    "mask of the same name.")
+                        panel.add("batch_input_dir", gr.Textbox(label="Input folder", elem_id="img2img_batch_input"))
+                        panel.add("batch_output_dir", gr.Textbox(label="Output folder (empty: outputs/)",
+                                                                 elem_id="img2img_batch_output"))
+                        panel.add("batch_mask_dir", gr.Textbox(label="Mask folder (optional)",
+                                                               elem_id="img2img_batch_mask"))
+                for tab, name in zip((t0, t_sketch, t1, t2, t3), SOURCES):
                     tab.select(lambda name=name: name, outputs=[source], api_visibility="private", queue=False)
                 panel.add("resize_mode", gr.Radio(RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode",
                                                   elem_id="img2img_resize_mode"))
@@ -111,8 +141,18 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                         panel.add("inpaint_full_res_padding", gr.Slider(0, 256, value=32, step=4,
                                                                         label="Only masked padding, pixels",
                                                                         elem_id="img2img_inpaint_padding"))
-                sampling_controls(panel)
+                with gr.Accordion("Outpaint", open=False, elem_id="img2img_outpaint"):
+                    gr.Markdown("Pixels to add on each side. The image grows to that size (width and height "
+                                "follow) and the new border is painted; pick Masked content \"fill\" or "
+                                "\"latent noise\" and a denoising strength near 1.")
+                    with gr.Row():
+                        for side in OUTPAINT_SIDES:
+                            panel.add(f"outpaint_{side}", gr.Slider(0, 512, value=0, step=8, label=side.capitalize(),
+                                                                   elem_id=f"img2img_outpaint_{side}"))
+                sampling_controls(panel, engine.registry.titles())
             with gr.Column():
                 output_area(panel)
-    wire(engine, board, panel, "img2img", [panel.generate.click, panel["prompt"].submit], prepare=prepare)
+    allow = not (engine.config.listen or engine.config.share)
+    wire(engine, board, panel, "img2img", [panel.generate.click, panel["prompt"].submit],
+         prepare=lambda given: prepare(given, allow_folders=allow))
     return panel

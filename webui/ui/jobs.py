@@ -1,5 +1,6 @@
-"""Running a generation from the page: live previews while it runs, and Interrupt / Skip that
-reach only the job of the browser session that asks."""
+"""Running a generation from the page through the engine's job queue: the queue position while
+waiting, live previews while it runs, and Interrupt / Skip that reach only the job of the
+browser session that asks."""
 
 from __future__ import annotations
 
@@ -11,44 +12,43 @@ from typing import Any
 import gradio as gr
 
 from webui.app import Engine
-from webui.models.errors import ModelError
-from webui.pipeline.progress import CancelToken, Progress
+from webui.jobs.queue import Job
+from webui.pipeline.batch import FolderBatch
 from webui.pipeline.request import GenerationRequest
-
-PREVIEW_EVERY = 3  # steps between live previews
 
 
 class JobBoard:
-    """The cancel token of each session's running job (one page build owns one board)."""
+    """The running job of each browser session (one page build owns one board)."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._lock = threading.Lock()
-        self._tokens: dict[str, CancelToken] = {}
+        self._jobs: dict[str, Job] = {}
 
-    def start(self, session: str) -> CancelToken:
-        token = CancelToken()
+    def start(self, session: str, request: GenerationRequest, folder: FolderBatch | None = None) -> Job:
+        job = self.engine.submit(request, owner=session, folder=folder)
         with self._lock:
-            self._tokens[session] = token
-        return token
+            self._jobs[session] = job
+        return job
 
-    def finish(self, session: str, token: CancelToken) -> None:
+    def finish(self, session: str, job: Job) -> None:
         with self._lock:
-            if self._tokens.get(session) is token:
-                del self._tokens[session]
+            if self._jobs.get(session) is job:
+                del self._jobs[session]
+
+    def _job(self, session: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(session)
 
     def interrupt(self, session: str) -> bool:
-        with self._lock:
-            token = self._tokens.get(session)
-        if token:
-            token.interrupt()
-        return token is not None
+        job = self._job(session)
+        return job is not None and self.engine.jobs.cancel(job)
 
     def skip(self, session: str) -> bool:
-        with self._lock:
-            token = self._tokens.get(session)
-        if token:
-            token.skip()
-        return token is not None
+        job = self._job(session)
+        if job:
+            job.token.skip()
+        return job is not None
 
 
 def session_of(request: gr.Request | None) -> str:
@@ -56,40 +56,37 @@ def session_of(request: gr.Request | None) -> str:
 
 
 def run_streaming(
-    engine: Engine, board: JobBoard, request: GenerationRequest, session: str, progress: gr.Progress
+    board: JobBoard, request: GenerationRequest, session: str, progress: gr.Progress,
+    folder: FolderBatch | None = None,
 ) -> Iterator[tuple[list[Any], str]]:
-    """Yield (gallery, info) with previews while the job runs, then the final images."""
-    updates: queue.Queue = queue.Queue()
-    outcome: dict[str, Any] = {}
-    token = board.start(session)
-
-    def report(p: Progress) -> None:
-        updates.put(p)
-
-    def work() -> None:
-        try:
-            outcome["result"] = engine.runner.generate(request, progress=report, cancel=token,
-                                                       preview_every=PREVIEW_EVERY)
-        except (ModelError, ValueError) as e:
-            outcome["error"] = str(e)
-        except Exception as e:  # noqa: BLE001  the page must get a message, never a hang
-            outcome["error"] = f"generation failed: {type(e).__name__}: {e}"
-        finally:
-            updates.put(None)
-
-    thread = threading.Thread(target=work, name=f"job-{session[:8]}", daemon=True)
-    thread.start()
+    """Yield (gallery, info) with previews while the job runs, then the final images.
+    With `folder`, the request runs on each image of that folder (img2img batch)."""
+    job = board.start(session, request, folder)
     try:
-        while (p := updates.get()) is not None:
+        while True:
+            try:
+                p = job.events.get(timeout=0.5)
+            except queue.Empty:
+                if job.state == "queued":
+                    ahead = board.engine.jobs.position(job) - 1
+                    progress(0.0, desc=f"Queued: {ahead} job(s) ahead" if ahead else "Starting")
+                continue
+            if p is None:
+                break
             progress(p.fraction, desc=f"Step {p.step}/{p.total_steps}, {p.eta:.0f}s left")
             if p.preview:
                 yield p.preview, f"Step {p.step}/{p.total_steps}"
-        thread.join()
     finally:
-        board.finish(session, token)
-    if "error" in outcome:
-        raise gr.Error(outcome["error"])
-    result = outcome["result"]
+        board.finish(session, job)
+        if job.state == "queued":  # the page went away before the job started
+            board.engine.jobs.cancel(job)
+    if job.state == "cancelled":
+        raise gr.Error("Interrupted before it started.")
+    if job.error:
+        raise gr.Error(job.error)
+    result = job.result
     images = [str(path) for path in result.paths] if result.paths else result.images
+    if folder is not None and len(images) > 64:  # the files are on disk; the page shows the last ones
+        images = images[-64:]
     note = "\n\n(interrupted)" if result.interrupted else ""
     yield images, "\n\n".join(result.infotexts) + note

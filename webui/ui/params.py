@@ -40,7 +40,8 @@ def checkpoint_choice(engine: Engine, query: str | None) -> str | None:
 # The controls infotext can fill, by request field name (a tab fills those it has).
 FILLABLE = ("checkpoint", "prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width",
             "height", "cfg_scale", "seed", "clip_skip", "subseed", "subseed_strength", "enable_hr", "hr_scale",
-            "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "denoising_strength")
+            "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "denoising_strength",
+            "refiner_checkpoint", "refiner_switch_at", "eta", "s_churn", "s_noise", "tiling")
 
 
 def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str | None, panel) -> list[Any]:
@@ -55,6 +56,8 @@ def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str |
             f["checkpoint"] = title
         else:
             gr.Warning(f"Model {wanted[-1]!r} is not in the models folder; keeping {current_checkpoint!r}.")
+    if "refiner_checkpoint" in f:
+        f["refiner_checkpoint"] = checkpoint_choice(engine, str(f["refiner_checkpoint"])) or "None"
     if "prompt" in f or "negative_prompt" in f:
         prompt, negative, styles = extract_styles(str(f.get("prompt", "")), str(f.get("negative_prompt", "")),
                                                   engine.styles.list())

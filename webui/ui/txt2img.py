@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from webui.app import Engine
+from webui.samplers.table import sampler_names
 from webui.ui.generation import Panel, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 from webui.ui.params import fields_from_text, updates_for_fields
@@ -18,7 +19,7 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
         paste = gr.Button("↙ Read parameters from prompt", elem_id="txt2img_paste", size="sm")
         with gr.Row():
             with gr.Column():
-                sampling_controls(panel)
+                sampling_controls(panel, engine.registry.titles())
                 with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires"):
                     panel.add("enable_hr", gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr"))
                     with gr.Row():
@@ -35,6 +36,9 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
                                                            elem_id="txt2img_hr_resize_x"))
                         panel.add("hr_resize_y", gr.Slider(0, 4096, value=0, step=8, label="Resize height to",
                                                            elem_id="txt2img_hr_resize_y"))
+                    panel.add("hr_sampler_name", gr.Dropdown(["", *sampler_names()], value="",
+                                                             label="Hires sampling method (empty: the same)",
+                                                             elem_id="txt2img_hr_sampler", allow_custom_value=True))
                     panel.add("hr_prompt", gr.Textbox("", label="Hires prompt", lines=1, elem_id="txt2img_hr_prompt"))
                     panel.add("hr_negative_prompt", gr.Textbox("", label="Hires negative prompt", lines=1,
                                                                elem_id="txt2img_hr_neg_prompt"))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,9 +26,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from webui.images import read_infotext
+from webui.images import read_infotext, save_png
 from webui.models.errors import ModelError
 from webui.models.readers import read_state_dict
 from webui.upscale.arch import Network, build_network
@@ -298,20 +296,5 @@ class UpscalerRegistry:
                 n += 1
                 stem = f"{path.stem}_{n}"
             used.add(f"{stem}.png".lower())
-            written.append(_save_png(result, dst / f"{stem}.png", infotext))
+            written.append(save_png(result, dst / f"{stem}.png", infotext))
         return written
-
-
-def _save_png(image: Image.Image, target: Path, infotext: str | None) -> Path:
-    meta = None
-    if infotext:
-        meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", infotext)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=meta)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target

@@ -1,0 +1,1 @@
+"""The job queue: one worker per device runs generations one at a time, in order."""

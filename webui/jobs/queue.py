@@ -1,0 +1,169 @@
+"""Queued jobs: submit answers at once with a job; one worker thread runs them in order.
+
+Each job has its own cancel token, progress, latest preview and result, so a page or an API
+client follows (and cancels) its own job only. Finished jobs are kept for `retention_s` seconds
+so a client polling for its result finds it, then forgotten. No torch here: what a job runs is
+the callable given at construction (the engine's runner) or one given with the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from webui.models.errors import ModelError
+from webui.pipeline.progress import CancelToken, Progress, ProgressFn
+
+log = logging.getLogger(__name__)
+
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+Work = Callable[[ProgressFn, CancelToken, int], Any]  # (progress, cancel, preview_every) -> result
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "txt2img", "img2img", ...
+    work: Work
+    owner: str | None = None  # who may cancel it besides the server (a page session)
+    request: Any = None  # the GenerationRequest, for echoing it back
+    state: State = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    progress: Progress | None = None
+    preview: Any = None  # the latest preview image (PIL), if any
+    result: Any = None
+    error: str | None = None
+    bad_input: bool = False  # the error is the request's fault (4xx), not the server's
+    token: CancelToken = field(default_factory=CancelToken)
+    events: queue.Queue = field(default_factory=queue.Queue)  # Progress ..., then None when finished
+    done: threading.Event = field(default_factory=threading.Event)
+    meta: dict[str, Any] = field(default_factory=dict)  # what the submitter keeps with the job (API body)
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == "done"
+
+
+class JobQueue:
+    def __init__(self, preview_every: int = 3, retention_s: float = 600.0) -> None:
+        self.preview_every = preview_every
+        self.retention_s = retention_s
+        self._lock = threading.Condition()
+        self._pending: list[Job] = []
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._running: Job | None = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    # --- submitting and following --------------------------------------------------------------
+
+    def submit(self, kind: str, work: Work, *, request: Any = None, owner: str | None = None) -> Job:
+        job = Job(id=uuid.uuid4().hex, kind=kind, work=work, owner=owner, request=request)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job queue is shut down")
+            self._prune()
+            self._jobs[job.id] = job
+            self._pending.append(job)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="job-worker", daemon=True)
+                self._worker.start()
+            self._lock.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._prune()
+            return self._jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """0 while running or finished, else 1 + the number of jobs ahead of it."""
+        with self._lock:
+            try:
+                return self._pending.index(job) + 1
+            except ValueError:
+                return 0
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def cancel(self, job: Job) -> bool:
+        """A queued job is dropped; a running one is interrupted (it keeps what is done)."""
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+                self._finish(job, "cancelled")
+                return True
+        if job.state == "running":
+            job.token.interrupt()
+            return True
+        return False
+
+    def wait(self, job: Job, timeout: float | None = None) -> bool:
+        return job.done.wait(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for job in self._pending:
+                self._finish(job, "cancelled")
+            self._pending.clear()
+            self._lock.notify_all()
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                job = self._pending.pop(0)
+                job.state, job.started = "running", time.time()
+                self._running = job
+            self._run(job)
+            with self._lock:
+                self._running = None
+
+    def _run(self, job: Job) -> None:
+        def report(p: Progress) -> None:
+            job.progress = p
+            if p.preview:
+                job.preview = p.preview[0]
+            job.events.put(p)
+
+        try:
+            job.result = job.work(report, job.token, self.preview_every)
+            state: State = "done"
+        except (ModelError, ValueError) as e:
+            job.error, job.bad_input, state = str(e), True, "failed"
+        except Exception as e:  # noqa: BLE001  a failed job must not stop the worker
+            log.exception("job %s failed", job.id)
+            job.error, state = f"generation failed: {type(e).__name__}: {e}", "failed"
+        with self._lock:
+            self._finish(job, state)
+
+    def _finish(self, job: Job, state: State) -> None:
+        job.state, job.finished = state, time.time()
+        job.events.put(None)
+        job.done.set()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - self.retention_s
+        for job_id in [j.id for j in self._jobs.values() if j.finished is not None and j.finished < cutoff]:
+            del self._jobs[job_id]
