@@ -69,7 +69,8 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(data_dir: Path, *args: str, timeout: float = 90) -> Server:
+def start_server(data_dir: Path, *args: str, timeout: float = 90, ready: str = "/") -> Server:
+    """Start `python -m webui` and wait until `ready` answers (200, or 401 behind auth)."""
     port = free_port()
     log = data_dir / f"server-{port}.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
@@ -87,7 +88,7 @@ def start_server(data_dir: Path, *args: str, timeout: float = 90) -> Server:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
         try:
-            if requests.get(server.url + "/", timeout=2).status_code in (200, 401):
+            if requests.get(server.url + ready, timeout=2).status_code in (200, 401):
                 return server
         except requests.RequestException:
             pass

@@ -30,6 +30,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32")
     g.add_argument("--precision", choices=("autocast", "full"), default="autocast", help="full = float32 (same as --no-half)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="model dtype (default: auto)")
+    g.add_argument("--attention", choices=("auto", "sdpa", "xformers", "sliced"), default="auto",
+                   help="attention backend (default: auto = xformers on CUDA when it works, else PyTorch SDPA)")
+    g.add_argument("--xformers", action="store_const", const="xformers", dest="attention", help="same as --attention xformers")
+    g.add_argument("--opt-sdp-attention", action="store_const", const="sdpa", dest="attention", help="same as --attention sdpa")
+    for flag in ("--opt-split-attention", "--opt-sub-quad-attention"):
+        g.add_argument(flag, action="store_const", const="sliced", dest="attention", help="same as --attention sliced")
     g.add_argument("--model-cache-size", type=int, default=1, help="models kept loaded (default: 1)")
     g.add_argument("--verbose", action="store_true", help="log more")
 
@@ -39,10 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ap)
     s = ap.add_argument_group("server")
     s.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 (default: 127.0.0.1 only)")
-    s.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    s.add_argument("--port", type=int, help="port (default: 7860; 7861 with --nowebui)")
     s.add_argument("--share", action="store_true", help="ask Gradio for a temporary public link")
     s.add_argument("--gradio-auth", help="user:pass[,user2:pass2] required to open the page")
     s.add_argument("--autolaunch", action="store_true", help="open the page in the default browser")
+    s.add_argument("--api", action="store_true", help="serve the HTTP API at /sdapi/v1 beside the page")
+    s.add_argument("--nowebui", action="store_true", help="serve only the HTTP API (default port 7861)")
+    s.add_argument("--api-auth", help="user:pass[,user2:pass2] required by every API route (default: --gradio-auth)")
+    s.add_argument("--max-steps", type=int, default=150, help="API: most sampling steps a request may ask (150)")
+    s.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help="API: most pixels per request, width x height x batch size, hires included")
+    s.add_argument("--job-retention", type=float, default=600.0, help="seconds a finished queued job stays readable")
     s.add_argument("--ckpt", help="checkpoint selected at start (title, name, hash or path)")
     sub = ap.add_subparsers(dest="command")
     t = sub.add_parser("txt2img", help="generate images from a prompt and exit", description="Generate images and print their paths.")
@@ -66,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--inpaint-full-res", action="store_true", help="only the masked area, at full resolution")
     i.add_argument("--inpaint-full-res-padding", type=int, default=32)
     i.add_argument("--inpainting-mask-invert", type=int, default=0, choices=(0, 1))
+    i.add_argument("--outpaint", metavar="L,T,R,B", help="extend the canvas by these pixels and paint the border")
     return ap
 
 
@@ -89,6 +103,11 @@ def _generation_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--tiling", action="store_true")
     t.add_argument("--style", action="append", default=[], dest="styles", help="apply a style from the styles file (repeatable)")
     t.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto", help="override v-prediction detection")
+    t.add_argument("--refiner", dest="refiner_checkpoint", help="checkpoint that takes over for the last steps")
+    t.add_argument("--refiner-switch-at", type=float, default=0.8, help="fraction of the steps before the refiner (0.8)")
+    t.add_argument("--eta", type=float, help="noise multiplier of ancestral samplers and DDIM")
+    t.add_argument("--s-churn", type=float)
+    t.add_argument("--s-noise", type=float)
 
 
 # argparse destinations that are GenerationRequest fields of the same name
@@ -97,6 +116,7 @@ _REQUEST_FIELDS = (
     "sampler_name", "scheduler", "batch_size", "n_iter", "clip_skip", "tiling", "enable_hr", "hr_scale", "hr_resize_x",
     "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "resize_mode", "mask_blur",
     "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+    "refiner_checkpoint", "refiner_switch_at", "eta", "s_churn", "s_noise",
 )
 
 
@@ -112,15 +132,22 @@ def config_from_args(a: argparse.Namespace) -> Config:
         outdir=a.outdir,
         vae=a.vae,
         listen=getattr(a, "listen", False),
-        port=getattr(a, "port", 7860),
+        port=getattr(a, "port", None) or (7861 if getattr(a, "nowebui", False) else 7860),
         share=getattr(a, "share", False),
         gradio_auth=parse_auth(getattr(a, "gradio_auth", None)),
         autolaunch=getattr(a, "autolaunch", False),
+        api=getattr(a, "api", False) or getattr(a, "nowebui", False),
+        nowebui=getattr(a, "nowebui", False),
+        api_auth=parse_auth(getattr(a, "api_auth", None)),
+        max_steps=getattr(a, "max_steps", 150),
+        max_pixels=getattr(a, "max_pixels", 4096 * 4096),
+        job_retention_s=getattr(a, "job_retention", 600.0),
         use_cpu=a.use_cpu,
         device_id=a.device_id,
         no_half=a.no_half or a.precision == "full",
         no_half_vae=a.no_half_vae,
         dtype=a.dtype,
+        attention=a.attention,
         ckpt=a.ckpt,
         model_cache_size=a.model_cache_size,
         prediction=getattr(a, "prediction", "auto"),
@@ -138,6 +165,11 @@ def _generate(a: argparse.Namespace, config: Config) -> int:
         if a.command == "img2img":
             fields["init_images"] = tuple(Image.open(p) for p in a.init_images)
             fields["mask"] = Image.open(a.mask) if a.mask else None
+            if a.outpaint:
+                from webui.pipeline.init_image import Outpaint, extend_canvas
+
+                image, mask = extend_canvas(fields["init_images"][0], Outpaint.parse(a.outpaint), fields["mask"])
+                fields.update(init_images=(image,), mask=mask, width=image.width, height=image.height, resize_mode=0)
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image: {e}") from None
     request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)

@@ -33,6 +33,12 @@ class Config(BaseModel):
     share: bool = False
     gradio_auth: tuple[tuple[str, str], ...] = ()
     autolaunch: bool = False
+    api: bool = False  # serve /sdapi/v1 beside the page
+    nowebui: bool = False  # serve only the API (port 7861 unless --port)
+    api_auth: tuple[tuple[str, str], ...] = ()
+    max_steps: int = 150  # API limits: steps, and pixels per request (width x height x batch, hires included)
+    max_pixels: int = 4096 * 4096
+    job_retention_s: float = 600.0  # how long a finished queued job's result stays available
 
     # device and precision
     use_cpu: bool = False
@@ -40,6 +46,7 @@ class Config(BaseModel):
     no_half: bool = False
     no_half_vae: bool = False
     dtype: DType = "auto"
+    attention: Literal["auto", "sdpa", "xformers", "sliced"] = "auto"  # see webui.runtime.attention
 
     # models
     ckpt: str | None = None

@@ -15,12 +15,15 @@ def serve(config: Config, block: bool = True) -> None:
     # No telemetry or update checks: the app runs offline and says nothing about its user.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from webui.ui.blocks import build_ui  # gradio is imported only when serving
-
     engine = build_engine(config)
     log.info("%d checkpoint(s) in %s", len(engine.registry.checkpoints()), config.checkpoints_path)
+    if config.nowebui:
+        serve_api_only(engine, config)
+        return
+    from webui.ui.blocks import build_ui  # gradio is imported only when serving the page
+
     demo = build_ui(engine)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=16)  # our job queue orders generations
     _, local_url, share_url = demo.launch(
         server_name=config.server_name,
         server_port=config.port,
@@ -32,7 +35,14 @@ def serve(config: Config, block: bool = True) -> None:
         quiet=False,
         allowed_paths=[str(config.outputs_path.resolve())],
         footer_links=["api", "settings"],
+        # our /docs and /openapi.json describe /sdapi/v1 (and are behind --api-auth)
+        app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None},
     )
+    if config.api:
+        from webui.api.routes import attach
+
+        attach(demo.app, engine)
+        log.info("HTTP API at %s/sdapi/v1 (docs at %s/docs)", local_url.rstrip("/"), local_url.rstrip("/"))
     # After the page is up: hash new checkpoints, import the model stack.
     engine.registry.hash_missing_in_background()
     engine.warm_up()
@@ -49,3 +59,18 @@ def serve(config: Config, block: bool = True) -> None:
             pass
         finally:
             demo.close()
+
+
+def serve_api_only(engine, config: Config) -> None:
+    """--nowebui: the HTTP API alone, on uvicorn, without the page."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from webui.api.routes import attach
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    attach(app, engine)
+    engine.registry.hash_missing_in_background()
+    engine.warm_up()
+    print(f"HTTP API at http://{config.server_name}:{config.port}/sdapi/v1", flush=True)
+    uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning")

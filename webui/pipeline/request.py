@@ -32,6 +32,9 @@ def decode_image(value: Any) -> Image.Image:
         return value
     if not isinstance(value, str):
         raise ValueError("expected a base64-encoded image")
+    if value.startswith(("http://", "https://")):
+        raise ValueError("images are not fetched from URLs (a server must not fetch into its own network); "
+                         "send the image as base64")
     text = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         raw = base64.b64decode(text, validate=True)

@@ -1,0 +1,478 @@
+"""`/sdapi/v1/...`: the A1111 HTTP API over the engine and its job queue, plus queued jobs.
+
+Routes are thin: they validate (pydantic), check what needs the registry (model, upscaler
+names, size budget), submit to the same job queue the page uses, and shape the answer. Every
+bad input answers 4xx with a JSON body naming the field and the reason; the route class below
+turns validation errors into that shape for these routes only (the page's routes keep theirs).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image
+
+import webui
+from webui.api.models import (
+    ExtrasSingleImageBody,
+    ExtrasSingleImageResponse,
+    GenerationBody,
+    GenerationResponse,
+    JobBody,
+    JobStatus,
+    PngInfoBody,
+    PngInfoResponse,
+    ProgressResponse,
+    ProgressState,
+)
+from webui.app import Engine
+from webui.images import png_bytes, read_infotext
+from webui.infotext import parse_infotext
+from webui.jobs.queue import Job
+from webui.models.errors import ModelError
+from webui.pipeline.request import GenerationRequest
+from webui.samplers.table import SAMPLERS, SCHEDULES
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/sdapi/v1"
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message, "detail": message}
+    if field:
+        body["field"] = field
+    return JSONResponse(status_code=status, content=body)
+
+
+class ApiRoute(APIRoute):
+    """Validation errors as `{"error", "detail", "errors": [{"field", "message"}]}` (422), without
+    echoing the input back (it may be a megabyte of base64)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as e:
+                errors = []
+                for err in e.errors():
+                    loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
+                    errors.append({"field": ".".join(loc) or "body",
+                                   "message": str(err.get("msg", "invalid")).replace("Value error, ", "")})
+                text = "; ".join(f"{x['field']}: {x['message']}" for x in errors)
+                return JSONResponse(status_code=422, content={"error": text, "detail": text, "errors": errors})
+            except HTTPException as e:
+                text = str(e.detail)
+                return JSONResponse(status_code=e.status_code, content={"error": text, "detail": text},
+                                    headers=e.headers)
+
+        return handle
+
+
+def basic_auth(users: tuple[tuple[str, str], ...]) -> Callable:
+    """HTTP Basic over `users`; a no-op dependency when there are none."""
+    security = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+        if not users:
+            return
+        if credentials is not None:
+            for user, password in users:
+                ok_user = secrets.compare_digest(credentials.username.encode(), user.encode())
+                ok_pass = secrets.compare_digest(credentials.password.encode(), password.encode())
+                if ok_user and ok_pass:
+                    return
+        raise HTTPException(status_code=401, detail="authentication required",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def _b64(image: Image.Image, infotext: str | None = None) -> str:
+    return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
+
+
+class Api:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.config = engine.config
+
+    # --- checks before a job is queued -------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """What pydantic cannot know: names that must exist here, and the server's limits."""
+        cfg, e = self.config, self.engine
+        if request.steps > cfg.max_steps:
+            raise HTTPException(422, f"steps: at most {cfg.max_steps} on this server (got {request.steps})")
+        pixels = request.width * request.height
+        if request.enable_hr and not request.is_img2img:
+            w = request.hr_resize_x or request.width * request.hr_scale
+            h = request.hr_resize_y or request.height * request.hr_scale
+            pixels = max(pixels, int(w * h))
+        if pixels * request.batch_size > cfg.max_pixels:
+            raise HTTPException(422, f"width/height: {request.width}x{request.height} x batch {request.batch_size}"
+                                     f" (and hires) exceeds this server's budget of {cfg.max_pixels} pixels")
+        for field, query in (("checkpoint", request.checkpoint), ("refiner_checkpoint", request.refiner_checkpoint)):
+            try:
+                if field == "checkpoint" or query:
+                    e.resolve_checkpoint(query)
+            except ModelError as err:
+                raise HTTPException(404 if query else 409, f"{field}: {err}") from None
+        if request.enable_hr and not request.hr_upscaler.lower().startswith("latent"):
+            self._check_upscaler(request.hr_upscaler, "hr_upscaler")
+
+    def _check_upscaler(self, name: str, field: str) -> None:
+        names = self.engine.upscalers.names()
+        if name not in names:
+            raise HTTPException(422, f"{field}: unknown upscaler {name!r} (available: {', '.join(names)})")
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def submit(self, body: GenerationBody, kind: str) -> tuple[Job, list[str]]:
+        try:
+            request, notes = body.to_request()
+        except ValueError as err:  # a ValidationError after override_settings
+            raise HTTPException(422, str(err)) from None
+        if kind == "img2img" and not request.is_img2img:
+            raise HTTPException(422, "init_images: img2img needs at least one image")
+        if kind == "txt2img" and request.is_img2img:
+            raise HTTPException(422, "init_images: not used by txt2img (use img2img)")
+        if request.mask is not None and request.mask.size != request.init_images[0].size:
+            notes.append(f"mask {request.mask.size[0]}x{request.mask.size[1]} resized to the image's "
+                         f"{request.init_images[0].size[0]}x{request.init_images[0].size[1]}")
+        self.check(request)
+        return self.engine.submit(request, owner="api"), notes
+
+    def response(self, job: Job, body: GenerationBody, notes: list[str]) -> GenerationResponse:
+        if job.state == "cancelled":
+            raise HTTPException(409, "the job was cancelled before it started")
+        if job.error:
+            raise HTTPException(422 if job.bad_input else 500, job.error)
+        result = job.result
+        images = [_b64(im, text) for im, text in zip(result.images, result.infotexts)] if body.send_images else []
+        exclude = {"notes"} if body.include_init_images else {"notes", "init_images", "mask"}
+        parameters = body.model_dump(mode="json", exclude=exclude)
+        return GenerationResponse(images=images, parameters=parameters, info=json.dumps(self.info(job, notes)))
+
+    @staticmethod
+    def info(job: Job, notes: list[str]) -> dict[str, Any]:
+        r: GenerationRequest = job.request
+        result = job.result
+        first = parse_infotext(result.infotexts[0]) if result.infotexts else {}
+        return {
+            "prompt": r.prompt, "negative_prompt": r.negative_prompt,
+            "all_prompts": [parse_infotext(t)["Prompt"] for t in result.infotexts],
+            "all_negative_prompts": [parse_infotext(t)["Negative prompt"] for t in result.infotexts],
+            "seed": result.seeds[0] if result.seeds else r.seed, "all_seeds": result.seeds,
+            "subseed": result.subseeds[0] if result.subseeds else r.subseed, "all_subseeds": result.subseeds,
+            "subseed_strength": r.subseed_strength, "width": r.width, "height": r.height,
+            "sampler_name": r.sampler_name, "scheduler": r.scheduler, "cfg_scale": r.cfg_scale, "steps": r.steps,
+            "batch_size": r.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": first.get("Model"), "sd_model_hash": first.get("Model hash"),
+            "sd_vae_name": first.get("VAE"), "seed_resize_from_w": r.seed_resize_from_w,
+            "seed_resize_from_h": r.seed_resize_from_h, "denoising_strength": r.denoising_strength,
+            "clip_skip": r.clip_skip, "styles": list(r.styles), "index_of_first_image": 0,
+            "infotexts": result.infotexts, "interrupted": result.interrupted,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+            "version": webui.__version__, "notes": notes,
+        }
+
+    def generate(self, body: GenerationBody, kind: str) -> GenerationResponse:
+        job, notes = self.submit(body, kind)
+        job.done.wait()
+        return self.response(job, body, notes)
+
+    # --- progress and jobs --------------------------------------------------------------------
+
+    def progress(self, skip_current_image: bool) -> ProgressResponse:
+        jobs = self.engine.jobs
+        job = jobs.running
+        queued = jobs.queued()
+        if job is None or job.progress is None:
+            return ProgressResponse(progress=0.0, eta_relative=0.0,
+                                    state=ProgressState(job_count=queued + (job is not None)))
+        p = job.progress
+        image = None if skip_current_image or job.preview is None else _b64(job.preview)
+        state = ProgressState(
+            job=job.id, job_count=queued + 1, job_no=p.batch, sampling_step=p.step, sampling_steps=p.total_steps,
+            interrupted=job.token.interrupted, skipped=job.token.skipped,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+        )
+        return ProgressResponse(progress=p.fraction, eta_relative=p.eta, state=state, current_image=image,
+                                textinfo=f"Step {p.step}/{p.total_steps}")
+
+    def job_status(self, job: Job, with_image: bool = True) -> JobStatus:
+        p = job.progress
+        status = JobStatus(
+            id=job.id, type=job.kind, state=job.state, position=self.engine.jobs.position(job),
+            progress=1.0 if job.state == "done" else (p.fraction if p else 0.0), eta_relative=p.eta if p else 0.0,
+            step=p.step if p else 0, steps=p.total_steps if p else 0, error=job.error,
+            current_image=_b64(job.preview) if with_image and job.preview is not None and job.state == "running"
+            else None,
+        )
+        if job.state == "done":
+            status.result = self.response(job, job.meta["body"], job.meta["notes"])
+        return status
+
+
+def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of small routes
+    api = Api(engine)
+    cfg = engine.config
+    router = APIRouter(prefix=PREFIX, route_class=ApiRoute, tags=["sdapi"])
+
+    @router.post("/txt2img", response_model=GenerationResponse)
+    def txt2img(body: GenerationBody) -> GenerationResponse:
+        return api.generate(body, "txt2img")
+
+    @router.post("/img2img", response_model=GenerationResponse)
+    def img2img(body: GenerationBody) -> GenerationResponse:
+        return api.generate(body, "img2img")
+
+    @router.post("/jobs", response_model=JobStatus, status_code=202)
+    def submit_job(body: JobBody) -> JobStatus:
+        """Queue a txt2img or img2img job (`type`); answers at once with its id."""
+        job, notes = api.submit(body, body.type)
+        job.meta.update(body=body, notes=notes)
+        return api.job_status(job, with_image=False)
+
+    @router.get("/jobs/{job_id}", response_model=JobStatus)
+    def get_job(job_id: str) -> JobStatus:
+        job = engine.jobs.get(job_id)
+        if job is None or "body" not in job.meta:
+            raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept {cfg.job_retention_s:g}s)")
+        return api.job_status(job)
+
+    @router.delete("/jobs/{job_id}", response_model=JobStatus)
+    def cancel_job(job_id: str) -> JobStatus:
+        """Cancel that job only: dropped if queued, interrupted (keeping what is done) if running."""
+        job = engine.jobs.get(job_id)
+        if job is None or "body" not in job.meta:
+            raise HTTPException(404, f"no job {job_id!r}")
+        engine.jobs.cancel(job)
+        return api.job_status(job, with_image=False)
+
+    @router.get("/progress", response_model=ProgressResponse)
+    def progress(skip_current_image: bool = False) -> ProgressResponse:
+        return api.progress(skip_current_image)
+
+    @router.post("/interrupt")
+    def interrupt() -> dict:
+        job = engine.jobs.running
+        if job is not None:
+            job.token.interrupt()
+        return {"interrupted": job.id if job else None}
+
+    @router.post("/skip")
+    def skip() -> dict:
+        job = engine.jobs.running
+        if job is not None:
+            job.token.skip()
+        return {"skipped": job.id if job else None}
+
+    @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
+    def extra_single_image(body: ExtrasSingleImageBody) -> ExtrasSingleImageResponse:
+        api._check_upscaler(body.upscaler_1, "upscaler_1")
+        if body.resize_mode == 1:
+            options: dict[str, Any] = {"size": (body.upscaling_resize_w, body.upscaling_resize_h)}
+        else:
+            options = {"scale": body.upscaling_resize}
+        job = engine.jobs.submit("extras", lambda progress, cancel, _: engine.upscalers.upscale(
+            body.image, body.upscaler_1, device=engine.runtime.device, cancel=lambda: cancel.interrupted,
+            **options), owner="api")
+        job.done.wait()
+        if job.error:
+            raise HTTPException(422 if job.bad_input else 500, job.error)
+        out: Image.Image = job.result
+        source = read_infotext(body.image)
+        note = f"Postprocess upscaler: {body.upscaler_1}, Postprocess upscale to: {out.width}x{out.height}"
+        return ExtrasSingleImageResponse(html_info=note, image=_b64(out, f"{source}\n{note}" if source else note))
+
+    @router.post("/png-info", response_model=PngInfoResponse)
+    def png_info(body: PngInfoBody) -> PngInfoResponse:
+        text = read_infotext(body.image) or ""
+        params = parse_infotext(text) if text else {}
+        items = {k: v for k, v in body.image.info.items() if isinstance(v, (str, int, float))}
+        return PngInfoResponse(info=text, items=items, parameters=params)
+
+    @router.get("/options")
+    def get_options() -> dict:
+        try:
+            current = engine.resolve_checkpoint(None)
+        except ModelError:
+            current = None
+        return {
+            "sd_model_checkpoint": current.title if current else None,
+            "sd_checkpoint_hash": current.sha256 if current else None,
+            "sd_vae": cfg.vae or "Automatic",
+            "CLIP_stop_at_last_layers": 1,
+            "samples_format": "png",
+            "outdir_samples": str(cfg.outputs_path),
+            "live_previews_enable": engine.jobs.preview_every > 0,
+            "show_progress_every_n_steps": engine.jobs.preview_every,
+        }
+
+    @router.post("/options")
+    def set_options(options: dict[str, Any]) -> dict:
+        """Server-wide: `sd_model_checkpoint` (the model for requests that name none) and
+        `show_progress_every_n_steps`. Per-request choices belong in `override_settings`."""
+        known = {"sd_model_checkpoint", "show_progress_every_n_steps", "live_previews_enable"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise HTTPException(422, f"options not supported: {', '.join(unknown)} (supported: "
+                                     f"{', '.join(sorted(known))}; per-request settings go in override_settings)")
+        if "sd_model_checkpoint" in options:
+            value = options["sd_model_checkpoint"]
+            if not isinstance(value, str):
+                raise HTTPException(422, "sd_model_checkpoint: a checkpoint title, name or hash")
+            try:
+                title = engine.registry.find(value).title
+            except ModelError as err:
+                raise HTTPException(404, f"sd_model_checkpoint: {err}") from None
+            engine.current_checkpoint = title
+        every = options.get("show_progress_every_n_steps")
+        if every is not None:
+            if isinstance(every, bool) or not isinstance(every, int) or every < -1:
+                raise HTTPException(422, "show_progress_every_n_steps: a whole number, -1 or 0 for none")
+            engine.jobs.preview_every = max(every, 0)
+        if options.get("live_previews_enable") is False:
+            engine.jobs.preview_every = 0
+        return {}
+
+    @router.get("/sd-models")
+    def sd_models() -> list[dict]:
+        return [{"title": c.title, "model_name": c.model_name, "hash": c.hash10, "sha256": c.sha256,
+                 "filename": str(c.path), "config": None} for c in engine.registry.checkpoints()]
+
+    @router.get("/sd-vae")
+    def sd_vae() -> list[dict]:
+        return [{"model_name": n, "filename": str(cfg.vae_path / n)} for n in engine.registry.vae_names()]
+
+    @router.get("/samplers")
+    def samplers() -> list[dict]:
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {o: "" for o in s.options}} for s in SAMPLERS]
+
+    @router.get("/schedulers")
+    def schedulers() -> list[dict]:
+        return [{"name": n.lower().replace(" ", "_"), "label": n, "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for n in SCHEDULES]
+
+    @router.get("/upscalers")
+    def upscalers() -> list[dict]:
+        out = []
+        for info in engine.upscalers.entries():
+            out.append({"name": info.name, "model_name": info.name if info.path else None,
+                        "model_path": str(info.path) if info.path else None, "model_url": None, "scale": 4})
+        return out
+
+    @router.get("/latent-upscale-modes")
+    def latent_modes() -> list[dict]:
+        return [{"name": "Latent"}]
+
+    @router.get("/loras")
+    def loras() -> list[dict]:
+        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": {}} for f in engine.networks.loras()]
+
+    @router.get("/embeddings")
+    def embeddings() -> dict:
+        return {"loaded": {f.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                    "shape": None, "vectors": None} for f in engine.networks.embeddings()},
+                "skipped": {}}
+
+    @router.get("/prompt-styles")
+    def prompt_styles() -> list[dict]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in engine.styles.list()]
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> dict:
+        engine.registry.refresh(compute_hashes=True)
+        return {}
+
+    @router.post("/refresh-vae")
+    def refresh_vae() -> dict:
+        engine.registry.refresh(compute_hashes=False)
+        return {}
+
+    @router.post("/refresh-loras")
+    def refresh_loras() -> dict:
+        engine.networks.refresh()
+        return {}
+
+    @router.get("/cmd-flags")
+    def cmd_flags() -> dict:
+        flags = cfg.model_dump(mode="json", exclude={"gradio_auth", "api_auth"})
+        flags["gradio_auth"] = bool(cfg.gradio_auth)
+        flags["api_auth"] = bool(cfg.api_auth)
+        rt = engine.runtime
+        flags["attention_backend"] = getattr(rt, "attention", "sdpa")
+        flags["device"] = str(rt.device)
+        return flags
+
+    @router.get("/memory")
+    def memory() -> dict:
+        return {"ram": _ram(), "cuda": _cuda()}
+
+    @router.get("/scripts")
+    def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/extensions")
+    def extensions() -> list[dict]:
+        return []
+
+    return router
+
+
+def _ram() -> dict:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return {"error": "unknown on this system"}
+    return {"free": free, "used": total - free, "total": total}
+
+
+def _cuda() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device"}
+    free, total = torch.cuda.mem_get_info()
+    return {"system": {"free": free, "used": total - free, "total": total},
+            "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
+
+
+def attach(app: FastAPI, engine: Engine) -> None:
+    """Add the API routes, and `/docs` + `/openapi.json` describing them, to `app` (it may be
+    already serving). `--api-auth` guards every one of them."""
+    # --api-auth, else the page's --gradio-auth: an auth flag covers every route
+    guard = [Depends(basic_auth(engine.config.api_auth or engine.config.gradio_auth))]
+    router = build_router(engine)
+    app.include_router(router, dependencies=guard)
+    schema: dict[str, Any] = {}
+
+    def openapi() -> dict:
+        if not schema:
+            schema.update(get_openapi(title="Stable Diffusion web UI API", version=webui.__version__,
+                                      routes=router.routes))
+        return schema
+
+    app.add_api_route("/openapi.json", openapi, methods=["GET"], include_in_schema=False, dependencies=guard)
+    app.add_api_route("/docs", lambda: get_swagger_ui_html(openapi_url="/openapi.json", title="API docs"),
+                      methods=["GET"], include_in_schema=False, dependencies=guard)
