@@ -1,8 +1,9 @@
 """Saving images: PNG/JPEG/WebP metadata as A1111 writes it, reading it back from any of them,
-file names that never overwrite, atomic writes."""
+file names that never overwrite (and patterns no prompt can escape), atomic writes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import struct
@@ -15,7 +16,14 @@ import pytest
 from PIL import Image
 
 from webui import images
-from webui.images import decode_user_comment, exif_with_user_comment, read_infotext, save_image
+from webui.images import (
+    decode_user_comment,
+    exif_with_user_comment,
+    filename_stem,
+    read_infotext,
+    sanitize_filename_part,
+    save_image,
+)
 
 INFOTEXT = (
     'a "red" cube, (glossy:1.2)\non a table — 日本語 🎨\n'
@@ -249,3 +257,71 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(OSError, match="No space"):
         save_image(picture(), tmp_path, 1, "x", "jpeg")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- file-name patterns --------------------------------------------------------------------------------
+
+NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
+VALUES = {"steps": 20, "cfg": 7.0, "sampler": "DPM++ 2M", "width": 512, "height": 768,
+          "model_name": "v1-5-pruned-emaonly", "model_hash": "6ce0161689", "job_timestamp": "20250304050000",
+          "prompt": "(masterpiece:1.2), a <lora:style:0.8> red [cube|ball] on a table, glossy, studio light, 4k"}
+
+
+def test_default_pattern_gives_number_and_seed(tmp_path: Path) -> None:
+    assert filename_stem("[seed]", 1234) == "1234"
+    assert save_image(picture(), tmp_path, 1234, "x", pattern="[seed]", values=VALUES).name == "00000-1234.png"
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("[seed]-[steps]-[cfg]", "99-20-7"),
+    ("[sampler]_[width]x[height]", "DPM++ 2M_512x768"),
+    ("[model_name]-[model_hash]", "v1-5-pruned-emaonly-6ce0161689"),
+    ("[prompt_words]", "masterpiece a red cube ball on a table"),
+    ("[date] [datetime]", "2025-03-04 20250304050607"),
+    ("[job_timestamp]", "20250304050000"),
+    ("[SEED]", "99"),
+    ("[seed]-[unknown]-[x", "99-[unknown]-[x"),
+])
+def test_pattern_tokens(pattern: str, expected: str) -> None:
+    assert filename_stem(pattern, 99, VALUES, now=NOW) == expected
+
+
+def test_token_values_and_fallbacks() -> None:
+    assert filename_stem("[cfg]", 1, {"cfg": 6.5}) == "6.5"
+    assert filename_stem("[prompt_words]", 1, {"prompt_words": "one two three four five six seven eight nine"}) \
+        == "one two three four five six seven eight"
+    assert filename_stem("[job_timestamp]", 1, {}, now=NOW) == "20250304050607"
+    assert filename_stem("[model_name]", 7, {}) == "7"  # nothing left: the seed
+    assert filename_stem("[seed]-[model_name]", 7, {}) == "7-"
+
+
+@pytest.mark.parametrize("prompt", [
+    "../../etc/passwd", "..\\..\\Windows\\System32", "a/b\\c", "CON", "nul.txt", "LPT1", "com9 ", "x" * 500,
+    "line one\nline two\r\nthree\x00four\x1b[31m", "what? <yes> | no * \"quoted\": end.", "...", "  ", "\u2028\ud800",
+    "日本語の猫" * 60, "/absolute/path", "trailing dots...",
+])
+def test_hostile_prompts_stay_inside_the_folder(tmp_path: Path, prompt: str) -> None:
+    folder = tmp_path / "out"
+    stem = filename_stem("[prompt_words]", 5, {"prompt_words": prompt})
+    assert stem and len(stem) <= 120 and len(stem.encode("utf-8")) <= 180
+    assert not set(stem) & set('/\\<>:"|?*') and ".." not in stem
+    assert all(ord(c) >= 32 and c != "\x7f" for c in stem)
+    assert stem == stem.strip(". ")
+    assert stem.split(".")[0].strip().upper() not in {"CON", "NUL", "LPT1", "COM9"}
+    path = save_image(picture(), folder, 5, "x", pattern="[seed]-[prompt_words]", values={"prompt": prompt})
+    assert path.parent == folder and path.resolve().parent == folder.resolve()
+    assert path.name.startswith("00000-5-") or path.name == "00000-5-.png"
+    assert sorted(os.listdir(folder)) == [path.name]
+
+
+def test_sanitize_keeps_ordinary_names() -> None:
+    assert sanitize_filename_part("a cat, on a mat (v2) [x]") == "a cat, on a mat (v2) [x]"
+    assert sanitize_filename_part("🎨 日本語 café") == "🎨 日本語 café"
+    assert sanitize_filename_part("", fallback="1") == "1"
+
+
+def test_numbers_are_shared_across_patterns(tmp_path: Path) -> None:
+    a = save_image(picture(), tmp_path, 1, "x", pattern="[seed]")
+    b = save_image(picture(), tmp_path, 1, "x", pattern="[seed]-[steps]", values={"steps": 20})
+    c = save_image(picture(), tmp_path, 1, "x", pattern="[steps]", values={"steps": 20}, fmt="jpeg")
+    assert [a.name, b.name, c.name] == ["00000-1.png", "00001-1-20.png", "00002-20.jpg"]

@@ -11,6 +11,10 @@ Metadata goes where A1111 puts it, so other tools (A1111's PNG Info, civitai, ex
   Pillow's `Image.Exif` would store the tag as BYTE (piexif then hands A1111 a tuple it cannot
   decode), so the Exif IFD is built with an explicit tag type.
 
+File names are `NNNNN-<pattern>.<ext>`; the pattern's tokens (`[seed]`, `[prompt_words]`, ...,
+see `FILENAME_TOKENS`) are filled in and the result is made safe on every OS (`filename_stem`), so
+no prompt can name a file outside the folder. The default pattern `[seed]` gives `NNNNN-SEED.ext`.
+
 Reading accepts more than it writes: UTF-16 in either byte order (a BOM, else whichever order
 puts the zero bytes of ASCII characters in the high byte), the `ASCII\\0\\0\\0` and `JIS` prefixes,
 and no prefix at all when the rest is valid UTF-8.
@@ -26,6 +30,8 @@ import re
 import struct
 import tempfile
 import threading
+import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin, TiffTags
@@ -48,6 +54,90 @@ _JPEG_MAX_EXIF = 65533  # an APP1 segment holds 65535 bytes, 2 of them its lengt
 
 # format name as passed to `save_image` -> (Pillow format, file extension)
 FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "jpg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
+
+
+# file-name pattern tokens; each value comes from `values` given to `save_image` (the seed from `seed`)
+FILENAME_TOKENS = ("seed", "steps", "cfg", "sampler", "width", "height", "model_name", "model_hash",
+                   "prompt_words", "date", "datetime", "job_timestamp")
+_TOKEN = re.compile(r"\[([A-Za-z_]+)\]")
+_PROMPT_WORDS = 8
+_STEM_MAX_CHARS = 120
+_STEM_MAX_BYTES = 180  # file systems allow 255 bytes per name; leave room for NNNNN- and the extension
+_WINDOWS_FORBIDDEN = re.compile(r'[<>:"/\\|?*]')
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                     *(f"COM{i}" for i in "123456789¹²³"), *(f"LPT{i}" for i in "123456789¹²³")}
+
+
+def _prompt_words(prompt: str) -> str:
+    """The first words of a prompt, without extra-network tags and prompt syntax."""
+    text = re.sub(r"<[^>]*>", " ", prompt)
+    text = re.sub(r":\s*-?[\d.]+\s*(?=[)\]]|$)", " ", text)  # attention weights and edit steps
+    words = [w for w in re.split(r"[\s,()\[\]{}:|]+", text) if w and w not in ("AND", "BREAK")]
+    return " ".join(words[:_PROMPT_WORDS])
+
+
+def _token_text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:f}".rstrip("0").rstrip(".") if value == value else "nan"
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y%m%d%H%M%S")
+    return str(value)
+
+
+def sanitize_filename_part(text: str, fallback: str = "") -> str:
+    """`text` made safe as (part of) a file name on Linux, macOS and Windows: no path separators,
+    control or reserved characters, no `..`, no leading dot, no trailing dot or space, no reserved device name,
+    at most 120 characters (180 UTF-8 bytes). `fallback` when nothing is left."""
+    chars = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs", "Zl", "Zp") or ch.isspace():
+            chars.append(" ")
+        elif category in ("Cf", "Co", "Cn") and ch != "\u200d":  # invisible/unassigned; keep emoji joiners
+            continue
+        else:
+            chars.append(ch)
+    name = _WINDOWS_FORBIDDEN.sub("_", "".join(chars))
+    name = re.sub(r" {2,}", " ", name)
+    name = re.sub(r"\.{2,}", ".", name)
+    name = name.strip(" ")
+    name = name[:_STEM_MAX_CHARS]
+    while len(name.encode("utf-8")) > _STEM_MAX_BYTES:
+        name = name[:-1]
+    name = name.strip(". ")  # no hidden file, no trailing dot or space (Windows drops them)
+    if name.split(".")[0].upper().rstrip(" ") in _WINDOWS_RESERVED:
+        name = "_" + name
+    return name or fallback
+
+
+def filename_stem(pattern: str, seed: int, values: Mapping[str, object] | None = None,
+                  now: dt.datetime | None = None) -> str:
+    """The part of a file name after `NNNNN-`: `pattern` with its tokens filled in, made safe.
+
+    Tokens (case-insensitive): `[seed]` (from `seed`), `[steps]`, `[cfg]`, `[sampler]`, `[width]`,
+    `[height]`, `[model_name]`, `[model_hash]` (from `values`), `[prompt_words]` (the first 8 words
+    of `values["prompt_words"]`, else of `values["prompt"]`), `[date]` (YYYY-MM-DD), `[datetime]`
+    (YYYYMMDDHHMMSS), `[job_timestamp]` (from `values`, else as `[datetime]`). A known token with
+    no value is dropped; an unknown one is kept as typed."""
+    values = dict(values or {})
+    now = now or dt.datetime.now()
+    if "prompt_words" not in values and "prompt" in values:
+        values["prompt_words"] = values["prompt"]
+    if "prompt_words" in values:
+        values["prompt_words"] = _prompt_words(str(values["prompt_words"]))
+    values["seed"] = seed
+    values.setdefault("date", now.date().isoformat())
+    values.setdefault("datetime", now.strftime("%Y%m%d%H%M%S"))
+    values.setdefault("job_timestamp", values["datetime"])
+
+    def fill(match: re.Match[str]) -> str:
+        token = match.group(1).lower()
+        if token not in FILENAME_TOKENS:
+            return match.group(0)
+        value = values.get(token)
+        return "" if value is None else _token_text(value)
+
+    return sanitize_filename_part(_TOKEN.sub(fill, pattern), fallback=str(seed))
 
 
 def dated_dir(root: Path, kind: str, today: dt.date | None = None) -> Path:
@@ -172,8 +262,10 @@ def _encode(image: Image.Image, fmt: str, infotext: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def save_image(image: Image.Image, folder: Path, seed: int, infotext: str, fmt: str = "png", quality: int = 95) -> Path:
-    """Save as `NNNNN-SEED.<png|jpg|webp>` with the infotext as metadata (see the module doc).
+def save_image(image: Image.Image, folder: Path, seed: int, infotext: str, fmt: str = "png", quality: int = 95,
+               pattern: str = "[seed]", values: Mapping[str, object] | None = None) -> Path:
+    """Save as `NNNNN-<pattern>.<png|jpg|webp>` with the infotext as metadata (see the module doc);
+    the default pattern gives `NNNNN-SEED.ext`, `values` fill the other tokens (`filename_stem`).
 
     The bytes go to a temporary file that is then hard-linked under its final name; linking
     fails if the name exists, so concurrent saves never overwrite each other, and a reader
@@ -184,6 +276,7 @@ def save_image(image: Image.Image, folder: Path, seed: int, infotext: str, fmt: 
     if key not in FORMATS:
         raise ValueError(f"unknown image format {fmt!r} (available: png, jpeg, webp)")
     ext = FORMATS[key][1]
+    stem = filename_stem(pattern, seed, values)
     data = _encode(image, key, infotext, quality)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,7 +290,7 @@ def save_image(image: Image.Image, folder: Path, seed: int, infotext: str, fmt: 
         with _NAMING:
             number = next_number(folder)
             while True:
-                target = folder / f"{number:05d}-{seed}.{ext}"
+                target = folder / f"{number:05d}-{stem}.{ext}"
                 try:
                     _publish(tmp, target)
                     return target
