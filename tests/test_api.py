@@ -124,6 +124,18 @@ def test_options_switch_the_server_model(api: Server) -> None:
     bad = post(api, "/options", {"sd_model_checkpoint": "nope"})
     assert bad.status_code == 404 and "nope" in bad.json()["detail"]
     assert post(api, "/options", {"no_such_option": 1}).status_code == 422
+    # settings through options: saved to config.json, applied to the next image
+    r = post(api, "/options", {"samples_format": "jpeg", "filename_pattern": "[seed]-[steps]"})
+    assert r.status_code == 200, r.text
+    try:
+        assert get(api, "/options").json()["samples_format"] == "jpeg"
+        saved = post(api, "/txt2img", {**SMALL, "seed": 77, "save_images": True})
+        assert saved.status_code == 200
+        assert list((api.data_dir / "outputs" / "txt2img-images").rglob("*-77-2.jpg"))
+        bad = post(api, "/options", {"samples_format": "tiff"})
+        assert bad.status_code == 422 and "samples_format" in bad.json()["detail"]
+    finally:
+        post(api, "/options", {"samples_format": "png", "filename_pattern": "[seed]"})
 
 
 def test_twenty_concurrent_requests_all_complete_with_their_own_seeds(api: Server) -> None:

@@ -79,3 +79,20 @@ def test_refiner_from_another_latent_space_is_refused(engine: Engine, data_dir: 
 def test_missing_refiner_is_named(engine: Engine) -> None:
     with pytest.raises(ModelError, match="nope"):
         engine.runner.generate(req(refiner_checkpoint="nope.safetensors"))
+
+
+def test_sdxl_base_hands_over_to_an_sdxl_refiner(data_dir: Path, checkpoint_store: Path) -> None:
+    from webui.testing.make_checkpoint import write_checkpoint
+
+    add_checkpoint(data_dir, checkpoint_store, "sdxl.safetensors")
+    write_checkpoint(data_dir / "models" / "Stable-diffusion" / "sdxl-refiner.safetensors", "sdxl-refiner", seed=8)
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32", model_cache_size=2))
+    base = req(checkpoint="sdxl.safetensors", width=64, height=64)
+    plain = engine.runner.generate(base)
+    refined = engine.runner.generate(base.model_copy(update={"refiner_checkpoint": "sdxl-refiner",
+                                                             "refiner_switch_at": 0.5}))
+    image = refined.images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 1
+    assert np.abs(px(plain) - px(refined)).mean() > 1
+    fields = parse_infotext(refined.infotexts[0])
+    assert fields["Model"] == "sdxl" and fields["Refiner"].startswith("sdxl-refiner")

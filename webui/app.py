@@ -21,8 +21,10 @@ from webui.models.hashing import HashCache
 from webui.models.registry import CheckpointInfo, ModelRegistry
 from webui.networks.registry import NetworkRegistry
 from webui.prompts.styles import StyleStore
+from webui.settings import Settings, SettingsStore
 
 if TYPE_CHECKING:
+    from webui.extensions.manager import ExtensionManager
     from webui.models.load import ModelBundle
     from webui.pipeline.batch import FolderBatch
     from webui.pipeline.request import GenerationRequest
@@ -47,18 +49,31 @@ class _ModelSide:
 class Engine:
     """Models plus the runner: what the UI, the command line and the API call into."""
 
-    def __init__(self, config: Config, registry: ModelRegistry, networks: NetworkRegistry, styles: StyleStore) -> None:
+    def __init__(self, config: Config, registry: ModelRegistry, networks: NetworkRegistry, styles: StyleStore,
+                 extensions: ExtensionManager | None = None, settings: SettingsStore | None = None) -> None:
         self.config = config
+        self.extensions = extensions
+        self.settings = settings or SettingsStore(config.data_dir / "config.json")
         self.registry = registry
         self.networks = networks
         self.styles = styles
-        self.cache: ModelCache[ModelBundle] = ModelCache(config.model_cache_size)
-        self.jobs = JobQueue()
+        current = self.settings.get()
+        # an explicit --model-cache-size wins over the setting
+        self.cache: ModelCache[ModelBundle] = ModelCache(
+            config.model_cache_size if config.model_cache_size != 1 else current.model_cache_size)
+        self.jobs = JobQueue(retention_s=config.job_retention_s)
+        self._apply_settings(current)
+        self.settings.subscribe(self._apply_settings)
         # the model a request without a checkpoint runs on (the API's `sd_model_checkpoint`
         # option); starts as --ckpt, else the first listed
         self.current_checkpoint: str | None = config.ckpt
         self._side: _ModelSide | None = None
         self._side_lock = threading.Lock()
+
+    def _apply_settings(self, s: Settings) -> None:
+        """What applies live when the Settings tab (or the API's options) change."""
+        self.jobs.preview_every = s.show_progress_every_n_steps if s.live_previews_enable else 0
+        self.cache.capacity = max(1, s.model_cache_size)
 
     # --- the model side, built once on first use ---------------------------------------------
 
@@ -81,7 +96,8 @@ class Engine:
                 def upscale(image, name: str, size: tuple[int, int]):
                     return upscalers.upscale(image, name, size=size, device=runtime.device)
 
-                runner = Runner(self.bundle, self.config.outputs_path, library, upscale, self.config.models_path)
+                runner = Runner(self.bundle, self.config.outputs_path, library, upscale, self.config.models_path,
+                                self.extensions, self.settings.get, self.config.data_dir)
                 self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
             return self._side
 
@@ -158,7 +174,7 @@ class Engine:
             from webui.models.load import load_bundle
 
             log.info("loading %s", info.title)
-            return load_bundle(
+            bundle = load_bundle(
                 info.path,
                 runtime=side.runtime,
                 tokenizers=side.tokenizers,
@@ -167,6 +183,9 @@ class Engine:
                 vae_path=vae,
                 prediction=prediction,
             )
+            if self.extensions is not None:
+                self.extensions.model_loaded(bundle)
+            return bundle
 
         return self.cache.get(key, load)
 
@@ -187,4 +206,22 @@ def build_engine(config: Config) -> Engine:
     registry.refresh(compute_hashes=False)  # cached hashes only: start-up never reads whole files
     networks = NetworkRegistry(config.lora_path, config.embeddings_path, hashes)
     networks.refresh()
-    return Engine(config, registry, networks, StyleStore(config.styles_path))
+    settings = SettingsStore(config.data_dir / "config.json")
+    return Engine(config, registry, networks, StyleStore(config.styles_path), load_extensions(config, settings), settings)
+
+
+SHIPPED_EXTENSIONS = Path(__file__).resolve().parent.parent / "extensions"
+
+
+def load_extensions(config: Config, settings: SettingsStore) -> ExtensionManager:
+    """The shipped extensions (this checkout's `extensions/`) and the user's, loaded and ordered."""
+    from webui.extensions.manager import ExtensionManager
+
+    folders = [config.extensions_path]
+    if SHIPPED_EXTENSIONS.is_dir() and SHIPPED_EXTENSIONS.resolve() != config.extensions_path.resolve():
+        folders.insert(0, SHIPPED_EXTENSIONS)
+    manager = ExtensionManager(folders, config.data_dir / "extensions.json", enabled=not config.disable_all_extensions)
+    manager.load(settings_sink=settings.register_section, settings_source=settings.section)
+    for e in manager.extensions:
+        log.info("extension %s %s: %s", e.name, e.version, e.status)
+    return manager

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=4096 * 4096,
                    help="API: most pixels per request, width x height x batch size, hires included")
     s.add_argument("--job-retention", type=float, default=600.0, help="seconds a finished queued job stays readable")
+    s.add_argument("--extensions-dir", type=Path, help="extensions folder (default: <data-dir>/extensions)")
+    s.add_argument("--disable-all-extensions", action="store_true", help="start without any extension")
+    s.add_argument("--enable-insecure-extension-access", action="store_true",
+                   help="allow installing extensions from the page even with --listen or --share")
     s.add_argument("--ckpt", help="checkpoint selected at start (title, name, hash or path)")
     sub = ap.add_subparsers(dest="command")
     t = sub.add_parser("txt2img", help="generate images from a prompt and exit", description="Generate images and print their paths.")
@@ -142,6 +146,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
         max_steps=getattr(a, "max_steps", 150),
         max_pixels=getattr(a, "max_pixels", 4096 * 4096),
         job_retention_s=getattr(a, "job_retention", 600.0),
+        extensions_dir=getattr(a, "extensions_dir", None),
+        disable_all_extensions=getattr(a, "disable_all_extensions", False),
+        enable_insecure_extension_access=getattr(a, "enable_insecure_extension_access", False),
         use_cpu=a.use_cpu,
         device_id=a.device_id,
         no_half=a.no_half or a.precision == "full",

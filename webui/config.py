@@ -40,6 +40,11 @@ class Config(BaseModel):
     max_pixels: int = 4096 * 4096
     job_retention_s: float = 600.0  # how long a finished queued job's result stays available
 
+    # extensions
+    extensions_dir: Path | None = None  # default: <data_dir>/extensions
+    disable_all_extensions: bool = False
+    enable_insecure_extension_access: bool = False  # allow installing while listening beyond localhost
+
     # device and precision
     use_cpu: bool = False
     device_id: int | None = None
@@ -80,6 +85,15 @@ class Config(BaseModel):
     @property
     def embeddings_path(self) -> Path:
         return self.embeddings_dir or self.models_path / "embeddings"
+
+    @property
+    def extensions_path(self) -> Path:
+        return self.extensions_dir or self.data_dir / "extensions"
+
+    @property
+    def exposed(self) -> bool:
+        """True when people beyond this computer can reach the server."""
+        return self.listen or self.share
 
     @property
     def styles_path(self) -> Path:

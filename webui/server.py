@@ -37,7 +37,10 @@ def serve(config: Config, block: bool = True) -> None:
         footer_links=["api", "settings"],
         # our /docs and /openapi.json describe /sdapi/v1 (and are behind --api-auth)
         app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None},
+        **_extension_assets(engine),
     )
+    if engine.extensions is not None:
+        engine.extensions.app_started(demo.app)
     if config.api:
         from webui.api.routes import attach
 
@@ -70,7 +73,19 @@ def serve_api_only(engine, config: Config) -> None:
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     attach(app, engine)
+    if engine.extensions is not None:
+        engine.extensions.app_started(app)
     engine.registry.hash_missing_in_background()
     engine.warm_up()
     print(f"HTTP API at http://{config.server_name}:{config.port}/sdapi/v1", flush=True)
     uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning")
+
+
+def _extension_assets(engine) -> dict:
+    """Extensions' `javascript/*.js` (inlined into the page head) and `style.css` files."""
+    if engine.extensions is None:
+        return {}
+    js, css = engine.extensions.assets()
+    scripts = "".join(f"<script>/* {p.parent.parent.name}/{p.name} */\n{p.read_text(encoding='utf-8')}\n</script>"
+                      for p in js)
+    return {"head": scripts or None, "css_paths": [str(p) for p in css] or None}

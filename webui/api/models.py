@@ -65,6 +65,8 @@ class GenerationBody(GenerationRequest):
         """The engine's request (override_settings applied to this request only) and the notes."""
         notes = list(self.notes) + (envelope_notes or [])
         fields = {name: getattr(self, name) for name in GenerationRequest.model_fields}
+        if self.alwayson_scripts:  # A1111's shape {name: {"args": [...]}}; names are extension names
+            fields["extensions"] = {**self.alwayson_scripts, **self.extensions}
         ignored_overrides = []
         for key, value in self.override_settings.items():
             if key in OVERRIDE_FIELDS:

@@ -136,6 +136,13 @@ class Api:
                 raise HTTPException(404 if query else 409, f"{field}: {err}") from None
         if request.enable_hr and not request.hr_upscaler.lower().startswith("latent"):
             self._check_upscaler(request.hr_upscaler, "hr_upscaler")
+        if request.extensions:
+            if e.extensions is None:
+                raise HTTPException(422, "alwayson_scripts: extensions are not loaded")
+            try:
+                e.extensions.validate_args(request.extensions)
+            except ValueError as err:
+                raise HTTPException(422, f"alwayson_scripts: {err}") from None
 
     def _check_upscaler(self, name: str, field: str) -> None:
         names = self.engine.upscalers.names()
@@ -312,30 +319,29 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/options")
     def get_options() -> dict:
+        """The Settings (as in the Settings tab) plus the current model."""
         try:
             current = engine.resolve_checkpoint(None)
         except ModelError:
             current = None
         return {
+            **engine.settings.get().model_dump(mode="json"),
             "sd_model_checkpoint": current.title if current else None,
             "sd_checkpoint_hash": current.sha256 if current else None,
             "sd_vae": cfg.vae or "Automatic",
-            "CLIP_stop_at_last_layers": 1,
-            "samples_format": "png",
-            "outdir_samples": str(cfg.outputs_path),
-            "live_previews_enable": engine.jobs.preview_every > 0,
-            "show_progress_every_n_steps": engine.jobs.preview_every,
         }
 
     @router.post("/options")
     def set_options(options: dict[str, Any]) -> dict:
-        """Server-wide: `sd_model_checkpoint` (the model for requests that name none) and
-        `show_progress_every_n_steps`. Per-request choices belong in `override_settings`."""
-        known = {"sd_model_checkpoint", "show_progress_every_n_steps", "live_previews_enable"}
-        unknown = sorted(set(options) - known)
+        """Change Settings (saved, applied at once where possible) and `sd_model_checkpoint`
+        (the model for requests that name none). Per-request choices go in `override_settings`."""
+        setting_keys = set(type(engine.settings.get()).model_fields)
+        unknown = sorted(set(options) - setting_keys - {"sd_model_checkpoint"})
         if unknown:
-            raise HTTPException(422, f"options not supported: {', '.join(unknown)} (supported: "
-                                     f"{', '.join(sorted(known))}; per-request settings go in override_settings)")
+            raise HTTPException(422, f"options not supported: {', '.join(unknown)} (per-request settings go in "
+                                     "override_settings)")
+        changes = {k: v for k, v in options.items() if k in setting_keys}
+        title = None
         if "sd_model_checkpoint" in options:
             value = options["sd_model_checkpoint"]
             if not isinstance(value, str):
@@ -344,15 +350,15 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
                 title = engine.registry.find(value).title
             except ModelError as err:
                 raise HTTPException(404, f"sd_model_checkpoint: {err}") from None
+        notes: list[str] = []
+        if changes:
+            try:
+                _, notes = engine.settings.update(changes)
+            except ValueError as err:
+                raise HTTPException(422, str(err)) from None
+        if title is not None:
             engine.current_checkpoint = title
-        every = options.get("show_progress_every_n_steps")
-        if every is not None:
-            if isinstance(every, bool) or not isinstance(every, int) or every < -1:
-                raise HTTPException(422, "show_progress_every_n_steps: a whole number, -1 or 0 for none")
-            engine.jobs.preview_every = max(every, 0)
-        if options.get("live_previews_enable") is False:
-            engine.jobs.preview_every = 0
-        return {}
+        return {"notes": notes}
 
     @router.get("/sd-models")
     def sd_models() -> list[dict]:
@@ -430,11 +436,18 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/scripts")
     def scripts() -> dict:
-        return {"txt2img": [], "img2img": []}
+        """Extensions that take values in `alwayson_scripts`, per tab."""
+        ext = engine.extensions
+        if ext is None:
+            return {"txt2img": [], "img2img": []}
+        return {tab: [e.name for e in ext.sections(tab)] for tab in ("txt2img", "img2img")}
 
     @router.get("/extensions")
     def extensions() -> list[dict]:
-        return []
+        ext = engine.extensions
+        return [{"name": e.name, "version": e.version, "enabled": e.enabled, "status": e.status, "source": e.source,
+                 "path": str(e.path) if e.path else None, "remote": None, "branch": None, "commit_hash": None,
+                 "commit_date": None} for e in (ext.extensions if ext else [])]
 
     return router
 

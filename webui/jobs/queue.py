@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from webui.extensions.manager import ExtensionError
 from webui.models.errors import ModelError
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 
@@ -152,6 +153,9 @@ class JobQueue:
             state: State = "done"
         except (ModelError, ValueError) as e:
             job.error, job.bad_input, state = str(e), True, "failed"
+        except ExtensionError as e:  # its message names the extension and the hook
+            log.error("job %s: %s", job.id, e)
+            job.error, state = str(e), "failed"
         except Exception as e:  # noqa: BLE001  a failed job must not stop the worker
             log.exception("job %s failed", job.id)
             job.error, state = f"generation failed: {type(e).__name__}: {e}", "failed"

@@ -94,6 +94,9 @@ class GenerationRequest(BaseModel):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)  # fraction of the steps run by the first model
     save_images: bool = True
+    # extension values by extension name (validated by each extension's args model at run time);
+    # the HTTP API's `alwayson_scripts` arrive here
+    extensions: dict[str, Any] = Field(default_factory=dict)
 
     # hires fix (txt2img)
     enable_hr: bool = False

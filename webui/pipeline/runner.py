@@ -11,6 +11,7 @@ will hook.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import random
 import threading
@@ -18,12 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 import webui
-from webui.images import dated_dir, save_image
+from webui.images import save_image
 from webui.infotext import format_infotext
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
@@ -41,11 +43,16 @@ from webui.pipeline.taesd import TaesdPreviewer, find_taesd, load_taesd
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest
 from webui.prompts.encode import TextConditioner
+from webui.extensions import api as ext
 from webui.prompts.parser import extract_extra_networks, lora_weight
 from webui.prompts.styles import StyleStore, apply_styles
 from webui.samplers.kdiffusion import StepState
 from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
 from webui.samplers.table import resolve
+from webui.settings import Settings
+
+if TYPE_CHECKING:
+    from webui.extensions.manager import ExtensionManager
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,10 @@ class Job:
     all_subseeds: list[int] = field(default_factory=list)
     steps_done: int = 0
     hires_size: tuple[int, int] | None = None
+    ext_args: dict[str, Any] = field(default_factory=dict)  # each extension's validated values
+    ext_infotext: dict[str, Any] = field(default_factory=dict)  # fields extensions add for every image
+    image_infotext: list[dict[str, Any]] = field(default_factory=list)  # per image of the batch
+    patches: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, old value)
     base: ModelBundle | None = None  # the requested model, when a refiner has taken over `bundle`
     refiner: ModelBundle | None = None  # set once the refiner has run (for the infotext)
 
@@ -144,9 +155,15 @@ class Runner:
         library: Library,
         upscale: Callable[..., Image.Image] | None = None,  # (image, name, size=(w, h)) -> image
         models_path: Path | None = None,  # where models/VAE-approx (TAESD preview decoders) lives
+        extensions: ExtensionManager | None = None,
+        settings: Callable[[], Settings] | None = None,  # the current Settings (read at each save)
+        data_dir: Path | None = None,  # relative output folders in the settings start here
     ) -> None:
+        self.settings = settings or Settings
+        self.data_dir = data_dir or Path(".")
         self.get_bundle = get_bundle
         self.models_path = models_path
+        self.extensions = extensions
         self._taesd: dict[tuple, TaesdPreviewer | None] = {}  # (file, mtime, device, dtype) -> decoder
         self.outputs_dir = Path(outputs_dir)
         self.library = library
@@ -162,53 +179,63 @@ class Runner:
         preview_every: int = 0,
     ) -> GenerationResult:
         cancel = cancel or CancelToken()
-        r = request
         with self._lock:
-            bundle = self.get_bundle(r.checkpoint)  # stage: model
-            per_batch = _denoise_steps(r.steps, r.denoising_strength) if r.is_img2img else r.steps
-            if r.enable_hr and not r.is_img2img:
-                per_batch += _denoise_steps(r.hr_second_pass_steps or r.steps, r.denoising_strength)
-            job = Job(
-                request=r,
-                bundle=bundle,
-                seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
-                subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
-                started=time.perf_counter(),
-                total_steps=per_batch * r.n_iter,
-            )
-            interrupted = False
-            with torch.inference_mode(), self.stage_tiling(job):
-                for batch in range(r.n_iter):
-                    if cancel.interrupted:
-                        interrupted = True
-                        break
-                    first = batch * r.batch_size
-                    if job.base is not None:  # the refiner took over the last batch
-                        job.bundle, job.base = self.get_bundle(r.checkpoint), None
-                        job.conditioner = None
-                    job.seeds = [job.seed + first + i for i in range(r.batch_size)]
-                    job.subseeds = [job.subseed + first + i for i in range(r.batch_size)]
-                    self.stage_prompt(job)
-                    with self.stage_networks(job):
-                        self.stage_conditioning(job, job.prompts, job.negative_prompts, r.steps)
-                        self.stage_init(job)
-                        self.stage_noise(job)
-                        try:
-                            self.stage_sample(job, batch, progress, cancel, preview_every)
-                            if r.enable_hr and not r.is_img2img:
-                                self.stage_hires(job, batch, progress, cancel, preview_every)
-                        except Interrupted:
-                            interrupted = cancel.interrupted  # a skip only ends this batch
-                            cancel.clear_skip()
-                        self.stage_decode(job)
-                    self.stage_postprocess(job)
-                    self.stage_save(job)
-                    if interrupted:
-                        break
-            log.info("generated %d image(s) in %.2fs", len(job.images), time.perf_counter() - job.started)
-            n = len(job.images)
-            return GenerationResult(job.images, job.all_seeds[:n], job.all_subseeds[:n], job.infotexts, job.paths,
-                                    interrupted)
+            if self.extensions is None:
+                return self._generate(request, progress, cancel, preview_every)
+            info = ext.JobInfo(request=request, kind="img2img" if request.is_img2img else "txt2img")
+            return self.extensions.run_job(info, lambda: self._generate(request, progress, cancel, preview_every))
+
+    def _generate(self, r: GenerationRequest, progress: ProgressFn | None, cancel: CancelToken,
+                  preview_every: int) -> GenerationResult:
+        bundle = self.get_bundle(r.checkpoint)  # stage: model
+        per_batch = _denoise_steps(r.steps, r.denoising_strength) if r.is_img2img else r.steps
+        if r.enable_hr and not r.is_img2img:
+            per_batch += _denoise_steps(r.hr_second_pass_steps or r.steps, r.denoising_strength)
+        job = Job(
+            request=r,
+            bundle=bundle,
+            seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
+            subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
+            started=time.perf_counter(),
+            total_steps=per_batch * r.n_iter,
+        )
+        if self.extensions is not None:
+            job.ext_args = self.extensions.validate_args(r.extensions)
+        elif r.extensions:
+            raise ValueError("extensions: extensions are not loaded")
+        interrupted = False
+        with torch.inference_mode(), self.stage_tiling(job), self._undo_patches(job):
+            for batch in range(r.n_iter):
+                if cancel.interrupted:
+                    interrupted = True
+                    break
+                first = batch * r.batch_size
+                if job.base is not None:  # the refiner took over the last batch
+                    job.bundle, job.base = self.get_bundle(r.checkpoint), None
+                    job.conditioner = None
+                job.seeds = [job.seed + first + i for i in range(r.batch_size)]
+                job.subseeds = [job.subseed + first + i for i in range(r.batch_size)]
+                self.stage_prompt(job)
+                with self.stage_networks(job):
+                    self.stage_conditioning(job, job.prompts, job.negative_prompts, r.steps)
+                    self.stage_init(job)
+                    self.stage_noise(job)
+                    try:
+                        self.stage_sample(job, batch, progress, cancel, preview_every)
+                        if r.enable_hr and not r.is_img2img:
+                            self.stage_hires(job, batch, progress, cancel, preview_every)
+                    except Interrupted:
+                        interrupted = cancel.interrupted  # a skip only ends this batch
+                        cancel.clear_skip()
+                    self.stage_decode(job)
+                self.stage_postprocess(job)
+                self.stage_save(job)
+                if interrupted:
+                    break
+        log.info("generated %d image(s) in %.2fs", len(job.images), time.perf_counter() - job.started)
+        n = len(job.images)
+        return GenerationResult(job.images, job.all_seeds[:n], job.all_subseeds[:n], job.infotexts, job.paths,
+                                interrupted)
 
     # --- prompt and networks ------------------------------------------------------------------
 
@@ -220,8 +247,20 @@ class Runner:
         if missing:
             raise ModelError(f"style {missing[0]!r} not found in {lib.styles.path}")
         prompt, negative = apply_styles(r.prompt, r.negative_prompt, [known[name] for name in r.styles])
-        prompt, tags = extract_extra_networks(prompt)
-        negative, _ = extract_extra_networks(negative)  # tags in the negative are dropped
+        n = len(job.seeds)
+        prompts, negatives = [prompt] * n, [negative] * n
+        if self.extensions is not None and self.extensions.has("process_prompt"):
+            _, parsed = extract_extra_networks(prompt)
+            stage = ext.PromptStage(prompts=list(prompts), negative_prompts=list(negatives), seeds=list(job.seeds),
+                                    extra_networks=[(t.kind, t.name, tuple(t.args)) for t in parsed],
+                                    batch_index=len(job.images) // max(n, 1), request=r)
+            self.extensions.call("process_prompt", stage, job.ext_args)
+            if len(stage.prompts) != n or len(stage.negative_prompts) != n:
+                raise ValueError("an extension changed the number of prompts in process_prompt")
+            prompts, negatives = [str(p) for p in stage.prompts], [str(p) for p in stage.negative_prompts]
+            job.ext_infotext.update(stage.infotext)
+        cleaned = [extract_extra_networks(p) for p in prompts]
+        tags = cleaned[0][1]  # LoRAs apply to the whole batch: the first image's tags
         job.loras = []
         for tag in tags:
             if tag.kind == "lora":
@@ -229,9 +268,9 @@ class Runner:
                 job.loras.append((lib.networks.find_lora(tag.name), weight))
             else:
                 log.warning("extra network <%s:%s> ignored: only <lora:...> is supported", tag.kind, tag.name)
-        n = len(job.seeds)
-        job.prompts, job.negative_prompts = [prompt] * n, [negative] * n
-        texts = "\n".join([prompt, negative, r.hr_prompt, r.hr_negative_prompt])
+        job.prompts = [text for text, _ in cleaned]
+        job.negative_prompts = [extract_extra_networks(p)[0] for p in negatives]  # tags in the negative are dropped
+        texts = "\n".join([*job.prompts, *job.negative_prompts, r.hr_prompt, r.hr_negative_prompt])
         job.embeddings = [e for e in lib.embeddings.find_in_prompt(texts) if _fits(e, job.bundle)]
 
     @contextlib.contextmanager
@@ -257,6 +296,16 @@ class Runner:
             self._lora_cache.pop(next(iter(self._lora_cache)))
         self._lora_cache[file.path] = (stamp, weights)
         return weights
+
+    @contextlib.contextmanager
+    def _undo_patches(self, job: Job) -> Iterator[None]:
+        """Whatever extensions patched through `DenoiserStage.patch` comes back after the job."""
+        try:
+            yield
+        finally:
+            for obj, attribute, old in reversed(job.patches):
+                setattr(obj, attribute, old)
+            job.patches.clear()
 
     @contextlib.contextmanager
     def stage_tiling(self, job: Job) -> Iterator[None]:
@@ -398,12 +447,20 @@ class Runner:
         denoiser.step = first_step
         generators = job.generators
         make_preview = self.previewer(bundle)
+        model_fn = self._setup_denoiser(job, denoiser, sampler_name, len(sigmas) - 1)
+        step_hooks = self.extensions is not None and self.extensions.has("step_end")
 
         def noise(like: torch.Tensor) -> torch.Tensor:
             return _fresh_noise(generators, like)
 
         def on_step(state: StepState) -> None:
             job.steps_done += 1
+            if step_hooks:
+                stage = ext.StepStage(step=state.step + 1, steps=state.total, sigma=state.sigma,
+                                      denoised=state.denoised, x=state.x)
+                self.extensions.call("step_end", stage, job.ext_args)
+                if stage.replaced:
+                    state.x.copy_(stage.x)  # the sampler goes on from this tensor
             job.latents = state.x
             denoiser.step = state.step + 2  # the 1-based number of the next step
             if progress:
@@ -418,7 +475,7 @@ class Runner:
         options = {k: getattr(r, k) for k in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
                    if k in spec.options and getattr(r, k) is not None}
         try:
-            x = spec.fn(denoiser, x, sigmas, noise=noise, callback=on_step, **options)
+            x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
         except Interrupted:
             job.latents = denoiser.blend(job.latents)
             raise
@@ -442,6 +499,21 @@ class Runner:
             job.latents = job.init_latents.to(device) + noise * sigmas[0]
         job.latents = self._sample_with_refiner(job, r.sampler_name, sigmas, job.latents, batch, progress, cancel,
                                                 preview_every, r.steps)
+
+    def _setup_denoiser(self, job: Job, denoiser: CFGDenoiser, sampler_name: str, steps: int) -> Any:
+        """Extensions may wrap the denoiser and patch the model (undone after the job)."""
+        if self.extensions is None or not self.extensions.has("setup_denoiser"):
+            return denoiser
+
+        def patch(obj: Any, attribute: str, value: Any) -> None:
+            job.patches.append((obj, attribute, getattr(obj, attribute)))
+            setattr(obj, attribute, value)
+
+        stage = ext.DenoiserStage(denoiser=denoiser, unet=job.bundle.unet, cfg_scale=job.request.cfg_scale,
+                                  sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch)
+        self.extensions.call("setup_denoiser", stage, job.ext_args)
+        job.ext_infotext.update(stage.infotext)
+        return stage.denoiser
 
     def _sample_with_refiner(
         self, job: Job, sampler_name: str, sigmas: torch.Tensor, x: torch.Tensor, batch: int,
@@ -518,7 +590,8 @@ class Runner:
     def previewer(self, bundle: ModelBundle) -> Callable[[torch.Tensor], list[Image.Image]]:
         """TAESD when models/VAE-approx has the family's decoder, else the linear approximation."""
         family = bundle.family.name
-        path = find_taesd(self.models_path, family) if self.models_path else None
+        use_taesd = self.models_path and self.settings().live_preview_method == "TAESD"
+        path = find_taesd(self.models_path, family) if use_taesd else None
         if path is not None:
             rt = bundle.runtime
             key = (path, path.stat().st_mtime_ns, str(rt.device), rt.vae_dtype)
@@ -549,22 +622,43 @@ class Runner:
             job.batch_images = lat.decode(job.bundle, job.latents)
 
     def stage_postprocess(self, job: Job) -> None:
+        hooks = self.extensions is not None and self.extensions.has("postprocess_image")
         for i, image in enumerate(job.batch_images):
             area = job.areas[i] if i < len(job.areas) else None
             if area is not None:
                 image = pix.composite(image, area)
+            extra: dict[str, Any] = {}
+            if hooks:
+                stage = ext.ImageStage(image=image, index=len(job.images), seed=job.seeds[i], prompt=job.prompts[i],
+                                       request=job.request)
+                self.extensions.call("postprocess_image", stage, job.ext_args)
+                if not isinstance(stage.image, Image.Image):
+                    raise ValueError("an extension's postprocess_image left something that is not an image")
+                image, extra = stage.image, stage.infotext
             job.images.append(image)
             job.all_seeds.append(job.seeds[i])
             job.all_subseeds.append(job.subseeds[i])
-            job.infotexts.append(self.infotext(job, i))
+            job.infotexts.append(self.infotext(job, i, extra))
 
     def stage_save(self, job: Job) -> None:
         if not job.request.save_images:
             return
-        folder = dated_dir(self.outputs_dir, "img2img" if job.request.is_img2img else "txt2img")
+        r, settings = job.request, self.settings()
+        kind = "img2img" if r.is_img2img else "txt2img"
+        folder = settings.samples_dir(kind, self.data_dir, self.outputs_dir) / dt.date.today().isoformat()
         first = len(job.images) - len(job.batch_images)
+        bundle = job.base or job.bundle
         for i in range(len(job.batch_images)):
-            job.paths.append(save_image(job.images[first + i], folder, job.seeds[i], job.infotexts[first + i]))
+            values = {"steps": r.steps, "cfg": f"{r.cfg_scale:g}", "sampler": r.sampler_name, "width": r.width,
+                      "height": r.height, "model_name": bundle.model_name, "model_hash": bundle.hash10 or "",
+                      "prompt": job.prompts[i]}
+            path = save_image(job.images[first + i], folder, job.seeds[i], job.infotexts[first + i],
+                              fmt=settings.samples_format, quality=settings.jpeg_quality,
+                              pattern=settings.filename_pattern, values=values)
+            job.paths.append(path)
+            if self.extensions is not None and self.extensions.has("image_saved"):
+                self.extensions.call("image_saved", ext.SavedImage(path, job.images[first + i],
+                                                                   job.infotexts[first + i]))
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -575,7 +669,7 @@ class Runner:
         file = self.library.embeddings.files().get(embedding.name)
         return file.short_hash(self.library.hashes) if file else "unknown"
 
-    def infotext(self, job: Job, index: int) -> str:
+    def infotext(self, job: Job, index: int, extra: dict[str, Any] | None = None) -> str:
         r, bundle = job.request, job.base or job.bundle
         refiner = job.refiner
         variation = r.subseed_strength > 0
@@ -614,6 +708,8 @@ class Runner:
             "Hires sampler": r.hr_sampler_name if hires and r.hr_sampler_name else None,
             "Lora hashes": self._hashes(job.loras) if job.loras else None,
             "TI hashes": ", ".join(f"{e.name}: {self._embedding_hash(e)}" for e in job.embeddings) or None,
+            **job.ext_infotext,
+            **(extra or {}),
             "Version": f"v{webui.__version__}",
         }
         return format_infotext(job.prompts[index], job.negative_prompts[index], params)

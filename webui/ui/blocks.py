@@ -14,6 +14,7 @@ from webui.ui.jobs import JobBoard
 from webui.ui.messages import models_help
 from webui.ui.params import checkpoint_choice
 from webui.ui.pnginfo import build_pnginfo_tab
+from webui.ui.settings import build_settings_tab
 from webui.ui.txt2img import build_txt2img_tab
 
 
@@ -36,6 +37,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
             img2img = build_img2img_tab(engine, board, checkpoint)
             extras_image, extras_upscaler = build_extras_tab(engine)
             build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
+            extension_tabs(engine)
+            build_settings_tab(engine.settings)
         targets = {"img2img": (img2img["init_image"], "img2img"), "inpaint": (img2img["inpaint_editor"], "img2img"),
                    "extras": (extras_image, "extras")}
         for panel in (txt2img, img2img):
@@ -58,6 +61,18 @@ def build_ui(engine: Engine) -> gr.Blocks:
         demo.load(on_load, inputs=[checkpoint], outputs=[checkpoint, help_box, txt2img["hr_upscaler"], extras_upscaler],
                   api_visibility="private")
     return demo
+
+
+def extension_tabs(engine: Engine) -> None:
+    """Tabs that extensions contribute (`UiSection(tabs=("tab",))`)."""
+    if engine.extensions is None:
+        return
+    for e in engine.extensions.sections("tab"):
+        with gr.Tab(e.ui.title, elem_id=f"tab_ext_{e.name}"):
+            try:
+                e.ui.build()
+            except Exception as err:  # noqa: BLE001  a broken tab must not break the page
+                gr.Markdown(f"This extension's tab failed to build: {type(err).__name__}: {err}")
 
 
 def send_buttons(panel, tabs: gr.Tabs, targets: dict) -> None:

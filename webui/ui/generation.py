@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from webui.app import Engine
 from webui.pipeline.request import GenerationRequest, validation_message
 from webui.samplers.table import SCHEDULES, sampler_names
+from webui.settings import Settings
 from webui.ui.jobs import JobBoard, run_streaming, session_of
 
 
@@ -30,6 +31,7 @@ class Panel:
     interrupt: gr.Button | None = None
     skip: gr.Button | None = None
     send: dict[str, gr.Button] = field(default_factory=dict)  # "Send to img2img / inpaint / extras"
+    ext_fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # control name -> (extension, field)
 
     def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
         self.inputs[name] = component
@@ -39,22 +41,24 @@ class Panel:
         return self.inputs[name]
 
 
-def sampling_controls(panel: Panel, titles: list[str]) -> None:
-    """Sampler, size, batch, seed and variation, refiner (`titles`: the checkpoints to offer)."""
+def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None = None) -> None:
+    """Sampler, size, batch, seed and variation, refiner (`titles`: the checkpoints to offer;
+    `defaults`: the Settings holding the initial sampler, steps, size and CFG)."""
     p = panel.prefix
+    d = defaults or Settings()
     with gr.Row():
-        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=sampler_names(), value="Euler a",
+        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=sampler_names(), value=d.default_sampler,
                                               elem_id=f"{p}_sampler", allow_custom_value=True))
-        panel.add("scheduler", gr.Dropdown(label="Schedule type", choices=list(SCHEDULES), value="Automatic",
+        panel.add("scheduler", gr.Dropdown(label="Schedule type", choices=list(SCHEDULES), value=d.default_scheduler,
                                            elem_id=f"{p}_scheduler", allow_custom_value=True))
-        panel.add("steps", gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{p}_steps"))
+        panel.add("steps", gr.Slider(1, 150, value=d.default_steps, step=1, label="Sampling steps", elem_id=f"{p}_steps"))
     with gr.Row():
-        panel.add("width", gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{p}_width"))
-        panel.add("height", gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{p}_height"))
+        panel.add("width", gr.Slider(64, 2048, value=d.default_width, step=8, label="Width", elem_id=f"{p}_width"))
+        panel.add("height", gr.Slider(64, 2048, value=d.default_height, step=8, label="Height", elem_id=f"{p}_height"))
     with gr.Row():
         panel.add("batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{p}_batch_size"))
         panel.add("n_iter", gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{p}_batch_count"))
-        panel.add("cfg_scale", gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{p}_cfg_scale"))
+        panel.add("cfg_scale", gr.Slider(1, 30, value=d.default_cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{p}_cfg_scale"))
     with gr.Row():
         panel.add("seed", gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{p}_seed"))
         panel.add("clip_skip", gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{p}_clip_skip"))
@@ -86,6 +90,24 @@ def sampling_controls(panel: Panel, titles: list[str]) -> None:
             panel.add("s_noise", gr.Number(None, label="Sigma noise", minimum=0, maximum=10, elem_id=f"{p}_s_noise"))
 
 
+def extension_sections(engine: Engine, panel: Panel, tab: str) -> None:
+    """One accordion per extension that contributes to this tab; its controls are registered as
+    `ext_<n>_<field>` and their values reach the extension by field name."""
+    if engine.extensions is None:
+        return
+    for n, e in enumerate(engine.extensions.sections(tab)):
+        with gr.Accordion(e.ui.title, open=False, elem_id=f"{panel.prefix}_ext_{e.name}"):
+            try:
+                controls = e.ui.build() or {}
+            except Exception as err:  # noqa: BLE001  a broken section must not break the page
+                gr.Markdown(f"This extension's controls failed to build: {type(err).__name__}: {err}")
+                continue
+        for name, control in controls.items():
+            key = f"ext_{n}_{name}"
+            panel.add(key, control)
+            panel.ext_fields[key] = (e.name, name)
+
+
 def output_area(panel: Panel) -> None:
     p = panel.prefix
     with gr.Row():
@@ -99,8 +121,15 @@ def output_area(panel: Panel) -> None:
             panel.send[name] = gr.Button(f"Send to {name}", size="sm", elem_id=f"{p}_send_to_{name}")
 
 
-def _to_request(values: dict[str, Any], fixed: dict[str, Any]) -> GenerationRequest:
+def _to_request(values: dict[str, Any], fixed: dict[str, Any],
+                ext_fields: dict[str, tuple[str, str]] | None = None) -> GenerationRequest:
     data = {k: v for k, v in values.items() if v is not None}
+    extensions: dict[str, dict[str, Any]] = {}
+    for key, (ext_name, field_name) in (ext_fields or {}).items():
+        if key in data:
+            extensions.setdefault(ext_name, {})[field_name] = data.pop(key)
+    if extensions:
+        data["extensions"] = extensions
     for key in ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "clip_skip",
                 "seed_resize_from_w", "seed_resize_from_h", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps",
                 "mask_blur", "inpaint_full_res_padding"):
@@ -120,6 +149,7 @@ def make_handler(
     names: list[str],
     prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     defaults: dict[str, Any] | None = None,
+    ext_fields: dict[str, tuple[str, str]] | None = None,
 ) -> Callable[..., Any]:
     """A streaming handler taking the controls named `names` (in that order, as keywords for
     API callers, who may leave out any: `defaults` holds the controls' initial values);
@@ -136,7 +166,7 @@ def make_handler(
         try:
             fields = prepare(given) if prepare else given
             folder = fields.pop("batch_folder", None)
-            job = _to_request(fields, {})
+            job = _to_request(fields, {}, ext_fields)
         except ValidationError as e:
             raise gr.Error(validation_message(e)) from None
         except ValueError as e:
@@ -157,7 +187,7 @@ def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers:
          prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     names = list(panel.inputs)
     defaults = {n: getattr(c, "value", None) for n, c in panel.inputs.items()}
-    handler = make_handler(engine, board, names, prepare, defaults)
+    handler = make_handler(engine, board, names, prepare, defaults, panel.ext_fields)
     gr.on(triggers=triggers, fn=handler, inputs=list(panel.inputs.values()),
           outputs=[panel.gallery, panel.info], api_name=api_name, concurrency_id="generate")
 

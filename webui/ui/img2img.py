@@ -11,7 +11,7 @@ from PIL import Image
 from webui.app import Engine
 from webui.pipeline.batch import FolderBatch
 from webui.pipeline.init_image import Outpaint, extend_canvas
-from webui.ui.generation import Panel, output_area, prompt_area, sampling_controls, wire
+from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
@@ -149,7 +149,8 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                         for side in OUTPAINT_SIDES:
                             panel.add(f"outpaint_{side}", gr.Slider(0, 512, value=0, step=8, label=side.capitalize(),
                                                                    elem_id=f"img2img_outpaint_{side}"))
-                sampling_controls(panel, engine.registry.titles())
+                sampling_controls(panel, engine.registry.titles(), engine.settings.get())
+                extension_sections(engine, panel, "img2img")
             with gr.Column():
                 output_area(panel)
     allow = not (engine.config.listen or engine.config.share)

@@ -6,7 +6,7 @@ import gradio as gr
 
 from webui.app import Engine
 from webui.samplers.table import sampler_names
-from webui.ui.generation import Panel, output_area, prompt_area, sampling_controls, wire
+from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 from webui.ui.params import fields_from_text, updates_for_fields
 
@@ -19,7 +19,8 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
         paste = gr.Button("↙ Read parameters from prompt", elem_id="txt2img_paste", size="sm")
         with gr.Row():
             with gr.Column():
-                sampling_controls(panel, engine.registry.titles())
+                sampling_controls(panel, engine.registry.titles(), engine.settings.get())
+                extension_sections(engine, panel, "txt2img")
                 with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires"):
                     panel.add("enable_hr", gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr"))
                     with gr.Row():

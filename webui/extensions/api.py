@@ -1,0 +1,158 @@
+"""The extension API: the one module an extension imports. Everything here is covered by the
+stability promise (see docs/extensions.md): within a major `API_VERSION`, names and fields are
+only ever added, never removed or changed in meaning.
+
+An extension is a module (or package) with functions marked `@hookimpl`, named after the hooks
+in `webui.extensions.hookspecs`. Each hook receives keyword arguments; an implementation may
+accept any subset of them, so adding an argument later never breaks it. Hooks get a per-job
+stage object, never the app: they read and change that object, and their changes to the model
+go through `DenoiserStage.patch`, which is undone when the job ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel
+
+API_VERSION = "1.0"
+PROJECT = "webui"
+
+hookimpl = pluggy.HookimplMarker(PROJECT)
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+class JobRejected(ValueError):
+    """Raise from a hook to fail the job with this message (shown to the user as it is; the HTTP
+    API answers 422)."""
+
+
+@dataclass
+class PromptStage:
+    """The prompts of one batch, after styles, before they are parsed and encoded.
+
+    `prompts` / `negative_prompts` hold one text per image (they may differ per image: rewrite
+    entry i with seed `seeds[i]`). Extra-network tags (`<lora:name:1>`) are still in the text;
+    `extra_networks` lists them as parsed from the first prompt (kind, name, params), for reading.
+    `infotext` collects `Key: value` pairs written into every image's parameters."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    extra_networks: list[tuple[str, str, tuple[str, ...]]]
+    args: Any = None  # this extension's validated UI/API values (its args model), or None
+    settings: Any = None  # this extension's Settings section (its settings model), or None
+    infotext: dict[str, Any] = field(default_factory=dict)
+    batch_index: int = 0
+    request: Any = None  # the GenerationRequest (read-only)
+
+
+Denoiser = Callable[[Any, Any], Any]  # (x, sigma) -> denoised
+
+
+@dataclass
+class DenoiserStage:
+    """Where the sampler is set up, per sampling pass. Wrap `denoiser` (a callable
+    `(x, sigma) -> denoised`) by assigning a new callable; change the model only through `patch`
+    (restored after the job, whatever happens)."""
+
+    denoiser: Denoiser
+    unet: Any  # the diffusers UNet of this job (read it; change it only through `patch`)
+    cfg_scale: float
+    sampler_name: str
+    steps: int
+    args: Any = None
+    settings: Any = None
+    infotext: dict[str, Any] = field(default_factory=dict)
+    request: Any = None
+    _patch: Callable[[Any, str, Any], None] | None = None
+
+    def patch(self, obj: Any, attribute: str, value: Any) -> None:
+        """Set `obj.attribute = value` for this job only; the old value comes back afterwards."""
+        if self._patch is None:
+            raise RuntimeError("patch is only available while the job runs")
+        self._patch(obj, attribute, value)
+
+
+@dataclass
+class StepStage:
+    """After each sampling step: `x` the latents the next step starts from (assign a tensor of
+    the same shape to replace them), `denoised` the current estimate of the clean latents."""
+
+    step: int  # 1-based over this sampling pass
+    steps: int
+    sigma: Any
+    denoised: Any
+    x: Any
+    args: Any = None
+    settings: Any = None
+    replaced: bool = False
+
+    def replace(self, latents: Any) -> None:
+        self.x, self.replaced = latents, True
+
+
+@dataclass
+class ImageStage:
+    """Each decoded image before it is saved: replace `image` to change it; add to `infotext`
+    (`Key: value` pairs written into this image's parameters)."""
+
+    image: Any  # PIL.Image.Image
+    index: int  # index of the image in the job
+    seed: int
+    prompt: str
+    args: Any = None
+    settings: Any = None
+    infotext: dict[str, Any] = field(default_factory=dict)
+    request: Any = None
+
+
+@dataclass
+class SavedImage:
+    path: Any  # pathlib.Path
+    image: Any
+    infotext: str
+
+
+@dataclass
+class JobInfo:
+    """What a `generate` wrapper sees of the job it wraps."""
+
+    request: Any
+    kind: str  # "txt2img" or "img2img"
+    _run: Callable[[], Any] | None = field(default=None, repr=False)  # the job itself (internal)
+
+
+@dataclass
+class UiSection:
+    """A section an extension adds to the page. `build()` is called inside a Gradio context
+    (an accordion under txt2img/img2img, or a new tab) and returns its input components by
+    name; those names are the fields of `args_model`, which validates the values before they
+    reach the hooks as `args`. The same values come through the HTTP API in
+    `alwayson_scripts: {"<extension name>": {"args": {...} or [...]}}`."""
+
+    title: str
+    build: Callable[[], dict[str, Any]]
+    args_model: type[BaseModel] | None = None
+    tabs: tuple[str, ...] = ("txt2img", "img2img")  # or ("tab",) for a tab of its own
+
+
+class SettingsRegistry:
+    """Given to `register_settings`: `add(model)` declares this extension's section of the
+    Settings tab (a pydantic model whose fields all have defaults). Its current values reach
+    every hook of the extension as the stage's `settings`."""
+
+    def __init__(self, add: Callable[[type[BaseModel]], None]) -> None:
+        self._add = add
+
+    def add(self, model: type[BaseModel]) -> None:
+        self._add(model)
+
+
+__all__ = [
+    "API_VERSION", "DenoiserStage", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
+    "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "hookimpl",
+]

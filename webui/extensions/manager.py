@@ -1,0 +1,439 @@
+"""Find, order, load and call extensions; enable/disable them; say why one is off.
+
+Sources: `extensions/<name>/` folders with an `extension.toml` manifest, and installed Python
+packages declaring a `webui.extensions` entry point. Order: `requires` / `load_after` /
+`load_before` constraints, then name. An extension that cannot load (import error, unknown hook
+name, incompatible API version, missing requirement, a start-up hook raising) is disabled with
+its reason and the app runs on. Hooks of a job are called in that order; a hook raising during a
+job fails the job with an error naming the extension.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from webui.extensions import api
+from webui.extensions.api import JobRejected, SettingsRegistry, UiSection
+from webui.extensions.hookspecs import Hooks
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "webui.extensions"
+MANIFEST = "extension.toml"
+
+
+class ExtensionError(RuntimeError):
+    """A hook raised during a job; the message names the extension and the hook."""
+
+
+@dataclass
+class Extension:
+    name: str
+    version: str = "0"
+    description: str = ""
+    api_version: str = api.API_VERSION
+    path: Path | None = None  # the folder (None for an installed package)
+    source: str = "folder"  # "folder" or "package"
+    requires: tuple[str, ...] = ()
+    load_after: tuple[str, ...] = ()
+    load_before: tuple[str, ...] = ()
+    enabled: bool = True  # the user's choice
+    status: str = "not loaded"  # "loaded", "disabled", or "error: <reason>"
+    module: ModuleType | None = None
+    ui: UiSection | None = None
+    settings_model: type[BaseModel] | None = None
+    loader: Callable[[], ModuleType] | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.status == "loaded"
+
+    def assets(self) -> tuple[list[Path], list[Path]]:
+        """(javascript files, css files) the page adds."""
+        if self.path is None:
+            return [], []
+        js = sorted((self.path / "javascript").glob("*.js")) if (self.path / "javascript").is_dir() else []
+        css = [self.path / "style.css"] if (self.path / "style.css").is_file() else []
+        return js, css
+
+
+def _tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def read_manifest(folder: Path) -> Extension:
+    """The extension described by `folder/extension.toml` (ValueError with the reason)."""
+    try:
+        data = tomllib.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{MANIFEST} unreadable: {e}") from None
+    module = data.get("module", "__init__.py" if (folder / "__init__.py").is_file() else "main.py")
+    ext = Extension(
+        name=str(data.get("name") or folder.name),
+        version=str(data.get("version", "0")),
+        description=str(data.get("description", "")),
+        api_version=str(data.get("api", data.get("api_version", api.API_VERSION))),
+        path=folder,
+        requires=_tuple(data.get("requires")),
+        load_after=_tuple(data.get("load_after")),
+        load_before=_tuple(data.get("load_before")),
+    )
+    entry = folder / module
+    ext.loader = lambda: _import_file(ext.name, entry)
+    return ext
+
+
+def _import_file(name: str, entry: Path) -> ModuleType:
+    if not entry.is_file():
+        raise ImportError(f"{entry.name} not found in {entry.parent}")
+    module_name = f"webui_extension_{''.join(c if c.isalnum() else '_' for c in name)}"
+    location = entry.parent if entry.name == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(
+        module_name, entry, submodule_search_locations=[str(location)] if location else None)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {entry}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def compatible(version: str) -> bool:
+    """Same major version as ours (the stability promise holds within a major version)."""
+    return version.split(".")[0] == api.API_VERSION.split(".")[0]
+
+
+def order(extensions: list[Extension]) -> list[Extension]:
+    """Constraints first (requires/load_after: after; load_before: before), then by name.
+    Extensions caught in a cycle get an error status and are left out."""
+    by_name = {e.name: e for e in extensions}
+    after: dict[str, set[str]] = {e.name: set() for e in extensions}
+    for e in extensions:
+        for other in (*e.requires, *e.load_after):
+            if other in by_name:
+                after[e.name].add(other)
+        for other in e.load_before:
+            if other in by_name:
+                after[other].add(e.name)
+    result: list[Extension] = []
+    placed: set[str] = set()
+    while len(placed) < len(by_name):
+        ready = sorted(n for n in by_name if n not in placed and after[n] <= placed)
+        if not ready:
+            for n in sorted(set(by_name) - placed):
+                by_name[n].status = "error: load order cycle between " + ", ".join(sorted(set(by_name) - placed))
+            break
+        result.append(by_name[ready[0]])
+        placed.add(ready[0])
+    return result
+
+
+class _Core:
+    """The built-in `generate`: runs the job the wrappers wrap."""
+
+    @api.hookimpl(trylast=True)
+    def generate(self, job: api.JobInfo) -> Any:
+        return job._run()
+
+
+class ExtensionManager:
+    def __init__(self, folders: list[Path], state_file: Path | None, *, enabled: bool = True,
+                 packages: bool = True) -> None:
+        self.folders = folders  # scanned in order; the last is where installs go
+        self.state_file = state_file
+        self.enabled = enabled  # False: --disable-all-extensions
+        self.packages = packages
+        self.pm = pluggy.PluginManager(api.PROJECT)
+        self.pm.add_hookspecs(Hooks)
+        self.pm.register(_Core(), name="_core")
+        self.extensions: list[Extension] = []
+        self._settings_sink: Callable[[str, type[BaseModel]], None] | None = None
+        self._settings_source: Callable[[str], BaseModel | None] | None = None
+
+    # --- discovery and loading ----------------------------------------------------------------
+
+    def discover(self) -> list[Extension]:
+        found: list[Extension] = []
+        for root in self.folders:
+            if not root.is_dir():
+                continue
+            for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if not (folder / MANIFEST).is_file():
+                    continue
+                try:
+                    ext = read_manifest(folder)
+                except ValueError as e:
+                    ext = Extension(name=folder.name, path=folder, status=f"error: {e}")
+                if any(other.name == ext.name for other in found):
+                    ext.status = f"error: another extension is already named {ext.name!r}"
+                    ext.name = f"{ext.name} ({folder})"
+                found.append(ext)
+        if self.packages:
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                dist = getattr(ep, "dist", None)
+                ext = Extension(name=ep.name, version=dist.version if dist else "0", source="package",
+                                description=(dist.metadata.get("Summary") or "") if dist else "")
+                ext.loader = ep.load
+                found.append(ext)
+        return found
+
+    def load(self, settings_sink: Callable[[str, type[BaseModel]], None] | None = None,
+             settings_source: Callable[[str], BaseModel | None] | None = None) -> list[Extension]:
+        """Discover, order and register every enabled extension; call `register_settings`."""
+        self._settings_sink, self._settings_source = settings_sink, settings_source
+        disabled = self._disabled()
+        exts = self.discover()
+        for e in exts:
+            e.enabled = e.name not in disabled
+        self.extensions = order([e for e in exts if not e.status.startswith("error")]) + [
+            e for e in exts if e.status.startswith("error")]
+        names = {e.name for e in self.extensions if e.enabled}
+        modules: list[Extension] = []
+        for e in self.extensions:
+            if e.status.startswith("error"):
+                continue
+            if not self.enabled:
+                e.status = "disabled (--disable-all-extensions)"
+                continue
+            if not e.enabled:
+                e.status = "disabled"
+                continue
+            missing = [r for r in e.requires if r not in names]
+            if missing:
+                self._fail(e, f"requires {', '.join(missing)}, which is not installed or not enabled")
+                continue
+            if not compatible(e.api_version):
+                self._fail(e, f"targets extension API {e.api_version}; this app provides {api.API_VERSION}")
+                continue
+            try:
+                assert e.loader is not None
+                e.module = e.loader()
+                if hasattr(e.module, "WEBUI_API") and not compatible(str(e.module.WEBUI_API)):
+                    raise ValueError(f"targets extension API {e.module.WEBUI_API}; this app provides {api.API_VERSION}")
+            except Exception as err:  # noqa: BLE001  any failure disables this extension only
+                self._fail(e, f"{type(err).__name__}: {err}")
+                continue
+            modules.append(e)
+        # pluggy calls the last registered first: register in reverse so hooks run in load order
+        for e in reversed(modules):
+            try:
+                self.pm.register(e.module, name=e.name)
+                self.pm.check_pending()
+            except Exception as err:  # noqa: BLE001  e.g. a misspelt hook name
+                self._unregister(e)
+                self._fail(e, f"{type(err).__name__}: {err}")
+                continue
+            e.status = "loaded"
+        for e in self.active():
+            self._start(e)
+        return self.extensions
+
+    def _start(self, e: Extension) -> None:
+        def add(model: type[BaseModel]) -> None:
+            e.settings_model = model
+            if self._settings_sink:
+                self._settings_sink(e.name, model)
+
+        if not self._call_startup(e, "register_settings", settings=SettingsRegistry(add)):
+            return
+        try:
+            e.ui = self._call_one(e, "ui_contribution")
+        except Exception as err:  # noqa: BLE001
+            self._unregister(e)
+            self._fail(e, f"ui_contribution raised {type(err).__name__}: {err}")
+
+    def app_started(self, app: Any) -> None:
+        for e in self.active():
+            self._call_startup(e, "app_started", app=app)
+
+    def _call_startup(self, e: Extension, hook: str, **kwargs: Any) -> bool:
+        try:
+            self._call_one(e, hook, **kwargs)
+            return True
+        except Exception as err:  # noqa: BLE001
+            self._unregister(e)
+            self._fail(e, f"{hook} raised {type(err).__name__}: {err}")
+            return False
+
+    def _call_one(self, e: Extension, hook: str, **kwargs: Any) -> Any:
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if impl.plugin_name == e.name:
+                return impl.function(*[kwargs[a] for a in impl.argnames])
+        return None
+
+    def _unregister(self, e: Extension) -> None:
+        if self.pm.get_plugin(e.name) is not None:
+            self.pm.unregister(name=e.name)
+
+    @staticmethod
+    def _fail(e: Extension, reason: str) -> None:
+        e.status = f"error: {reason}"
+        log.error("extension %s disabled: %s", e.name, reason)
+
+    def active(self) -> list[Extension]:
+        return [e for e in self.extensions if e.active]
+
+    def get(self, name: str) -> Extension | None:
+        return next((e for e in self.extensions if e.name == name), None)
+
+    # --- enable / disable (takes effect on the next start) -------------------------------------
+
+    def _disabled(self) -> set[str]:
+        if self.state_file is None or not self.state_file.is_file():
+            return set()
+        try:
+            return set(json.loads(self.state_file.read_text(encoding="utf-8")).get("disabled", []))
+        except (OSError, ValueError, AttributeError):
+            log.warning("could not read %s; every extension is enabled", self.state_file)
+            return set()
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        if self.get(name) is None:
+            raise ValueError(f"no extension named {name!r}")
+        disabled = self._disabled()
+        (disabled.discard if enabled else disabled.add)(name)
+        assert self.state_file is not None
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"disabled": sorted(disabled)}, f, indent=2)
+        os.replace(tmp, self.state_file)
+        e = self.get(name)
+        assert e is not None
+        e.enabled = enabled
+
+    # --- calling hooks during a job -----------------------------------------------------------
+
+    def validate_args(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Each extension's raw values -> its args model (ValueError naming the extension)."""
+        out: dict[str, Any] = {}
+        for name, raw in given.items():
+            e = self.get(name)
+            if e is None or not e.active:
+                raise ValueError(f"extensions: no active extension named {name!r}")
+            model = e.ui.args_model if e.ui else None
+            if model is None:
+                out[name] = raw
+                continue
+            if isinstance(raw, dict) and "args" in raw and set(raw) <= {"args"}:
+                raw = raw["args"]  # A1111's alwayson_scripts shape
+            if isinstance(raw, (list, tuple)):  # positional, in the model's field order
+                raw = dict(zip(model.model_fields, raw))
+            try:
+                out[name] = model.model_validate(raw or {})
+            except ValidationError as err:
+                detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in err.errors())
+                raise ValueError(f"extensions.{name}: {detail}") from None
+        return out
+
+    def call(self, hook: str, stage: Any, args: dict[str, Any] | None = None) -> None:
+        """Call `hook` on every active extension in load order, giving each its own args and
+        settings on the stage."""
+        hc = getattr(self.pm.hook, hook)
+        for impl in reversed(hc.get_hookimpls()):
+            if impl.plugin_name == "_core":
+                continue
+            e = self.get(impl.plugin_name)
+            if hasattr(stage, "args"):
+                stage.args = self.default_args(e) if args is None or impl.plugin_name not in args else args[
+                    impl.plugin_name]
+            if hasattr(stage, "settings"):
+                stage.settings = self.settings_of(e)
+            values = {"stage": stage, "saved": stage}
+            try:
+                impl.function(*[values[a] for a in impl.argnames])
+            except JobRejected:
+                raise
+            except Exception as err:
+                raise ExtensionError(f"extension {impl.plugin_name!r} failed in {hook}: "
+                                     f"{type(err).__name__}: {err}") from err
+
+    def settings_of(self, e: Extension | None) -> Any:
+        """An extension's current Settings section (None when it declared none)."""
+        if e is None or e.settings_model is None:
+            return None
+        if self._settings_source is None:
+            return e.settings_model()
+        return self._settings_source(e.name)
+
+    @staticmethod
+    def default_args(e: Extension | None) -> Any:
+        """An extension's args when the request gives none: its model's defaults."""
+        if e is None or e.ui is None or e.ui.args_model is None:
+            return None
+        try:
+            return e.ui.args_model()
+        except ValidationError:
+            return None
+
+    def has(self, hook: str) -> bool:
+        return any(i.plugin_name != "_core" for i in getattr(self.pm.hook, hook).get_hookimpls())
+
+    def run_job(self, info: api.JobInfo, run: Callable[[], Any]) -> Any:
+        """`run()` inside every extension's `generate` wrapper."""
+        info._run = run
+        try:
+            return self.pm.hook.generate(job=info)
+        except (JobRejected, ExtensionError):
+            raise
+        except Exception as err:
+            plugin = _plugin_in_traceback(err, self.extensions)
+            if plugin is None:
+                raise
+            raise ExtensionError(f"extension {plugin!r} failed in generate: {type(err).__name__}: {err}") from err
+
+    def model_loaded(self, model: Any) -> None:
+        for impl in reversed(self.pm.hook.model_loaded.get_hookimpls()):
+            try:
+                impl.function(*[{"model": model}[a] for a in impl.argnames])
+            except Exception as err:  # noqa: BLE001  a reader of the model must not break loading
+                log.error("extension %s failed in model_loaded: %s: %s", impl.plugin_name, type(err).__name__, err)
+
+    def assets(self) -> tuple[list[Path], list[Path]]:
+        js: list[Path] = []
+        css: list[Path] = []
+        for e in self.active():
+            j, c = e.assets()
+            js += j
+            css += c
+        return js, css
+
+    def sections(self, tab: str) -> Iterable[Extension]:
+        return [e for e in self.active() if e.ui is not None and tab in e.ui.tabs]
+
+
+def _plugin_in_traceback(err: BaseException, extensions: list[Extension]) -> str | None:
+    """The extension whose module raised `err` (for errors inside `generate` wrappers)."""
+    modules = {e.module.__name__: e.name for e in extensions if e.module is not None}
+    tb = err.__traceback__
+    found = None
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        for module, ext in modules.items():
+            if name == module or name.startswith(module + "."):
+                found = ext
+        tb = tb.tb_next
+    return found
