@@ -233,3 +233,69 @@ def test_lora_card_click_inserts_its_tag(server: Server, browser) -> None:
         )
     finally:
         page.close()
+
+
+def test_extension_section_assets_and_settings_in_the_browser(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    import textwrap
+
+    from tests.conftest import add_checkpoint, start_server, stop_server
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    folder = tmp_path / "extensions" / "page-tagger"
+    (folder / "javascript").mkdir(parents=True)
+    (folder / "extension.toml").write_text('name = "page-tagger"\nversion = "0.1"\napi = "1"\n')
+    (folder / "javascript" / "hello.js").write_text("window.pageTaggerLoaded = true;\n")
+    (folder / "style.css").write_text("#txt2img_ext_page-tagger { outline: 3px solid rgb(1, 2, 3); }\n")
+    (folder / "__init__.py").write_text(textwrap.dedent('''
+        from pydantic import BaseModel
+        from webui.extensions.api import UiSection, hookimpl
+
+        class Args(BaseModel):
+            tag: str = ""
+
+        @hookimpl
+        def ui_contribution():
+            import gradio as gr
+            return UiSection(title="Page tagger", args_model=Args,
+                             build=lambda: {"tag": gr.Textbox("", label="Tag", elem_id="page_tagger_tag")})
+
+        @hookimpl
+        def process_prompt(stage):
+            if stage.args.tag:
+                stage.infotext["Page tag"] = stage.args.tag
+    '''))
+    s = start_server(tmp_path)
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        assert page.evaluate("() => window.pageTaggerLoaded === true")  # javascript/*.js is in the page
+        section = page.locator("#txt2img_ext_page-tagger")
+        assert "rgb(1, 2, 3)" in page.evaluate("el => getComputedStyle(el).outlineColor", section.element_handle())
+        section.get_by_text("Page tagger").click()
+        page.locator("#page_tagger_tag textarea, #page_tagger_tag input").first.fill("from-the-page")
+        page.locator("#txt2img_prompt textarea").fill("a barn")
+        set_number(page, "txt2img_steps", 2)
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Page tag: from-the-page')",
+            timeout=120_000)
+        # Settings tab: switch the image format, apply, generate: the file is a JPEG
+        page.get_by_role("tab", name="Settings").click()
+        fmt = page.locator("#setting_samples_format input")
+        fmt.click()
+        page.get_by_role("option", name="jpeg").click()
+        page.locator("#settings_apply").click()
+        page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
+                               " || document.body.innerText.includes('applies')", timeout=30_000)
+        assert '"samples_format": "jpeg"' in (tmp_path / "config.json").read_text()
+        page.get_by_role("tab", name="txt2img").click()
+        page.locator("#txt2img_generate").click()
+        deadline = __import__("time").monotonic() + 120
+        while not list((tmp_path / "outputs").rglob("*.jpg")):
+            assert __import__("time").monotonic() < deadline
+            page.wait_for_timeout(200)
+    finally:
+        page.close()
+        stop_server(s)
