@@ -68,6 +68,11 @@ def test_txt2img_in_the_browser(server: Server, browser, tmp_path: Path) -> None
         assert "Size: 64x64" in text
         # the picture really loaded (not a broken link)
         assert page.evaluate("el => el.naturalWidth", image.element_handle()) == 64
+        # the seed buttons: random sets -1, reuse brings back the seed of the image shown
+        page.locator("#txt2img_random_seed").click()
+        page.wait_for_function("() => document.querySelector('#txt2img_seed input').value === '-1'", timeout=10_000)
+        page.locator("#txt2img_reuse_seed").click()
+        page.wait_for_function("() => document.querySelector('#txt2img_seed input').value === '77'", timeout=10_000)
         page.screenshot(path=str(tmp_path / "txt2img.png"), full_page=True)
     finally:
         page.close()

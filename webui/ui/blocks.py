@@ -14,6 +14,7 @@ from webui.ui.jobs import JobBoard
 from webui.ui.messages import models_help
 from webui.ui.params import checkpoint_choice
 from webui.ui.pnginfo import build_pnginfo_tab
+from webui.ui.extensions_tab import build_extensions_tab
 from webui.ui.settings import build_settings_tab
 from webui.ui.txt2img import build_txt2img_tab
 
@@ -39,6 +40,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
             build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
             extension_tabs(engine)
             build_settings_tab(engine.settings)
+            if engine.extensions is not None:
+                build_extensions_tab(engine.extensions, engine.config)
         targets = {"img2img": (img2img["init_image"], "img2img"), "inpaint": (img2img["inpaint_editor"], "img2img"),
                    "extras": (extras_image, "extras")}
         for panel in (txt2img, img2img):

@@ -32,6 +32,7 @@ class Panel:
     skip: gr.Button | None = None
     send: dict[str, gr.Button] = field(default_factory=dict)  # "Send to img2img / inpaint / extras"
     ext_fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # control name -> (extension, field)
+    seed_buttons: dict[str, gr.Button] = field(default_factory=dict)  # "random" / "reuse" beside the seed
 
     def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
         self.inputs[name] = component
@@ -60,7 +61,9 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
         panel.add("n_iter", gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{p}_batch_count"))
         panel.add("cfg_scale", gr.Slider(1, 30, value=d.default_cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{p}_cfg_scale"))
     with gr.Row():
-        panel.add("seed", gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{p}_seed"))
+        panel.add("seed", gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{p}_seed", scale=3))
+        panel.seed_buttons["random"] = gr.Button("🎲", elem_id=f"{p}_random_seed", size="sm", min_width=40, scale=0)
+        panel.seed_buttons["reuse"] = gr.Button("♻", elem_id=f"{p}_reuse_seed", size="sm", min_width=40, scale=0)
         panel.add("clip_skip", gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{p}_clip_skip"))
         panel.add("tiling", gr.Checkbox(False, label="Tiling", elem_id=f"{p}_tiling"))
     with gr.Accordion("Variation seed", open=False, elem_id=f"{p}_variation"):
@@ -199,7 +202,21 @@ def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers:
         board.skip(session_of(request))
 
     panel.interrupt.click(interrupt, api_visibility="private", queue=False)
+    if panel.seed_buttons:
+        panel.seed_buttons["random"].click(lambda: -1, outputs=[panel["seed"]], api_visibility="private", queue=False)
+        panel.seed_buttons["reuse"].click(last_seed, inputs=[panel.info], outputs=[panel["seed"]],
+                                          api_visibility="private", queue=False)
     panel.skip.click(skip, api_visibility="private", queue=False)
+
+
+def last_seed(info: str | None) -> int:
+    """The seed of the first image shown (its parameters are in the info box)."""
+    from webui.infotext import parse_infotext
+
+    seed = parse_infotext((info or "").split("\n\n")[0]).get("Seed", "")
+    if not seed.isdigit():
+        raise gr.Error("Generate an image first: its seed is reused.")
+    return int(seed)
 
 
 def prompt_area(engine: Engine, panel: Panel) -> None:
