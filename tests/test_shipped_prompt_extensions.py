@@ -370,3 +370,18 @@ def test_the_shipped_extensions_over_http(tmp_path: Path, checkpoint_store: Path
         assert all(t["Prompt"].split()[1] in COLORS and t["Wildcard prompt"] == "a __color__ cube" for t in texts)
     finally:
         stop_server(s)
+
+
+def test_the_settings_tab_values_reach_the_filter_and_wildcards(workdir: Path) -> None:
+    engine = engine_for(workdir)
+    engine.settings.update_section("prompt-filter", {"blocklist": "castle\nre:dra+gon"})
+    with pytest.raises(ValueError, match="castle"):
+        engine.runner.generate(req(prompt="a castle on a hill"))
+    with pytest.raises(ValueError, match="draaagon"):
+        engine.runner.generate(req(prompt="a draaagon"))
+    engine.settings.update_section("prompt-filter", {"enabled": False})
+    assert engine.runner.generate(req(prompt="a castle on a hill")).images
+    (workdir / "elsewhere").mkdir()
+    (workdir / "elsewhere" / "animal.txt").write_text("otter\n")
+    engine.settings.update_section("wildcards", {"folder": str(workdir / "elsewhere")})
+    assert infos(engine.runner.generate(req(prompt="an __animal__")))[0]["Prompt"] == "an otter"
