@@ -278,7 +278,7 @@ def test_a_blocked_prompt_fails_the_job(workdir: Path) -> None:
     assert ok.images and infos(ok)[0]["Prompt"] == "nsfwish bloodless"
     # the file is read for each job: a bad regex is reported by name, the next fix applies at once
     (workdir / "prompt-filter.txt").write_text("re:[unclosed\n")
-    with pytest.raises(ValueError, match=r"Prompt filter misconfigured: .*'re:\[unclosed' \(prompt-filter.txt, "
+    with pytest.raises(ValueError, match=r"Prompt filter misconfigured: .*'re:\[unclosed' \(.*prompt-filter.txt, "
                                          r"line 1\) is not a valid regular expression"):
         engine.runner.generate(req(prompt="anything"))
     (workdir / "prompt-filter.txt").write_text("re:unclosed\n")
@@ -384,4 +384,16 @@ def test_the_settings_tab_values_reach_the_filter_and_wildcards(workdir: Path) -
     (workdir / "elsewhere").mkdir()
     (workdir / "elsewhere" / "animal.txt").write_text("otter\n")
     engine.settings.update_section("wildcards", {"folder": str(workdir / "elsewhere")})
+    assert infos(engine.runner.generate(req(prompt="an __animal__")))[0]["Prompt"] == "an otter"
+
+
+def test_relative_files_are_found_in_the_data_dir_from_any_working_directory(
+        data_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    (data_dir / "prompt-filter.txt").write_text("castle\n")
+    (data_dir / "wildcards").mkdir()
+    (data_dir / "wildcards" / "animal.txt").write_text("otter\n")
+    engine = engine_for(data_dir)
+    with pytest.raises(ValueError, match="castle"):
+        engine.runner.generate(req(prompt="a castle"))
     assert infos(engine.runner.generate(req(prompt="an __animal__")))[0]["Prompt"] == "an otter"

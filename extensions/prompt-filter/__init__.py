@@ -124,7 +124,7 @@ def process_prompt(stage: PromptStage) -> None:
     if not config.enabled:
         return
     try:
-        rules = rules_for(config)
+        rules = rules_for(config, Path(stage.data_dir or ".") / BLOCKLIST_FILE)
     except InvalidRule as err:
         raise JobRejected(f"Prompt filter misconfigured: {err}") from None
     if not rules:

@@ -189,7 +189,7 @@ def process_prompt(stage: PromptStage) -> None:
     config = stage.settings if stage.settings is not None else WildcardSettings()
     if not config.enabled:
         return
-    folder = Path(config.folder).expanduser()
+    folder = Path(stage.data_dir or ".") / Path(config.folder).expanduser()  # relative: to the data folder
     lookup: Lookup = lambda name: read_wildcard(folder, name)  # noqa: E731
     missing: list[str] = []
     originals = (list(stage.prompts), list(stage.negative_prompts))

@@ -48,6 +48,7 @@ class PromptStage:
     infotext: dict[str, Any] = field(default_factory=dict)
     batch_index: int = 0
     request: Any = None  # the GenerationRequest (read-only)
+    data_dir: Any = None  # pathlib.Path of the data folder: relative paths in settings start here
 
 
 Denoiser = Callable[[Any, Any], Any]  # (x, sigma) -> denoised
@@ -92,6 +93,7 @@ class StepStage:
     replaced: bool = False
 
     def replace(self, latents: Any) -> None:
+        """Make `latents` (same shape as `x`) the latents the next step starts from."""
         self.x, self.replaced = latents, True
 
 
@@ -104,6 +106,7 @@ class ImageStage:
     index: int  # index of the image in the job
     seed: int
     prompt: str
+    data_dir: Any = None  # pathlib.Path of the data folder: relative paths in settings start here
     args: Any = None
     settings: Any = None
     infotext: dict[str, Any] = field(default_factory=dict)
@@ -149,6 +152,7 @@ class SettingsRegistry:
         self._add = add
 
     def add(self, model: type[BaseModel]) -> None:
+        """Declare `model` (a pydantic model, all fields with defaults) as this extension's settings."""
         self._add(model)
 
 

@@ -253,7 +253,7 @@ class Runner:
             _, parsed = extract_extra_networks(prompt)
             stage = ext.PromptStage(prompts=list(prompts), negative_prompts=list(negatives), seeds=list(job.seeds),
                                     extra_networks=[(t.kind, t.name, tuple(t.args)) for t in parsed],
-                                    batch_index=len(job.images) // max(n, 1), request=r)
+                                    batch_index=len(job.images) // max(n, 1), request=r, data_dir=self.data_dir)
             self.extensions.call("process_prompt", stage, job.ext_args)
             if len(stage.prompts) != n or len(stage.negative_prompts) != n:
                 raise ValueError("an extension changed the number of prompts in process_prompt")
@@ -630,7 +630,7 @@ class Runner:
             extra: dict[str, Any] = {}
             if hooks:
                 stage = ext.ImageStage(image=image, index=len(job.images), seed=job.seeds[i], prompt=job.prompts[i],
-                                       request=job.request)
+                                       request=job.request, data_dir=self.data_dir)
                 self.extensions.call("postprocess_image", stage, job.ext_args)
                 if not isinstance(stage.image, Image.Image):
                     raise ValueError("an extension's postprocess_image left something that is not an image")
