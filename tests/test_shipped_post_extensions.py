@@ -295,3 +295,15 @@ def test_safety_checker_runs_before_the_watermark(in_data_dir: Path) -> None:
     assert (fields["NSFW"], fields["Watermark"]) == ("blacked out", "visible")
     image = pixels(result.images[0])
     assert not image[: 256 * 3 // 4].any() and image.any()  # black, with the mark drawn over it
+
+
+def test_the_safety_checker_says_whether_it_is_active(tmp_path: Path) -> None:
+    from webui.app import build_engine
+    from webui.config import Config
+
+    engine = build_engine(Config(data_dir=tmp_path))
+    manager = engine.extensions
+    e = manager.get("safety-checker")
+    assert manager.status_line(e) == "loaded: inactive: no weights in models/safety_checker"
+    engine.settings.update_section("safety-checker", {"enabled": False})
+    assert manager.status_line(e) == "loaded: off (Settings: safety-checker)"

@@ -220,7 +220,8 @@ def load_extensions(config: Config, settings: SettingsStore) -> ExtensionManager
     folders = [config.extensions_path]
     if SHIPPED_EXTENSIONS.is_dir() and SHIPPED_EXTENSIONS.resolve() != config.extensions_path.resolve():
         folders.insert(0, SHIPPED_EXTENSIONS)
-    manager = ExtensionManager(folders, config.data_dir / "extensions.json", enabled=not config.disable_all_extensions)
+    manager = ExtensionManager(folders, config.data_dir / "extensions.json", enabled=not config.disable_all_extensions,
+                               data_dir=config.data_dir)
     manager.load(settings_sink=settings.register_section, settings_source=settings.section)
     for e in manager.extensions:
         log.info("extension %s %s: %s", e.name, e.version, e.status)

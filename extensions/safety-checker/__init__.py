@@ -52,6 +52,18 @@ def register_settings(settings: SettingsRegistry) -> None:
 
 
 @hookimpl
+def extension_status(settings: SafetySettings | None, data_dir: Path | None) -> str | None:
+    """What the Extensions tab shows: whether the classifier will run (cheap: no loading)."""
+    config = settings or SafetySettings()
+    if not config.enabled:
+        return "off (Settings: safety-checker)"
+    folder = (Path(data_dir or ".") / Path(config.models_dir).expanduser()).resolve()
+    if stamp(folder) is None:
+        return f"inactive: no weights in {config.models_dir}"
+    return f"active: {config.action} flagged images (weights in {config.models_dir})"
+
+
+@hookimpl
 def postprocess_image(stage: ImageStage) -> None:
     config: SafetySettings = stage.settings or SafetySettings()
     if not config.enabled:

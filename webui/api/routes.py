@@ -445,7 +445,8 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
     @router.get("/extensions")
     def extensions() -> list[dict]:
         ext = engine.extensions
-        return [{"name": e.name, "version": e.version, "enabled": e.enabled, "status": e.status, "source": e.source,
+        return [{"name": e.name, "version": e.version, "enabled": e.enabled, "status": ext.status_line(e),
+                 "source": e.source,
                  "path": str(e.path) if e.path else None, "remote": None, "branch": None, "commit_hash": None,
                  "commit_date": None} for e in (ext.extensions if ext else [])]
 

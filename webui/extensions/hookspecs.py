@@ -44,6 +44,13 @@ class Hooks:
         `UiSection.args_model`. The same values come through the HTTP API in
         `alwayson_scripts`."""
 
+    @hookspec
+    def extension_status(self, settings: Any, data_dir: Any) -> str | None:
+        """Whenever the Extensions tab or `/sdapi/v1/extensions` lists extensions: a short line
+        about this extension's state beyond "loaded" (e.g. "inactive: no weights in
+        models/safety_checker"), or None. `settings` is this extension's Settings section,
+        `data_dir` the data folder (pathlib.Path). Keep it cheap: no model loading here."""
+
     # --- models -------------------------------------------------------------------------------
 
     @hookspec

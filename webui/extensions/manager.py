@@ -161,7 +161,8 @@ class _Core:
 
 class ExtensionManager:
     def __init__(self, folders: list[Path], state_file: Path | None, *, enabled: bool = True,
-                 packages: bool = True) -> None:
+                 packages: bool = True, data_dir: Path | None = None) -> None:
+        self.data_dir = data_dir or Path(".")
         self.folders = folders  # scanned in order; the last is where installs go
         self.state_file = state_file
         self.enabled = enabled  # False: --disable-all-extensions
@@ -292,6 +293,16 @@ class ExtensionManager:
     def _fail(e: Extension, reason: str) -> None:
         e.status = f"error: {reason}"
         log.error("extension %s disabled: %s", e.name, reason)
+
+    def status_line(self, e: Extension) -> str:
+        """`e.status`, with the extension's own `extension_status` note when it is loaded."""
+        if not e.active:
+            return e.status
+        try:
+            note = self._call_one(e, "extension_status", settings=self.settings_of(e), data_dir=self.data_dir)
+        except Exception as err:  # noqa: BLE001  a status line must never break the listing
+            note = f"status unavailable ({type(err).__name__}: {err})"
+        return f"loaded: {note}" if note else e.status
 
     def active(self) -> list[Extension]:
         return [e for e in self.extensions if e.active]

@@ -25,18 +25,18 @@ HEADERS = ["name", "version", "source", "enabled", "status", "updates"]
 
 def _rows(manager: ExtensionManager, updates: dict[str, str], installed: list[str]) -> list[list[str]]:
     rows = [[e.name, e.version, e.source if e.path is None else f"{e.source}: {e.path}",
-             "yes" if e.enabled else "no", _status(e), updates.get(e.name, "")] for e in manager.extensions]
+             "yes" if e.enabled else "no", _status(e, manager), updates.get(e.name, "")] for e in manager.extensions]
     rows += [[name, "", "folder", "yes", "installed: restart to load it", ""] for name in installed
              if manager.get(name) is None]
     return rows or [["", "", "", "", "no extensions found", ""]]
 
 
-def _status(e: Extension) -> str:
+def _status(e: Extension, manager: ExtensionManager) -> str:
     if e.enabled and e.status == "disabled":
         return "disabled: enabled again, restart to load it"
     if not e.enabled and e.active:
         return "loaded: disabled, restart to unload it"
-    return e.status
+    return manager.status_line(e)
 
 
 def _updatable(manager: ExtensionManager) -> list[str]:
