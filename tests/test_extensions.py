@@ -303,3 +303,48 @@ def test_settings_sections_reach_the_hooks_and_apply_live(data_dir: Path) -> Non
     assert '"bonjour"' in (data_dir / "config.json").read_text()  # saved with the other settings
     with pytest.raises(ValueError, match="word"):
         engine.settings.update_section("greeter", {"word": 3})
+
+
+def test_installed_packages_with_an_entry_point_are_extensions(data_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path_factory.mktemp("site")
+    (site / "pkg_ext_demo.py").write_text(textwrap.dedent('''
+        from webui.extensions.api import hookimpl
+        WEBUI_API = "1"
+
+        @hookimpl
+        def process_prompt(stage):
+            stage.infotext["From package"] = True
+    '''))
+    info = site / "pkg_ext_demo-3.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pkg-ext-demo\nVersion: 3.1\nSummary: demo\n")
+    (info / "entry_points.txt").write_text("[webui.extensions]\npkg-demo = pkg_ext_demo\n")
+    monkeypatch.syspath_prepend(str(site))
+    engine = engine_for(data_dir)
+    e = engine.extensions.get("pkg-demo")
+    assert (e.source, e.version, e.status) == ("package", "3.1", "loaded")
+    assert parse_infotext(engine.runner.generate(req()).infotexts[0])["From package"] == "True"
+
+
+def test_an_extension_tab_is_added_to_the_page(data_dir: Path) -> None:
+    write_extension(data_dir, "gallery-tab", '''
+        @hookimpl
+        def ui_contribution():
+            import gradio as gr
+            return UiSection(title="My gallery", tabs=("tab",),
+                             build=lambda: {"note": gr.Markdown("hello", elem_id="my_gallery_note")})
+    ''')
+    write_extension(data_dir, "broken-ui", '''
+        @hookimpl
+        def ui_contribution():
+            def build():
+                raise RuntimeError("no widgets today")
+            return UiSection(title="Broken", build=build)
+    ''')
+    from webui.ui.blocks import build_ui
+
+    demo = build_ui(engine_for(data_dir))
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"tab_ext_gallery-tab", "my_gallery_note", "txt2img_ext_broken-ui", "tab_extensions",
+            "tab_settings"} <= ids
