@@ -319,6 +319,13 @@ def test_auth_covers_every_api_route_and_the_docs(tmp_path: Path, checkpoint_sto
         assert requests.get(s.url + API + "/sd-models", auth=auth, timeout=30).status_code == 200
     finally:
         stop_server(s)
+    # without --api-auth, the page's --gradio-auth users guard the API too
+    s = start_server(tmp_path, "--api", "--gradio-auth", "bo:pw", ready=API + "/samplers")
+    try:
+        assert requests.get(s.url + API + "/sd-models", timeout=30).status_code == 401
+        assert requests.get(s.url + API + "/sd-models", auth=("bo", "pw"), timeout=30).status_code == 200
+    finally:
+        stop_server(s)
 
 
 def test_nowebui_serves_the_api_alone(tmp_path: Path, checkpoint_store: Path) -> None:
