@@ -36,6 +36,10 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--opt-sdp-attention", action="store_const", const="sdpa", dest="attention", help="same as --attention sdpa")
     for flag in ("--opt-split-attention", "--opt-sub-quad-attention"):
         g.add_argument(flag, action="store_const", const="sliced", dest="attention", help="same as --attention sliced")
+    g.add_argument("--medvram", action="store_true",
+                   help="keep only the running component (text encoder, UNet, VAE) on the GPU")
+    g.add_argument("--lowvram", action="store_true", help="stream the UNet's blocks to the GPU as they run (slowest, least VRAM)")
+    g.add_argument("--vae-tiling", action="store_true", help="always decode and encode images in tiles (default: large images only)")
     g.add_argument("--model-cache-size", type=int, default=1, help="models kept loaded (default: 1)")
     g.add_argument("--verbose", action="store_true", help="log more")
 
@@ -155,6 +159,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
         no_half_vae=a.no_half_vae,
         dtype=a.dtype,
         attention=a.attention,
+        medvram=a.medvram,
+        lowvram=a.lowvram,
+        vae_tiling=a.vae_tiling,
         ckpt=a.ckpt,
         model_cache_size=a.model_cache_size,
         prediction=getattr(a, "prediction", "auto"),

@@ -52,6 +52,9 @@ class Config(BaseModel):
     no_half_vae: bool = False
     dtype: DType = "auto"
     attention: Literal["auto", "sdpa", "xformers", "sliced"] = "auto"  # see webui.runtime.attention
+    medvram: bool = False  # only the running component on the GPU (see webui.runtime.memory)
+    lowvram: bool = False  # UNet blocks streamed to the GPU as they run
+    vae_tiling: bool = False  # always decode/encode in tiles (otherwise only images over a pixel budget)
 
     # models
     ckpt: str | None = None

@@ -1,8 +1,10 @@
 """Turn a single-file checkpoint into runnable diffusers / transformers modules, offline.
 
 Modules are built on the meta device (no random initialisation of weights that are about to
-be overwritten) and take the file's tensors with `assign=True`, cast one tensor at a time so
-the peak stays near one copy of the weights.
+be overwritten) and take the file's tensors with `assign=True`. The reader has already cast each
+tensor to the dtype it runs in, straight out of the file mapping (`webui.models.readers`), so the
+peak stays near one copy of the weights. In medvram / lowvram the weights stay on the offload
+device and the runtime's `MemoryManager` is attached to the components.
 """
 
 from __future__ import annotations
@@ -88,17 +90,19 @@ def load_bundle(
         unet = _build_unet(sd, found, runtime)
         vae = _build_vae(sd, VAE_PREFIX, found.vae_config, runtime) if found.vae_config and vae_path is None else None
     except ModelError:
+        sd.clear()
+        gc.collect()  # half-built modules and the traceback may hold weights in cycles
         raise
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
-        raise ModelError(f"could not build the model from its weights: {str(e).splitlines()[0]}", path) from None
-    finally:
         sd.clear()
         gc.collect()
+        raise ModelError(f"could not build the model from its weights: {str(e).splitlines()[0]}", path) from None
+    sd.clear()  # what no module took (e.g. a VAE replaced by vae_path) goes now, by reference count
     if vae is None:
         if vae_path is None:
             raise ModelError("the checkpoint has no VAE; choose one from models/VAE/", path)
         vae = load_vae(vae_path, found.family, runtime)
-    return ModelBundle(
+    bundle = ModelBundle(
         name=name or path.name,
         model_name=Path(name or path.name).with_suffix("").as_posix(),
         sha256=sha256,
@@ -112,6 +116,9 @@ def load_bundle(
         alphas_cumprod=alphas,
         runtime=runtime,
     )
+    if runtime.memory is not None:  # medvram / lowvram: weights wait on the offload device
+        runtime.memory.attach_bundle(bundle)
+    return bundle
 
 
 def _runtime_dtypes(runtime: Runtime, vae_only: bool = False):
@@ -155,8 +162,9 @@ def _take(sd: StateDict, prefix: str, strip: bool) -> StateDict:
 
 def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype: torch.dtype) -> torch.nn.Module:
     """Load `weights` into a meta-built module, casting tensor by tensor, and move it to the device."""
+    device = runtime.weights_device
     for k in list(weights):
-        weights[k] = weights.pop(k).to(device=runtime.device, dtype=dtype)
+        weights[k] = weights.pop(k).to(device=device, dtype=dtype)
     result = module.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
@@ -168,7 +176,7 @@ def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype
                 raise ModelError(f"{type(module).__name__} buffer {name} has no value")
             owner = module.get_submodule(name.rsplit(".", 1)[0])
             owner.register_buffer(
-                "position_ids", torch.arange(buf.shape[-1], device=runtime.device).expand((1, -1)), persistent=False
+                "position_ids", torch.arange(buf.shape[-1], device=device).expand((1, -1)), persistent=False
             )
     return module.eval().requires_grad_(False)
 

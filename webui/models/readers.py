@@ -3,7 +3,8 @@
 - `.safetensors` is memory-mapped (no pickle, no code). Each tensor is copied out of the
   mapping already cast to the dtype it will run in, and its pages are then released, so the
   peak memory is about one copy of the weights rather than file + copy (what
-  `safetensors.torch.load_file` costs).
+  `safetensors.torch.load_file` costs). The copies run on several threads in big pieces
+  (`webui.runtime.convert`), so reading costs about the memory traffic of one copy.
 - `.ckpt` / `.pt` / `.pth` / `.bin` are pickles: they are read only with torch's weights-only
   unpickler, which refuses any object outside an allow-list of tensor types, so a file that
   carries code is rejected before that code can run.
@@ -20,12 +21,14 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from webui.models.errors import ModelError
 from webui.models.registry import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
+from webui.runtime.convert import Source, convert_into
 
 StateDict = dict[str, torch.Tensor]
 # (key, dtype in the file) -> dtype to keep it in, or None to skip the tensor
@@ -58,11 +61,20 @@ def _apply(sd: StateDict, select: Select | None) -> StateDict:
     if select is None:
         return sd
     out = {}
+    jobs: list[tuple[Source, torch.Tensor]] = []
     for key in list(sd):
         tensor = sd.pop(key)
         dtype = select(key, tensor.dtype)
-        if dtype is not None:
-            out[key] = tensor.to(dtype)
+        if dtype is None:
+            continue
+        if dtype == tensor.dtype:
+            out[key] = tensor
+            continue
+        with torch.inference_mode(False):
+            out[key] = torch.empty(tensor.shape, dtype=dtype)
+        if tensor.numel():
+            jobs.append((Source.of(tensor), out[key]))
+    convert_into(jobs)
     return out
 
 
@@ -89,43 +101,64 @@ def _read_safetensors(path: Path, select: Select | None) -> StateDict:
         if size == start:
             return {}
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    page = mmap.PAGESIZE
     out: StateDict = {}
+    jobs: list[tuple[Source, torch.Tensor]] = []
     try:
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                shape = [int(n) for n in info["shape"]]
+                begin, end = (int(n) for n in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ModelError(f"not a safetensors file (bad entry for {key!r})", path) from None
+            numel = 1
+            for n in shape:
+                numel *= n
+            if not 0 <= begin <= end or start + end > size or end - begin != numel * dtype.itemsize:
+                raise ModelError(f"truncated or corrupt: tensor {key!r} lies outside the file", path)
+            keep = select(key, dtype) if select else dtype
+            if keep is None:
+                continue
+            # Ordinary tensors even when the caller is in inference mode: weights must accept
+            # in-place edits (LoRA merges, VAE upcasts) later, and workers fill them from other threads.
+            with torch.inference_mode(False):
+                out[key] = torch.empty(shape, dtype=keep)
+            if numel:
+                jobs.append((_mapped(mapping, start + begin, dtype, numel), out[key]))
+        jobs.sort(key=lambda job: job[0].offset)  # in file order: the reads stream
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we copy at once
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                try:
-                    dtype = _ST_DTYPES[info["dtype"]]
-                    shape = [int(n) for n in info["shape"]]
-                    begin, end = (int(n) for n in info["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    raise ModelError(f"not a safetensors file (bad entry for {key!r})", path) from None
-                numel = 1
-                for n in shape:
-                    numel *= n
-                if not 0 <= begin <= end or start + end > size or end - begin != numel * dtype.itemsize:
-                    raise ModelError(f"truncated or corrupt: tensor {key!r} lies outside the file", path)
-                keep = select(key, dtype) if select else dtype
-                if keep is None:
-                    continue
-                if numel == 0:
-                    out[key] = torch.empty(shape, dtype=keep)
-                    continue
-                view = torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start + begin).view(shape)
-                out[key] = view.to(keep, copy=True)
-                del view
-                if hasattr(mapping, "madvise"):  # give the file's pages back: they are copied now
-                    lo = (start + begin) // page * page
-                    mapping.madvise(mmap.MADV_DONTNEED, lo, start + end - lo)
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": only read from
+            convert_into(jobs)
     finally:
+        jobs.clear()
         try:
             mapping.close()
         except BufferError:  # a view is still alive somewhere; the mapping goes with it
             pass
     return out
+
+
+@dataclass(frozen=True)
+class _Mapped(Source):
+    offset: int = 0
+
+
+def _mapped(mapping: mmap.mmap, offset: int, dtype: torch.dtype, numel: int) -> _Mapped:
+    """A tensor's elements inside the file mapping; released pages leave the process's memory
+    (they stay in the page cache), so the peak is about one copy of the weights, not file + copy."""
+    item = dtype.itemsize
+
+    def read(a: int, b: int) -> torch.Tensor:
+        return torch.frombuffer(mapping, dtype=dtype, count=b - a, offset=offset + a * item)
+
+    def release(a: int, b: int) -> None:
+        if hasattr(mapping, "madvise"):
+            lo = (offset + a * item) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_DONTNEED, lo, offset + b * item - lo)
+
+    return _Mapped(numel, read, release, offset)
 
 
 def _read_pickle(path: Path) -> StateDict:

@@ -1,9 +1,15 @@
 """Pixels <-> latents through the model's VAE (with the float32 retry when a half-precision VAE
-produces NaNs), and latent-space resizing."""
+produces NaNs), and latent-space resizing.
+
+Every VAE pass runs inside `vae_pass`: in medvram / lowvram the VAE is on the compute device for
+the pass only, and large images (or `--vae-tiling`) go through diffusers' tiled VAE, big batches
+one image at a time (`webui.runtime.memory.vae_plan` decides)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -11,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from webui.models.load import ModelBundle
+from webui.runtime.memory import vae_plan
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +28,32 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+@contextlib.contextmanager
+def vae_pass(bundle: ModelBundle, width: int, height: int, batch: int) -> Iterator[torch.nn.Module]:
+    """The VAE ready for one pass over `batch` images of `width` x `height` pixels: on the compute
+    device (memory modes), tiled / sliced as `vae_plan` says; all undone after the pass."""
+    rt, vae = bundle.runtime, bundle.vae
+    plan = vae_plan(width, height, batch, device=rt.device, itemsize=rt.vae_dtype.itemsize, forced=rt.vae_tiling,
+                    offloading=rt.memory is not None and rt.memory.offloads)
+    saved = (getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False))
+    memory = rt.memory.use(vae) if rt.memory is not None else contextlib.nullcontext(vae)
+    with memory:
+        if hasattr(vae, "use_tiling"):
+            vae.use_tiling = saved[0] or plan.tiled
+            vae.use_slicing = saved[1] or plan.sliced
+        try:
+            yield vae
+        finally:
+            if hasattr(vae, "use_tiling"):
+                vae.use_tiling, vae.use_slicing = saved
+
+
 def encode(bundle: ModelBundle, images: list[Image.Image]) -> torch.Tensor:
     """Scaled latents (the distribution's mode: deterministic) of same-sized images."""
     rt = bundle.runtime
     pixels = images_to_tensor(images).to(rt.device, rt.vae_dtype)
-    latents = bundle.vae.encode(pixels).latent_dist.mode().float()
+    with vae_pass(bundle, pixels.shape[3], pixels.shape[2], pixels.shape[0]) as vae:
+        latents = vae.encode(pixels).latent_dist.mode().float()
     return latents * bundle.family.latent_scaling_factor
 
 
@@ -34,12 +62,14 @@ def decode(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.Image]:
     an overflow) decodes again in float32, with a warning."""
     rt = bundle.runtime
     scaled = latents.to(rt.device, rt.vae_dtype) / bundle.family.latent_scaling_factor
-    decoded = bundle.vae.decode(scaled, return_dict=False)[0].float()
-    vae_dtype = bundle.vae.dtype
-    if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(decoded).all():
-        name = str(vae_dtype).removeprefix("torch.")
-        log.warning("VAE produced NaNs in %s; decoded again in float32. Use --no-half-vae to skip the first try", name)
-        decoded = _decode_float32(bundle.vae, latents.to(rt.device, torch.float32) / bundle.family.latent_scaling_factor)
+    with vae_pass(bundle, latents.shape[3] * 8, latents.shape[2] * 8, latents.shape[0]) as vae:
+        decoded = vae.decode(scaled, return_dict=False)[0].float()
+        vae_dtype = vae.dtype
+        if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(decoded).all():
+            name = str(vae_dtype).removeprefix("torch.")
+            log.warning("VAE produced NaNs in %s; decoded again in float32. Use --no-half-vae to skip the first try",
+                        name)
+            decoded = _decode_float32(vae, latents.to(rt.device, torch.float32) / bundle.family.latent_scaling_factor)
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
 

@@ -48,6 +48,7 @@ from webui.prompts.parser import extract_extra_networks, lora_weight
 from webui.prompts.styles import StyleStore, apply_styles
 from webui.samplers.kdiffusion import StepState
 from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
+from webui.runtime.memory import offloaded_after
 from webui.samplers.table import resolve
 from webui.settings import Settings
 
@@ -204,7 +205,8 @@ class Runner:
         elif r.extensions:
             raise ValueError("extensions: extensions are not loaded")
         interrupted = False
-        with torch.inference_mode(), self.stage_tiling(job), self._undo_patches(job):
+        with torch.inference_mode(), offloaded_after(bundle.runtime.memory), self.stage_tiling(job), \
+                self._undo_patches(job):
             for batch in range(r.n_iter):
                 if cancel.interrupted:
                     interrupted = True

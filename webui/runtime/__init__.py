@@ -1,1 +1,2 @@
-"""Device and precision choice."""
+"""Device and precision choice, attention backends, memory modes (medvram / lowvram, VAE tiling)
+and the bulk tensor conversion checkpoint loading uses."""

@@ -1,8 +1,9 @@
-"""Pick the device, the dtypes the model runs in, and the attention backend.
+"""Pick the device, the dtypes the model runs in, the attention backend and the memory mode.
 
 float16 on CUDA (and MPS), bfloat16 on a CPU with native bf16 instructions, float32
 otherwise; `--no-half` / `--no-half-vae` force float32 for the whole model / the VAE.
-The attention backend is chosen by `webui.runtime.attention.pick_attention`.
+The attention backend is chosen by `webui.runtime.attention.pick_attention`, the memory mode
+(`--medvram` / `--lowvram` / automatic by free VRAM) by `webui.runtime.memory.pick_memory_mode`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from webui.config import Config
 from webui.runtime.attention import pick_attention
+from webui.runtime.memory import DeviceTransfer, MemoryManager, pick_memory_mode
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,24 @@ class Runtime:
     vae_dtype: torch.dtype
     attention: str = "sdpa"  # "sdpa", "xformers" or "sliced" (see webui.runtime.attention)
     attention_message: str = ""  # what was chosen and, after a fallback, why
+    memory: MemoryManager | None = None  # medvram / lowvram (see webui.runtime.memory); None = normal
+    vae_tiling: bool = False  # --vae-tiling: always decode/encode in tiles (else only large images)
+
+    @property
+    def memory_mode(self) -> str:
+        return self.memory.mode if self.memory is not None else "normal"
+
+    @property
+    def weights_device(self) -> torch.device:
+        """Where loaded weights are put: the offload device when a memory mode offloads."""
+        if self.memory is not None and self.memory.offloads:
+            transfer = self.memory.transfer
+            return getattr(transfer, "offload", transfer.compute)
+        return self.device
 
     def describe(self) -> str:
         return (f"device={self.device}, dtype={_name(self.dtype)}, vae dtype={_name(self.vae_dtype)}, "
-                f"attention={self.attention}")
+                f"attention={self.attention}, memory={self.memory_mode}{', vae tiling' if self.vae_tiling else ''}")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -80,4 +96,8 @@ def pick_runtime(config: Config) -> Runtime:
         log.warning("%s", message)
     else:
         log.info("attention: %s", message)
-    return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype, attention=attention, attention_message=message)
+    mode, why = pick_memory_mode(config.medvram, config.lowvram, device)
+    log.log(logging.WARNING if "no effect" in why else logging.INFO, "memory: %s", why)
+    memory = MemoryManager(mode, DeviceTransfer(device)) if mode != "normal" else None
+    return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype, attention=attention, attention_message=message,
+                   memory=memory, vae_tiling=config.vae_tiling)
