@@ -36,11 +36,6 @@ def req(**kw) -> GenerationRequest:
     return GenerationRequest(**base)
 
 
-def ours(engine: Engine) -> list:
-    return [e for e in engine.extensions.extensions if e.path is not None and "extensions" in str(e.path)
-            and str(engine.config.data_dir) in str(e.path)]
-
-
 def test_prompt_stage_rewrites_per_image_and_adds_infotext(data_dir: Path) -> None:
     write_extension(data_dir, "shout", '''
         from pydantic import BaseModel
