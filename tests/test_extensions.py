@@ -343,3 +343,39 @@ def test_an_extension_tab_is_added_to_the_page(data_dir: Path) -> None:
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"tab_ext_gallery-tab", "my_gallery_note", "txt2img_ext_broken-ui", "tab_extensions",
             "tab_settings"} <= ids
+
+
+def test_an_extension_sampler_is_listed_and_runs(data_dir: Path) -> None:
+    write_extension(data_dir, "my-sampler", '''
+        def plain_euler(denoiser, x, sigmas, *, noise, callback=None):
+            for i in range(len(sigmas) - 1):
+                denoised = denoiser(x, sigmas[i])
+                x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+                if callback:
+                    callback(SamplerStep(i, len(sigmas) - 1, x, sigmas[i], denoised))
+            return x
+
+        @hookimpl
+        def samplers():
+            return [ExtensionSampler("Plain Euler", plain_euler)]
+    ''')
+    write_extension(data_dir, "name-thief", '''
+        @hookimpl
+        def samplers():
+            return [ExtensionSampler("Euler", lambda *a, **k: None)]
+    ''')
+    engine = engine_for(data_dir)
+    assert "already taken" in engine.extensions.get("name-thief").status
+    steps = []
+    ours = engine.runner.generate(req(sampler_name="Plain Euler"), progress=lambda p: steps.append(p.step))
+    builtin = engine.runner.generate(req(sampler_name="Euler"))
+    assert steps == [1, 2, 3]
+    assert np.abs(np.asarray(ours.images[0], dtype=int) - np.asarray(builtin.images[0], dtype=int)).max() <= 1
+    assert parse_infotext(ours.infotexts[0])["Sampler"] == "Plain Euler"
+    with pytest.raises(ValueError, match="unknown sampler 'Nope'.*Plain Euler"):
+        engine.runner.generate(req(sampler_name="Nope"))
+    from webui.ui.blocks import build_ui
+
+    demo = build_ui(engine)
+    dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "txt2img_sampler")
+    assert "Plain Euler" in [c[0] if isinstance(c, tuple) else c for c in dropdown.choices]

@@ -45,7 +45,7 @@ from webui.infotext import parse_infotext
 from webui.jobs.queue import Job
 from webui.models.errors import ModelError
 from webui.pipeline.request import GenerationRequest
-from webui.samplers.table import SAMPLERS, SCHEDULES
+from webui.samplers.table import SAMPLERS, SCHEDULES, resolve
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,13 @@ class Api:
                 raise HTTPException(404 if query else 409, f"{field}: {err}") from None
         if request.enable_hr and not request.hr_upscaler.lower().startswith("latent"):
             self._check_upscaler(request.hr_upscaler, "hr_upscaler")
+        extra = e.extensions.sampler_specs() if e.extensions is not None else []
+        for field, name in (("sampler_name", request.sampler_name), ("hr_sampler_name", request.hr_sampler_name)):
+            if name:
+                try:
+                    resolve(name, request.scheduler, extra)
+                except ValueError as err:
+                    raise HTTPException(422, f"{field}: {err}") from None
         if request.extensions:
             if e.extensions is None:
                 raise HTTPException(422, "alwayson_scripts: extensions are not loaded")
@@ -371,7 +378,9 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/samplers")
     def samplers() -> list[dict]:
-        return [{"name": s.name, "aliases": list(s.aliases), "options": {o: "" for o in s.options}} for s in SAMPLERS]
+        extra = engine.extensions.sampler_specs() if engine.extensions is not None else []
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {o: "" for o in s.options}}
+                for s in (*SAMPLERS, *extra)]
 
     @router.get("/schedulers")
     def schedulers() -> list[dict]:

@@ -130,6 +130,31 @@ class JobInfo:
 
 
 @dataclass
+class SamplerStep:
+    """What a sampler passes to its `callback` after each step (the built-in samplers do too)."""
+
+    step: int  # 0-based index of the step just finished
+    total: int
+    x: Any  # the latents after this step
+    sigma: Any
+    denoised: Any
+
+
+@dataclass(frozen=True)
+class ExtensionSampler:
+    """A sampler an extension adds (returned by the `samplers` hook), listed and chosen by `name`
+    like the built-in ones. `fn(denoiser, x, sigmas, *, noise, callback, **options)`: loop over
+    `sigmas`, call `denoiser(x, sigma)` for the denoised estimate, `noise(x)` for seeded fresh
+    noise, and `callback(SamplerStep(...))` once per step; return the final latents.
+    `options` names the request fields it accepts (eta, s_churn, s_noise, s_tmin, s_tmax)."""
+
+    name: str
+    fn: Callable[..., Any]
+    options: tuple[str, ...] = ()
+    stochastic: bool = False
+
+
+@dataclass
 class UiSection:
     """A section an extension adds to the page. `build()` is called inside a Gradio context
     (an accordion under txt2img/img2img, or a new tab) and returns its input components by
@@ -157,6 +182,6 @@ class SettingsRegistry:
 
 
 __all__ = [
-    "API_VERSION", "DenoiserStage", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
+    "API_VERSION", "DenoiserStage", "ExtensionSampler", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
     "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "hookimpl",
 ]

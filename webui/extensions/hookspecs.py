@@ -11,6 +11,7 @@ from typing import Any
 
 from webui.extensions.api import (
     DenoiserStage,
+    ExtensionSampler,
     ImageStage,
     JobInfo,
     PromptStage,
@@ -50,6 +51,11 @@ class Hooks:
         about this extension's state beyond "loaded" (e.g. "inactive: no weights in
         models/safety_checker"), or None. `settings` is this extension's Settings section,
         `data_dir` the data folder (pathlib.Path). Keep it cheap: no model loading here."""
+
+    @hookspec
+    def samplers(self) -> list[ExtensionSampler] | None:
+        """Start-up. Extra samplers to list beside the built-in ones (page, `/sdapi/v1/samplers`,
+        requests' `sampler_name`). A name that is already taken is refused with a reason."""
 
     # --- models -------------------------------------------------------------------------------
 

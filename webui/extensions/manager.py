@@ -56,6 +56,7 @@ class Extension:
     status: str = "not loaded"  # "loaded", "disabled", or "error: <reason>"
     module: ModuleType | None = None
     ui: UiSection | None = None
+    samplers: list[Any] = field(default_factory=list)  # SamplerSpec of the samplers it adds
     settings_model: type[BaseModel] | None = None
     loader: Callable[[], ModuleType] | None = field(default=None, repr=False)
 
@@ -261,10 +262,29 @@ class ExtensionManager:
         if not self._call_startup(e, "register_settings", settings=SettingsRegistry(add)):
             return
         try:
+            e.samplers = self._sampler_specs(e, self._call_one(e, "samplers") or [])
             e.ui = self._call_one(e, "ui_contribution")
         except Exception as err:  # noqa: BLE001
             self._unregister(e)
             self._fail(e, f"ui_contribution raised {type(err).__name__}: {err}")
+
+    def _sampler_specs(self, e: Extension, given: list[Any]) -> list[Any]:
+        from webui.samplers.table import SamplerSpec, find_sampler
+
+        taken = {s.name.lower() for other in self.active() if other is not e for s in other.samplers}
+        specs = []
+        for sampler in given:
+            if not isinstance(sampler, api.ExtensionSampler):
+                raise TypeError("samplers must return ExtensionSampler objects")
+            if find_sampler(sampler.name) is not None or sampler.name.lower() in taken:
+                raise ValueError(f"sampler name {sampler.name!r} is already taken")
+            specs.append(SamplerSpec(sampler.name, f"extension:{e.name}", stochastic=sampler.stochastic,
+                                     options=tuple(sampler.options), implementation=sampler.fn))
+        return specs
+
+    def sampler_specs(self) -> list[Any]:
+        """Every active extension's samplers (webui.samplers.table.SamplerSpec)."""
+        return [s for e in self.active() for s in e.samplers]
 
     def app_started(self, app: Any) -> None:
         for e in self.active():

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from webui.samplers.table import resolve
+from webui.samplers.table import find_sampler, resolve
 
 MAX_SEED = 2**32 - 1
 
@@ -133,13 +133,17 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _known_sampler(self) -> "GenerationRequest":
-        spec, schedule = resolve(self.sampler_name, self.scheduler)
-        if (spec.name, schedule) != (self.sampler_name, self.scheduler):
-            # normalise legacy combined names ("Euler a Karras") into sampler + schedule
-            object.__setattr__(self, "sampler_name", spec.name)
-            object.__setattr__(self, "scheduler", schedule)
-        if self.hr_sampler_name:
-            resolve(self.hr_sampler_name, self.scheduler)
+        # A name that is not built in may be an extension's sampler: the engine, which knows the
+        # loaded extensions, checks it when the job starts (and the HTTP API before queuing).
+        spec = find_sampler(self.sampler_name)
+        if spec is not None or find_sampler(self.sampler_name.rsplit(" ", 1)[0]) is not None:
+            spec, schedule = resolve(self.sampler_name, self.scheduler)
+            if (spec.name, schedule) != (self.sampler_name, self.scheduler):
+                # normalise legacy combined names ("Euler a Karras") into sampler + schedule
+                object.__setattr__(self, "sampler_name", spec.name)
+                object.__setattr__(self, "scheduler", schedule)
+        else:
+            resolve("Euler", self.scheduler)  # the schedule type must still be known
         if self.mask is not None and not self.init_images:
             raise ValueError("a mask needs an init image")
         return self

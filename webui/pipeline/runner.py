@@ -200,6 +200,9 @@ class Runner:
             started=time.perf_counter(),
             total_steps=per_batch * r.n_iter,
         )
+        for name in (r.sampler_name, r.hr_sampler_name):
+            if name:
+                self.resolve(name, r.scheduler)  # an unknown sampler fails before any work
         if self.extensions is not None:
             job.ext_args = self.extensions.validate_args(r.extensions)
         elif r.extensions:
@@ -431,7 +434,7 @@ class Runner:
         progress: ProgressFn | None, cancel: CancelToken, preview_every: int, first_step: int = 1,
     ) -> torch.Tensor:
         r, bundle = job.request, job.bundle
-        spec, _ = resolve(sampler_name, r.scheduler)
+        spec, _ = self.resolve(sampler_name, r.scheduler)
         assert job.conditioning is not None
         w, h = job.size
         n = len(job.seeds)
@@ -608,10 +611,13 @@ class Runner:
                 return previewer
         return lambda latents: approximate_rgb(latents, family)
 
-    @staticmethod
-    def _sigmas(job: Job, sampler_name: str, steps: int) -> torch.Tensor:
+    def resolve(self, sampler_name: str, scheduler: str) -> tuple[Any, str]:
+        """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
+        return resolve(sampler_name, scheduler, self.extensions.sampler_specs() if self.extensions else ())
+
+    def _sigmas(self, job: Job, sampler_name: str, steps: int) -> torch.Tensor:
         """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
-        spec, schedule = resolve(sampler_name, job.request.scheduler)
+        spec, schedule = self.resolve(sampler_name, job.request.scheduler)
         return sampler_sigmas(DiscreteSchedule(job.bundle.alphas_cumprod), spec, schedule, steps,
                               family=job.bundle.family.name)
 
@@ -698,7 +704,7 @@ class Runner:
             "Refiner": f"{refiner.model_name} [{refiner.hash10}]" if refiner and refiner.hash10 else
                        (refiner.model_name if refiner else None),
             "Refiner switch at": f"{r.refiner_switch_at:g}" if refiner else None,
-            "Eta": f"{r.eta:g}" if r.eta is not None and "eta" in resolve(r.sampler_name, r.scheduler)[0].options else None,
+            "Eta": f"{r.eta:g}" if r.eta is not None and "eta" in self.resolve(r.sampler_name, r.scheduler)[0].options else None,
             "Sigma churn": f"{r.s_churn:g}" if r.s_churn else None,
             "Sigma noise": f"{r.s_noise:g}" if r.s_noise is not None and r.s_noise != 1.0 else None,
             "Hires upscale": f"{r.hr_scale:g}" if hires and not (r.hr_resize_x or r.hr_resize_y) else None,

@@ -12,7 +12,7 @@ and place their own steps between them, as in k-diffusion and A1111).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # No torch here: the page imports this table, and importing torch would delay start-up.
@@ -45,9 +45,12 @@ class SamplerSpec:
     default_schedule: str = "Automatic"  # what "Automatic" means for this sampler
     uses_schedule: bool = True  # False: only the first and last nonzero sigma are used
     discard_penultimate_sigma: bool = False  # A1111: make steps+1 sigmas and drop the next-to-last
+    implementation: Callable[..., object] | None = None  # an extension's sampler function (else `function`)
 
     @property
     def fn(self) -> Callable[..., object]:
+        if self.implementation is not None:
+            return self.implementation
         module, _, attr = self.function.partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -99,9 +102,9 @@ def sampler_names() -> list[str]:
     return [s.name for s in SAMPLERS]
 
 
-def find_sampler(name: str) -> SamplerSpec | None:
+def find_sampler(name: str, extra: Sequence[SamplerSpec] = ()) -> SamplerSpec | None:
     key = name.strip().lower()
-    for spec in SAMPLERS:
+    for spec in (*SAMPLERS, *extra):
         if key == spec.name.lower() or key in spec.aliases:
             return spec
     return None
@@ -119,21 +122,22 @@ def _schedule_label(schedule: str) -> str:
     raise ValueError(f"schedule type {schedule!r} is not available (available: {', '.join(SCHEDULES)})")
 
 
-def resolve(sampler_name: str, schedule: str = "Automatic") -> tuple[SamplerSpec, str]:
+def resolve(sampler_name: str, schedule: str = "Automatic", extra: Sequence[SamplerSpec] = ()) -> tuple[SamplerSpec, str]:
     """(sampler, schedule type) for a user-typed name; raises ValueError naming the choices.
 
     A legacy suffix ("DPM++ 2M Karras") sets the schedule type, overriding `schedule` as A1111
     does. "Automatic" is returned as is; `effective_schedule` says what it stands for."""
     name = sampler_name.strip()
-    spec = find_sampler(name)
+    spec = find_sampler(name, extra)
     if spec is None:
         lowered = name.lower()
         for suffix in _LEGACY_SCHEDULE_SUFFIXES:
             if lowered.endswith(" " + suffix.lower()):
-                spec = find_sampler(name[: -len(suffix) - 1])
+                spec = find_sampler(name[: -len(suffix) - 1], extra)
                 if spec is not None:
                     schedule = suffix
                     break
     if spec is None:
-        raise ValueError(f"unknown sampler {sampler_name!r} (available: {', '.join(sampler_names())})")
+        names = [*sampler_names(), *(e.name for e in extra)]
+        raise ValueError(f"unknown sampler {sampler_name!r} (available: {', '.join(names)})")
     return spec, _schedule_label(schedule)

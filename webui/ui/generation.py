@@ -42,13 +42,16 @@ class Panel:
         return self.inputs[name]
 
 
-def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None = None) -> None:
+def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None = None,
+                      extra_samplers: list[str] | None = None) -> None:
     """Sampler, size, batch, seed and variation, refiner (`titles`: the checkpoints to offer;
     `defaults`: the Settings holding the initial sampler, steps, size and CFG)."""
     p = panel.prefix
     d = defaults or Settings()
+    extra_samplers = extra_samplers or []
     with gr.Row():
-        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=sampler_names(), value=d.default_sampler,
+        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=[*sampler_names(), *extra_samplers],
+                                              value=d.default_sampler,
                                               elem_id=f"{p}_sampler", allow_custom_value=True))
         panel.add("scheduler", gr.Dropdown(label="Schedule type", choices=list(SCHEDULES), value=d.default_scheduler,
                                            elem_id=f"{p}_scheduler", allow_custom_value=True))

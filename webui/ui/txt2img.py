@@ -19,7 +19,8 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
         paste = gr.Button("↙ Read parameters from prompt", elem_id="txt2img_paste", size="sm")
         with gr.Row():
             with gr.Column():
-                sampling_controls(panel, engine.registry.titles(), engine.settings.get())
+                sampling_controls(panel, engine.registry.titles(), engine.settings.get(),
+                                  [s.name for s in engine.extensions.sampler_specs()] if engine.extensions else [])
                 extension_sections(engine, panel, "txt2img")
                 with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires"):
                     panel.add("enable_hr", gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr"))
