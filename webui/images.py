@@ -34,7 +34,7 @@ import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, TiffImagePlugin, TiffTags
+from PIL import Image, PngImagePlugin, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -337,3 +337,23 @@ def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, by name (case-insensitive)."""
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                  key=lambda p: p.name.lower())
+
+
+def open_image(path: Path) -> tuple[Image.Image, str | None] | None:
+    """(image fully read, its infotext), or None with a warning when the file is not a readable image."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy(), read_infotext(opened)
+    except (UnidentifiedImageError, OSError) as e:
+        log.warning("skipped %s: not a readable image (%s)", Path(path).name, e)
+        return None

@@ -188,11 +188,12 @@ class Api:
     def info(job: Job, notes: list[str]) -> dict[str, Any]:
         r: GenerationRequest = job.request
         result = job.result
-        first = parse_infotext(result.infotexts[0]) if result.infotexts else {}
+        parsed = [parse_infotext(t) for t in result.infotexts]
+        first = parsed[0] if parsed else {}
         return {
             "prompt": r.prompt, "negative_prompt": r.negative_prompt,
-            "all_prompts": [parse_infotext(t)["Prompt"] for t in result.infotexts],
-            "all_negative_prompts": [parse_infotext(t)["Negative prompt"] for t in result.infotexts],
+            "all_prompts": [f["Prompt"] for f in parsed],
+            "all_negative_prompts": [f["Negative prompt"] for f in parsed],
             "seed": result.seeds[0] if result.seeds else r.seed, "all_seeds": result.seeds,
             "subseed": result.subseeds[0] if result.subseeds else r.subseed, "all_subseeds": result.subseeds,
             "subseed_strength": r.subseed_strength, "width": r.width, "height": r.height,

@@ -152,6 +152,14 @@ def order(extensions: list[Extension]) -> list[Extension]:
     return result
 
 
+@dataclass(frozen=True)
+class JobExtensions:
+    """What one job gives each extension's hooks: args and settings by extension name."""
+
+    args: dict[str, Any]
+    settings: dict[str, Any]
+
+
 class _Core:
     """The built-in `generate`: runs the job the wrappers wrap."""
 
@@ -380,19 +388,29 @@ class ExtensionManager:
                 raise ValueError(f"extensions.{name}: {detail}") from None
         return out
 
-    def call(self, hook: str, stage: Any, args: dict[str, Any] | None = None) -> None:
+    def job_context(self, given: dict[str, Any]) -> JobExtensions:
+        """Once per job: every active extension's validated args (its defaults when the request
+        gives none) and a snapshot of its settings, so hooks in the sampling loop look nothing up."""
+        args = self.validate_args(given)
+        for e in self.active():
+            if e.name not in args:
+                args[e.name] = self.default_args(e)
+        return JobExtensions(args, {e.name: self.settings_of(e) for e in self.active()})
+
+    def call(self, hook: str, stage: Any, job: JobExtensions | None = None) -> None:
         """Call `hook` on every active extension in load order, giving each its own args and
-        settings on the stage."""
+        settings (from `job`, else looked up now) on the stage."""
         hc = getattr(self.pm.hook, hook)
         for impl in reversed(hc.get_hookimpls()):
             if impl.plugin_name == "_core":
                 continue
-            e = self.get(impl.plugin_name)
+            name = impl.plugin_name
+            if job is None:
+                job = self.job_context({})
             if hasattr(stage, "args"):
-                stage.args = self.default_args(e) if args is None or impl.plugin_name not in args else args[
-                    impl.plugin_name]
+                stage.args = job.args.get(name)
             if hasattr(stage, "settings"):
-                stage.settings = self.settings_of(e)
+                stage.settings = job.settings.get(name)
             values = {"stage": stage, "saved": stage}
             try:
                 impl.function(*[values[a] for a in impl.argnames])

@@ -8,23 +8,19 @@ img2img. Unreadable files are skipped with a warning, never fatal.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from webui.images import save_png
+from webui.images import IMAGE_SUFFIXES, list_images, open_image, save_png
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import GenerationRequest
 
 if TYPE_CHECKING:  # the page builds a FolderBatch without importing torch
     from webui.pipeline.runner import GenerationResult, Runner
 
-log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -43,8 +39,7 @@ class FolderBatch:
             raise ValueError("the output folder must differ from the input folder (files would be overwritten)")
 
     def images(self) -> list[Path]:
-        return sorted((p for p in self.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                      key=lambda p: p.name.lower())
+        return list_images(self.input_dir)
 
     def mask_for(self, image: Path) -> Path | None:
         if self.mask_dir is None:
@@ -54,13 +49,8 @@ class FolderBatch:
 
 
 def _open(path: Path) -> Image.Image | None:
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        log.warning("skipped %s: not a readable image (%s)", path.name, e)
-        return None
+    opened = open_image(path)
+    return opened[0] if opened else None
 
 
 def img2img_folder(

@@ -123,7 +123,7 @@ class Job:
     all_subseeds: list[int] = field(default_factory=list)
     steps_done: int = 0
     hires_size: tuple[int, int] | None = None
-    ext_args: dict[str, Any] = field(default_factory=dict)  # each extension's validated values
+    ext: Any = None  # JobExtensions: each extension's validated values and settings for this job
     ext_infotext: dict[str, Any] = field(default_factory=dict)  # fields extensions add for every image
     image_infotext: list[dict[str, Any]] = field(default_factory=list)  # per image of the batch
     patches: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, old value)
@@ -204,7 +204,7 @@ class Runner:
             if name:
                 self.resolve(name, r.scheduler)  # an unknown sampler fails before any work
         if self.extensions is not None:
-            job.ext_args = self.extensions.validate_args(r.extensions)
+            job.ext = self.extensions.job_context(r.extensions)
         elif r.extensions:
             raise ValueError("extensions: extensions are not loaded")
         interrupted = False
@@ -259,7 +259,7 @@ class Runner:
             stage = ext.PromptStage(prompts=list(prompts), negative_prompts=list(negatives), seeds=list(job.seeds),
                                     extra_networks=[(t.kind, t.name, tuple(t.args)) for t in parsed],
                                     batch_index=len(job.images) // max(n, 1), request=r, data_dir=self.data_dir)
-            self.extensions.call("process_prompt", stage, job.ext_args)
+            self.extensions.call("process_prompt", stage, job.ext)
             if len(stage.prompts) != n or len(stage.negative_prompts) != n:
                 raise ValueError("an extension changed the number of prompts in process_prompt")
             prompts, negatives = [str(p) for p in stage.prompts], [str(p) for p in stage.negative_prompts]
@@ -463,7 +463,7 @@ class Runner:
             if step_hooks:
                 stage = ext.StepStage(step=state.step + 1, steps=state.total, sigma=state.sigma,
                                       denoised=state.denoised, x=state.x)
-                self.extensions.call("step_end", stage, job.ext_args)
+                self.extensions.call("step_end", stage, job.ext)
                 if stage.replaced:
                     state.x.copy_(stage.x)  # the sampler goes on from this tensor
             job.latents = state.x
@@ -516,7 +516,7 @@ class Runner:
 
         stage = ext.DenoiserStage(denoiser=denoiser, unet=job.bundle.unet, cfg_scale=job.request.cfg_scale,
                                   sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch)
-        self.extensions.call("setup_denoiser", stage, job.ext_args)
+        self.extensions.call("setup_denoiser", stage, job.ext)
         job.ext_infotext.update(stage.infotext)
         return stage.denoiser
 
@@ -639,7 +639,7 @@ class Runner:
             if hooks:
                 stage = ext.ImageStage(image=image, index=len(job.images), seed=job.seeds[i], prompt=job.prompts[i],
                                        request=job.request, data_dir=self.data_dir)
-                self.extensions.call("postprocess_image", stage, job.ext_args)
+                self.extensions.call("postprocess_image", stage, job.ext)
                 if not isinstance(stage.image, Image.Image):
                     raise ValueError("an extension's postprocess_image left something that is not an image")
                 image, extra = stage.image, stage.infotext
@@ -666,7 +666,7 @@ class Runner:
             job.paths.append(path)
             if self.extensions is not None and self.extensions.has("image_saved"):
                 self.extensions.call("image_saved", ext.SavedImage(path, job.images[first + i],
-                                                                   job.infotexts[first + i]))
+                                                                   job.infotexts[first + i]), job.ext)
 
     # --- helpers ------------------------------------------------------------------------------
 

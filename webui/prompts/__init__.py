@@ -1,4 +1,4 @@
-"""Prompt text handling and encoding. (The full prompt language arrives with issue 4.)"""
+"""Prompt text handling (the A1111 prompt language, styles) and encoding."""
 
 # Only the pure-text parts are imported here: `webui.prompts.encode` needs torch and is
 # imported by whoever encodes.

@@ -26,9 +26,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from webui.images import read_infotext, save_png
+from webui.images import list_images, open_image, save_png
 from webui.models.errors import ModelError
 from webui.models.readers import read_state_dict
 from webui.upscale.arch import Network, build_network
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FOLDERS = ("ESRGAN", "RealESRGAN")
 MODEL_SUFFIXES = (".pth", ".pt", ".safetensors")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_PASSES = 3
 MAX_SIDE = 16384  # largest output side accepted: 16384^2 RGB is already 0.8 GB as float32
 
@@ -274,22 +273,17 @@ class UpscalerRegistry:
             raise ValueError("the output folder must differ from the input folder (files would be overwritten)")
         self.get(name)  # a bad name fails before anything is written
         target_size((1, 1), options.get("scale"), options.get("size"))
-        files = sorted((p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                       key=lambda p: p.name.lower())
+        files = list_images(src)
         dst.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         used: set[str] = set()
         for path in files:
             if cancel is not None and cancel():
                 raise Cancelled()
-            try:
-                with Image.open(path) as opened:
-                    opened.load()
-                    infotext = read_infotext(opened)
-                    image = opened.copy()
-            except (UnidentifiedImageError, OSError) as e:
-                log.warning("skipped %s: not a readable image (%s)", path.name, e)
+            opened = open_image(path)
+            if opened is None:
                 continue
+            image, infotext = opened
             result = self.upscale(image, name, cancel=cancel, **options)
             stem, n = path.stem, 1
             while f"{stem}.png".lower() in used:
