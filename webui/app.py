@@ -58,9 +58,7 @@ class Engine:
         self.networks = networks
         self.styles = styles
         current = self.settings.get()
-        # an explicit --model-cache-size wins over the setting
-        self.cache: ModelCache[ModelBundle] = ModelCache(
-            config.model_cache_size if config.model_cache_size != 1 else current.model_cache_size)
+        self.cache: ModelCache[ModelBundle] = ModelCache(park=self._park, unpark=self._unpark)
         self.jobs = JobQueue(retention_s=config.job_retention_s)
         self._apply_settings(current)
         self.settings.subscribe(self._apply_settings)
@@ -73,7 +71,24 @@ class Engine:
     def _apply_settings(self, s: Settings) -> None:
         """What applies live when the Settings tab (or the API's options) change."""
         self.jobs.preview_every = s.show_progress_every_n_steps if s.live_previews_enable else 0
-        self.cache.capacity = max(1, s.model_cache_size)
+        # an explicit --model-cache-size / --ckpt-cache wins over the setting
+        c = self.config
+        self.cache.capacity = max(1, c.model_cache_size if c.model_cache_size is not None else s.model_cache_size)
+        self.cache.ram_capacity = max(0, c.ckpt_cache if c.ckpt_cache is not None else s.ckpt_cache)
+
+    @staticmethod
+    def _park(bundle: ModelBundle) -> None:
+        if bundle.runtime.park is not None:
+            from webui.runtime.memory import park
+
+            park(bundle.modules(), bundle.runtime.park)
+
+    @staticmethod
+    def _unpark(bundle: ModelBundle) -> None:
+        if bundle.runtime.park is not None:
+            from webui.runtime.memory import unpark
+
+            unpark(bundle.modules(), bundle.runtime.park)
 
     # --- the model side, built once on first use ---------------------------------------------
 
@@ -142,8 +157,14 @@ class Engine:
         return self.jobs.submit(kind, work, request=request, owner=owner)
 
     def warm_up(self) -> threading.Thread:
-        """Import the model stack in the background so the first generation does not wait for it."""
-        t = threading.Thread(target=self._model_side, name="warm-up", daemon=True)
+        """Import the model stack and build the CLIP tokenizers in the background, so the first
+        load and generation do not wait for them."""
+
+        def work() -> None:
+            side = self._model_side()
+            side.tokenizers.warm()
+
+        t = threading.Thread(target=work, name="warm-up", daemon=True)
         t.start()
         return t
 

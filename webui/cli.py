@@ -40,7 +40,11 @@ def _common(ap: argparse.ArgumentParser) -> None:
                    help="keep only the running component (text encoder, UNet, VAE) on the GPU")
     g.add_argument("--lowvram", action="store_true", help="stream the UNet's blocks to the GPU as they run (slowest, least VRAM)")
     g.add_argument("--vae-tiling", action="store_true", help="always decode and encode images in tiles (default: large images only)")
-    g.add_argument("--model-cache-size", type=int, default=1, help="models kept loaded (default: 1)")
+    g.add_argument("--model-cache-size", type=int, help="checkpoints loaded on the device at once (default: the setting, 1)")
+    g.add_argument("--ckpt-cache", type=int, metavar="N",
+                   help="checkpoints kept in RAM besides the loaded ones, for instant switching (default: the setting, 0)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first image; cached between runs)")
+    g.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
     g.add_argument("--verbose", action="store_true", help="log more")
 
 
@@ -164,6 +168,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
         vae_tiling=a.vae_tiling,
         ckpt=a.ckpt,
         model_cache_size=a.model_cache_size,
+        ckpt_cache=a.ckpt_cache,
+        compile=a.compile,
+        channels_last=a.channels_last,
         prediction=getattr(a, "prediction", "auto"),
     )
 

@@ -55,18 +55,28 @@ class Config(BaseModel):
     medvram: bool = False  # only the running component on the GPU (see webui.runtime.memory)
     lowvram: bool = False  # UNet blocks streamed to the GPU as they run
     vae_tiling: bool = False  # always decode/encode in tiles (otherwise only images over a pixel budget)
+    compile: bool = False  # torch.compile the UNet (see webui.runtime.compile)
+    channels_last: bool = False  # UNet and VAE in channels-last memory format
 
     # models
     ckpt: str | None = None
     vae: str | None = None  # "Automatic" (paired file, else the checkpoint's own), "None", or a name
-    model_cache_size: int = 1
+    model_cache_size: int | None = None  # models ready on the device; None = the Settings value
+    ckpt_cache: int | None = None  # more models parked in RAM; None = the Settings value
     prediction: Literal["auto", "epsilon", "v"] = "auto"  # force v-prediction on or off for every model
 
     @field_validator("model_cache_size")
     @classmethod
-    def _positive_cache(cls, v: int) -> int:
-        if v < 1:
+    def _positive_cache(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("ckpt_cache")
+    @classmethod
+    def _ram_cache(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
+            raise ValueError("must be 0 or more")
         return v
 
     @property

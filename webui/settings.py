@@ -116,8 +116,14 @@ class Settings(BaseModel):
 
     # --- models ---
     model_cache_size: int = _setting(
-        1, "Checkpoints kept in memory", "How many loaded checkpoints stay in memory (A1111: sd_checkpoint_cache).",
+        1, "Checkpoints loaded at the same time",
+        "How many checkpoints stay ready on the device (A1111: sd_checkpoints_limit). --model-cache-size overrides it.",
         MODELS, note="applies to the next model load", ge=1, le=8)
+    ckpt_cache: int = _setting(
+        0, "Checkpoints cached in RAM",
+        "How many more checkpoints wait in RAM after being switched away from, so switching back does not "
+        "read the file again (A1111: sd_checkpoint_cache). --ckpt-cache overrides it.",
+        MODELS, note="applies to the next model switch", ge=0, le=8)
 
     @model_validator(mode="before")
     @classmethod

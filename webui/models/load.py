@@ -62,6 +62,10 @@ class ModelBundle:
     def hash10(self) -> str | None:
         return self.sha256[:10] if self.sha256 else None
 
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module holding weights: text encoders, UNet, VAE."""
+        return [te.model for te in self.text_encoders] + [self.unet, self.vae]
+
 
 def load_bundle(
     path: Path,

@@ -57,3 +57,8 @@ class TokenizerFactory:
                     vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77
                 )
             return self._made[pad_token]
+
+    def warm(self) -> None:
+        """Build the tokenizers every family uses (CLIP-L's and OpenCLIP's padding)."""
+        for pad in (EOS_TOKEN, "!"):
+            self.get(pad)

@@ -17,7 +17,7 @@ import torch
 
 from webui.config import Config
 from webui.runtime.attention import pick_attention
-from webui.runtime.memory import DeviceTransfer, MemoryManager, pick_memory_mode
+from webui.runtime.memory import DeviceTransfer, MemoryManager, Transfer, pick_memory_mode
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class Runtime:
     attention_message: str = ""  # what was chosen and, after a fallback, why
     memory: MemoryManager | None = None  # medvram / lowvram (see webui.runtime.memory); None = normal
     vae_tiling: bool = False  # --vae-tiling: always decode/encode in tiles (else only large images)
+    # How a model cached in RAM (--ckpt-cache) leaves the compute device and comes back; None when
+    # there is nothing to move (the CPU computes in RAM; medvram / lowvram models already wait there).
+    park: Transfer | None = None
 
     @property
     def memory_mode(self) -> str:
@@ -99,5 +102,6 @@ def pick_runtime(config: Config) -> Runtime:
     mode, why = pick_memory_mode(config.medvram, config.lowvram, device)
     log.log(logging.WARNING if "no effect" in why else logging.INFO, "memory: %s", why)
     memory = MemoryManager(mode, DeviceTransfer(device)) if mode != "normal" else None
+    park = DeviceTransfer(device) if device.type != "cpu" and memory is None else None
     return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype, attention=attention, attention_message=message,
-                   memory=memory, vae_tiling=config.vae_tiling)
+                   memory=memory, vae_tiling=config.vae_tiling, park=park)

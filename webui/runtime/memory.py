@@ -22,7 +22,8 @@ Modes:
 
 `use(module)` brings a component to the compute device for a `with` block and offloads it after
 (when the block was what brought it there); `offload_all()` empties the compute device, and
-`offloaded_after(memory)` does that around a whole job.
+`offloaded_after(memory)` does that around a whole job. `park` / `unpark` move whole models to
+RAM and back for the checkpoint cache (`webui.models.cache`).
 
 The manager keeps only weak references to components, so a model dropped from the cache is
 freed as usual; its hooks go with it.
@@ -438,6 +439,25 @@ def offloaded_after(memory: MemoryManager | None) -> Iterator[None]:
     finally:
         if memory is not None:
             memory.offload_all()
+
+
+def park(modules: list[torch.nn.Module], transfer: Transfer) -> None:
+    """Move whole models to the offload side (a checkpoint kept in RAM by the model cache)."""
+    with _ordinary_tensors():
+        for module in modules:
+            slots = _slots(module)
+            for slot in slots:
+                slot.set(transfer.to_offload(slot.get()))
+            module._webui_parked = slots  # the dtypes to come back in
+
+
+def unpark(modules: list[torch.nn.Module], transfer: Transfer) -> None:
+    """Bring parked models back to the compute device, each tensor in the dtype it left in."""
+    with _ordinary_tensors():
+        for module in modules:
+            for slot in getattr(module, "_webui_parked", None) or _slots(module):
+                slot.set(transfer.to_compute(slot.get(), slot.dtype))
+            module._webui_parked = None
 
 
 @contextlib.contextmanager
