@@ -201,6 +201,7 @@ def test_listing_routes(api: Server) -> None:
         assert r.status_code == 200 and isinstance(r.json(), kind), route
     flags = get(api, "/cmd-flags").json()
     assert flags["api"] is True and flags["attention_backend"] in ("sdpa", "sliced", "xformers")
+    assert "attention=" in flags["runtime"] and "memory=" in flags["runtime"]
     assert get(api, "/memory").json()["ram"]["total"] > 0
     for route in ("/refresh-checkpoints", "/refresh-vae", "/refresh-loras", "/skip", "/interrupt"):
         assert post(api, route).status_code == 200, route

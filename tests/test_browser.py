@@ -288,6 +288,9 @@ def test_extension_section_assets_and_settings_in_the_browser(browser, tmp_path:
             timeout=120_000)
         # Settings tab: switch the image format, apply, generate: the file is a JPEG
         page.get_by_role("tab", name="Settings").click()
+        # the runtime the flags chose is shown, read-only
+        page.wait_for_function("() => document.querySelector('#settings_runtime')?.innerText.includes('attention=')",
+                               timeout=30_000)
         fmt = page.locator("#setting_samples_format input")
         fmt.click()
         page.get_by_role("option", name="jpeg").click()

@@ -120,6 +120,11 @@ class Engine:
     def runtime(self) -> Runtime:
         return self._model_side().runtime
 
+    def describe_runtime(self) -> str:
+        """Device, precision, attention backend (and why), memory mode, compile: one line."""
+        rt = self.runtime
+        return f"{rt.describe()}. Attention: {rt.attention_message or rt.attention}"
+
     @property
     def runner(self) -> Runner:
         return self._model_side().runner

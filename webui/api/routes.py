@@ -439,6 +439,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
         flags["attention_backend"] = getattr(rt, "attention", "sdpa")
         flags["device"] = str(rt.device)
         flags["memory_mode"] = rt.memory.mode if rt.memory is not None else "normal"
+        flags["runtime"] = engine.describe_runtime()
         return flags
 
     @router.get("/memory")

@@ -27,6 +27,7 @@ from webui.models.families import FamilySpec, TextEncoderSpec
 from webui.models.readers import StateDict, read_state_dict
 from webui.prompts.tokenizer import TokenizerFactory
 from webui.runtime.attention import apply_attention
+from webui.runtime.compile import compile_unet, to_channels_last
 from webui.runtime.devices import Runtime
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ def _build_unet(sd: StateDict, found: Detected, runtime: Runtime) -> UNet2DCondi
         unet = UNet2DConditionModel.from_config(found.unet_config)
     _finish(unet, weights, runtime, runtime.dtype)
     apply_attention(unet, runtime.attention)
+    if runtime.channels_last:
+        to_channels_last(unet)
+    if runtime.compiles:
+        compile_unet(unet)
     return unet
 
 
@@ -201,6 +206,8 @@ def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtim
         vae = AutoencoderKL.from_config(config)
     _finish(vae, weights, runtime, runtime.vae_dtype)
     apply_attention(vae, runtime.attention)
+    if runtime.channels_last:
+        to_channels_last(vae)
     return vae
 
 

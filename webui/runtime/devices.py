@@ -1,6 +1,6 @@
 """Pick the device, the dtypes the model runs in, the attention backend and the memory mode.
 
-float16 on CUDA (and MPS), bfloat16 on a CPU with native bf16 instructions, float32
+float16 on CUDA (and MPS, Intel XPU), bfloat16 on a CPU with native bf16 instructions, float32
 otherwise; `--no-half` / `--no-half-vae` force float32 for the whole model / the VAE.
 The attention backend is chosen by `webui.runtime.attention.pick_attention`, the memory mode
 (`--medvram` / `--lowvram` / automatic by free VRAM) by `webui.runtime.memory.pick_memory_mode`.
@@ -17,6 +17,7 @@ import torch
 
 from webui.config import Config
 from webui.runtime.attention import pick_attention
+from webui.runtime.compile import use_compile_cache
 from webui.runtime.memory import DeviceTransfer, MemoryManager, Transfer, pick_memory_mode
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,17 @@ class Runtime:
     # How a model cached in RAM (--ckpt-cache) leaves the compute device and comes back; None when
     # there is nothing to move (the CPU computes in RAM; medvram / lowvram models already wait there).
     park: Transfer | None = None
+    compile: bool = False  # --compile asked (webui.runtime.compile); see `compiles`
+    channels_last: bool = False  # UNet and VAE weights in channels-last memory format
 
     @property
     def memory_mode(self) -> str:
         return self.memory.mode if self.memory is not None else "normal"
+
+    @property
+    def compiles(self) -> bool:
+        """torch.compile the UNet: asked, and no memory mode moving weights during its forward."""
+        return self.compile and self.memory is None
 
     @property
     def weights_device(self) -> torch.device:
@@ -50,8 +58,10 @@ class Runtime:
         return self.device
 
     def describe(self) -> str:
+        extras = [name for name, on in (("vae tiling", self.vae_tiling), ("compile", self.compiles),
+                                         ("channels-last", self.channels_last)) if on]
         return (f"device={self.device}, dtype={_name(self.dtype)}, vae dtype={_name(self.vae_dtype)}, "
-                f"attention={self.attention}, memory={self.memory_mode}{', vae tiling' if self.vae_tiling else ''}")
+                f"attention={self.attention}, memory={self.memory_mode}{''.join(', ' + e for e in extras)}")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -78,6 +88,9 @@ def pick_device(config: Config) -> torch.device:
     mps = getattr(torch.backends, "mps", None)
     if not config.use_cpu and mps is not None and mps.is_available():
         return torch.device("mps")
+    xpu = getattr(torch, "xpu", None)  # Intel GPUs, in torch builds that have them
+    if not config.use_cpu and xpu is not None and xpu.is_available():
+        return torch.device("xpu", config.device_id or 0)
     return torch.device("cpu")
 
 
@@ -85,7 +98,7 @@ def pick_runtime(config: Config) -> Runtime:
     device = pick_device(config)
     if config.dtype != "auto":
         dtype = _DTYPES[config.dtype]
-    elif device.type in ("cuda", "mps"):
+    elif device.type in ("cuda", "mps", "xpu"):
         dtype = torch.float16
     elif cpu_has_native_bf16():
         dtype = torch.bfloat16
@@ -103,5 +116,10 @@ def pick_runtime(config: Config) -> Runtime:
     log.log(logging.WARNING if "no effect" in why else logging.INFO, "memory: %s", why)
     memory = MemoryManager(mode, DeviceTransfer(device)) if mode != "normal" else None
     park = DeviceTransfer(device) if device.type != "cpu" and memory is None else None
+    if config.compile and memory is not None:
+        log.warning("--compile is off in %s mode: its hooks move weights while the UNet runs", mode)
+    elif config.compile:
+        use_compile_cache(config.data_dir)
     return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype, attention=attention, attention_message=message,
-                   memory=memory, vae_tiling=config.vae_tiling, park=park)
+                   memory=memory, vae_tiling=config.vae_tiling, park=park, compile=config.compile,
+                   channels_last=config.channels_last)

@@ -39,7 +39,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             extras_image, extras_upscaler = build_extras_tab(engine)
             build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
             extension_tabs(engine)
-            build_settings_tab(engine.settings)
+            build_settings_tab(engine.settings, engine.describe_runtime)
             if engine.extensions is not None:
                 build_extensions_tab(engine.extensions, engine.config)
         targets = {"img2img": (img2img["init_image"], "img2img"), "inpaint": (img2img["inpaint_editor"], "img2img"),

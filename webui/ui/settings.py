@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
@@ -61,8 +61,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_").lower() or "section"
 
 
-def build_settings_tab(store: SettingsStore) -> None:
-    """The "Settings" tab; call inside the page's `gr.Tabs()`."""
+def build_settings_tab(store: SettingsStore, runtime: Callable[[], str] | None = None) -> None:
+    """The "Settings" tab; call inside the page's `gr.Tabs()`. `runtime` describes the device,
+    precision, attention backend and memory mode the flags chose (shown read-only)."""
     settings_specs = describe(Settings)
     section_specs = {name: describe(model, default_section=name) for name, model in store.sections().items()}
     # (section or None for Settings, spec) in the order of `controls`
@@ -74,6 +75,7 @@ def build_settings_tab(store: SettingsStore) -> None:
             apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", scale=3)
             reload = gr.Button("Reload", elem_id="settings_reload", scale=1)
         result = gr.Markdown(elem_id="settings_result")
+        runtime_info = gr.Markdown(elem_id="settings_runtime")
 
         current = store.get()
         by_section: dict[str, list[FieldSpec]] = {}
@@ -121,6 +123,9 @@ def build_settings_tab(store: SettingsStore) -> None:
     # the page is built once: fill the controls from the store each time a page is opened
     gr.on(triggers=None, fn=stored_values, outputs=controls, api_visibility="private", queue=False,
           show_progress="hidden")
+    if runtime is not None:
+        gr.on(triggers=None, fn=lambda: f"**Runtime** (set by start-up flags): {runtime()}", outputs=runtime_info,
+              api_visibility="private", show_progress="hidden")
 
 
 def _split(fields: Sequence[tuple[str | None, FieldSpec]],
