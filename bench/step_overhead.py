@@ -11,6 +11,10 @@ Both figures are ratios measured in the same run, on the same loaded weights (ne
              the model's betas and `timestep_spacing="linspace"`, same prompt, CFG, steps, size,
              initial noise and precision                                         goal <= 1.0
 
+  (c) VARIANTS (with --variants) seconds per Euler step with --compile and/or --channels-last /
+             seconds per step of the default engine, each its own engine over the same file,
+             rounds alternating; compiling happens in the untimed warm-up (its time is printed)
+
 Full mode: the full-size SD1.5-architecture random-weight checkpoint (bench/.cache/, written by
 bench/foundation.py or bench/load.py) at 256x256, bf16 on the CPU. Rounds alternate which side
 goes first; each side is warmed up once first.
@@ -18,6 +22,7 @@ goes first; each side is warmed up once first.
     python bench/step_overhead.py                  # full (about 3-4 minutes on a 2-core CPU)
     python bench/step_overhead.py --quick          # tiny model at 64x64: a smoke check, < 1 min
     python bench/step_overhead.py --steps 10 --rounds 4 --size 256
+    python bench/step_overhead.py --sections variants --variants compile,channels-last
 """
 
 from __future__ import annotations
@@ -133,6 +138,39 @@ def bench_images(engine, size: int, steps: int, rounds: int) -> float:
     return o / t
 
 
+VARIANT_FLAGS = {"compile": {"compile": True}, "channels-last": {"channels_last": True}}
+
+
+def bench_variants(make_engine, default, variants: list[str], size: int, steps: int, rounds: int) -> list[tuple]:
+    from foundation import step_ours
+
+    engines = {"default": default}
+    compile_cache = HERE / ".cache" / "torch-compile"  # kept between runs, like <data-dir>/cache/ in the app
+    if "compile" in variants:
+        log(f"compile cache {compile_cache}: {'warm' if compile_cache.exists() else 'cold'}")
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
+    for name in variants:
+        engines[name] = make_engine(**VARIANT_FLAGS[name])
+        t0 = time.perf_counter()
+        step_ours(engines[name], size, steps)  # warm-up: loads the model, and compiles with --compile
+        log(f"{name}: first run (load{' + compile' if name == 'compile' else ''}) {time.perf_counter() - t0:.1f} s, untimed")
+    step_ours(default, size, steps)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    order = list(engines)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times[name] += step_ours(engines[name], size, steps)
+    base = statistics.median(times["default"])
+    log(f"\n== (c) variants, per step, {size}x{size}, {steps} steps x {rounds} rounds ==")
+    log(f"default: median {base:.4f} s/step")
+    out = []
+    for name in variants:
+        m = statistics.median(times[name])
+        log(f"VARIANT {name}: median {m:.4f} s/step, {name} / default = {m / base:.3f}")
+        out.append((f"s/step {name} / default (median)", m / base, "< 1 is faster"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model at 64x64: the script works, the figures mean little")
@@ -140,14 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="Euler steps (default 6; quick 4)")
     ap.add_argument("--rounds", type=int, help="rounds per comparison (default 3; quick 1)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model precision (bfloat16)")
-    ap.add_argument("--sections", default="steps,image", help="comma list of steps,image (default: both)")
+    ap.add_argument("--sections", default="steps,image", help="comma list of steps,image,variants (default: steps,image)")
+    ap.add_argument("--variants", default="compile,channels-last",
+                    help="for the variants section: comma list of compile,channels-last (default: both)")
     a = ap.parse_args(argv)
     size = a.size or (64 if a.quick else 256)
     steps = a.steps or (4 if a.quick else 6)
     rounds = a.rounds or (1 if a.quick else 3)
     sections = {s.strip() for s in a.sections.split(",") if s.strip()}
-    if steps < 2 or not sections <= {"steps", "image"}:
-        ap.error("at least 2 steps; sections are steps,image")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if steps < 2 or not sections <= {"steps", "image", "variants"} or not set(variants) <= set(VARIANT_FLAGS):
+        ap.error("at least 2 steps; sections are steps,image,variants; variants are compile,channels-last")
 
     import torch
 
@@ -168,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"missing {FULL_CKPT}: run `python bench/load.py` (or bench/foundation.py) first to write it")
             return 2
-        engine = build_engine(Config(data_dir=work, ckpt_dir=ckpt_dir, dtype=a.dtype, use_cpu=True))
+        def make_engine(**flags):
+            return build_engine(Config(data_dir=work, ckpt_dir=ckpt_dir, dtype=a.dtype, use_cpu=True, **flags))
+
+        engine = make_engine()
         t0 = time.perf_counter()
         bundle = engine.bundle(None)
         log(f"model {bundle.name} ({bundle.family.label}), {engine.runtime.describe()}; "
@@ -179,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if "image" in sections:
             results.append(("s/image ours / diffusers pipeline (median)", bench_images(engine, size, steps, rounds),
                             "<= 1.0"))
+        if "variants" in sections:
+            results += bench_variants(make_engine, engine, variants, size, steps, rounds)
     log("\n== summary ==")
     for name, value, goal in results:
         log(f"{name:<44} {value:6.3f}  goal {goal}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ def compile_unet(unet: torch.nn.Module) -> None:
     from torch._dynamo.exc import TorchDynamoException
     from torch._inductor.exc import InductorError
 
+    # diffusers' upsampler asks an lru_cache'd version check on every call; dynamo says so once per
+    # process in a multi-line warning that means nothing to a user
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`")
     compiled = torch.compile(unet._call_impl)  # what nn.Module.compile() installs, kept to wrap it
 
     def call(*args: Any, **kwargs: Any) -> Any:
