@@ -98,3 +98,13 @@ def test_dict_without_tensors_is_refused(tmp_path: Path) -> None:
         from webui.models.detect import detect
 
         detect(read_state_dict(p), p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reads_straight_to_the_gpu(checkpoint_store: Path) -> None:
+    select = lambda _k, dt: torch.float16 if dt.is_floating_point else dt  # noqa: E731
+    on_cpu = read_state_dict(checkpoint_store / "sd1.safetensors", select)
+    on_gpu = read_state_dict(checkpoint_store / "sd1.safetensors", select, torch.device("cuda"))
+    assert on_cpu.keys() == on_gpu.keys()
+    for k, v in on_gpu.items():
+        assert v.device.type == "cuda" and torch.equal(v.cpu(), on_cpu[k]), k

@@ -84,7 +84,7 @@ def load_bundle(
     carries a `v_pred` key. Raises `ModelError` with a one-line reason naming the file.
     """
     path = Path(path)
-    sd = read_state_dict(path, _runtime_dtypes(runtime))
+    sd = read_state_dict(path, _runtime_dtypes(runtime), runtime.weights_device)
     found = detect(sd, path)
     try:
         alphas = _alphas_cumprod(sd, found.family)
@@ -144,7 +144,7 @@ def _runtime_dtypes(runtime: Runtime, vae_only: bool = False):
 
 def load_vae(path: Path, family: FamilySpec, runtime: Runtime) -> AutoencoderKL:
     """A standalone VAE file in LDM layout, bare or under `first_stage_model.`."""
-    sd = read_state_dict(path, _runtime_dtypes(runtime, vae_only=True))
+    sd = read_state_dict(path, _runtime_dtypes(runtime, vae_only=True), runtime.weights_device)
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in sd) else ""
     if f"{prefix}decoder.conv_in.weight" not in sd:
         raise ModelError("not a VAE in the original layout (no 'decoder.conv_in.weight')", path)

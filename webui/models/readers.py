@@ -41,19 +41,23 @@ _ST_DTYPES = {
 }
 
 
-def read_state_dict(path: Path, select: Select | None = None) -> StateDict:
-    """All tensors of `path`; with `select`, only those it keeps, in the dtype it names."""
+def read_state_dict(path: Path, select: Select | None = None, device: torch.device | None = None) -> StateDict:
+    """All tensors of `path`; with `select`, only those it keeps, in the dtype it names.
+
+    `device` (safetensors only): put the tensors straight there, piece by piece from the file
+    mapping, without a full copy in process memory first (an accelerator load). Default: the CPU."""
     path = Path(path)
     if not path.is_file():
         raise ModelError("file not found", path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         try:
-            return _read_safetensors(path, select)
+            return _read_safetensors(path, select, device)
         except OSError as e:
             raise ModelError(f"could not read the file: {e.strerror or e}", path) from None
     if suffix in PICKLE_SUFFIXES:
-        return _apply(_read_pickle(path), select)
+        sd = _apply(_read_pickle(path), select)
+        return sd if device is None or device.type == "cpu" else {k: v.to(device) for k, v in sd.items()}
     raise ModelError(f"unsupported file type {suffix!r} (expected one of {', '.join(WEIGHT_SUFFIXES)})", path)
 
 
@@ -94,7 +98,7 @@ def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def _read_safetensors(path: Path, select: Select | None) -> StateDict:
+def _read_safetensors(path: Path, select: Select | None, device: torch.device | None) -> StateDict:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         header, start = _safetensors_header(f, size, path)
@@ -124,7 +128,7 @@ def _read_safetensors(path: Path, select: Select | None) -> StateDict:
             # Ordinary tensors even when the caller is in inference mode: weights must accept
             # in-place edits (LoRA merges, VAE upcasts) later, and workers fill them from other threads.
             with torch.inference_mode(False):
-                out[key] = torch.empty(shape, dtype=keep)
+                out[key] = torch.empty(shape, dtype=keep, device=device)
             if numel:
                 jobs.append((_mapped(mapping, start + begin, dtype, numel), out[key]))
         jobs.sort(key=lambda job: job[0].offset)  # in file order: the reads stream

@@ -127,8 +127,9 @@ def _pieces(jobs: Sequence[tuple[Source, torch.Tensor]]) -> list[list[tuple[Sour
 
 
 def convert_into(jobs: Sequence[tuple[Source, torch.Tensor]], threads: int | None = None) -> None:
-    """Fill each destination (a contiguous CPU tensor with `source.numel` elements) from its
-    source, casting to the destination's dtype. Blocks until every copy is done."""
+    """Fill each destination (a contiguous tensor with `source.numel` elements, on the CPU or an
+    accelerator, which then receives the pieces straight from the sources) from its source,
+    casting to the destination's dtype. Blocks until every copy is done."""
     for source, dst in jobs:
         if not dst.is_contiguous() or dst.numel() != source.numel:
             raise ValueError("destination must be contiguous and as large as its source")
