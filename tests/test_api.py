@@ -104,6 +104,32 @@ def test_img2img_with_a_mask_matches_the_command_line(api: Server, tmp_path: Pat
     assert np.array_equal(np.asarray(Image.open(api.data_dir / cli.stdout.strip())), np.asarray(out))
 
 
+def test_outpainting_over_http_matches_the_command_line(api: Server, tmp_path: Path) -> None:
+    init = Image.new("RGB", (64, 48), (200, 60, 30))
+    body = {**SMALL, "seed": 4, "init_images": [b64png(init)], "outpaint": [0, 8, 40, 0], "denoising_strength": 0.9,
+            "mask_blur": 0}
+    r = post(api, "/img2img", body)
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0])
+    assert out.size == (104, 56)  # 64 + 40 wide, 48 + 8 high, the width/height fields not used
+    assert "Size: 104x56" in json.loads(r.json()["info"])["infotexts"][0]
+    init.save(tmp_path / "init.png")
+    cli = subprocess.run(
+        [sys.executable, "-m", "webui", "img2img", "--data-dir", str(api.data_dir), "--ckpt", "sd1", "--prompt",
+         "a lighthouse", "--steps", "2", "--sampler", "Euler", "--seed", "4", "--init-image", str(tmp_path / "init.png"),
+         "--outpaint", "0,8,40,0", "--denoising-strength", "0.9", "--mask-blur", "0"],
+        capture_output=True, text=True, timeout=300, cwd=api.data_dir,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert np.array_equal(np.asarray(Image.open(api.data_dir / cli.stdout.strip())), np.asarray(out))
+    for bad, field in (({"outpaint": [0, 8]}, "outpaint"), ({"outpaint": [0, 0, -8, 0]}, "outpaint"),
+                       ({"outpaint": [0, 0, 9000, 0]}, "outpaint")):
+        r = post(api, "/img2img", {**body, **bad})
+        assert r.status_code == 422 and field in r.text, r.text
+    r = post(api, "/txt2img", {**SMALL, "outpaint": [8, 8, 8, 8]})
+    assert r.status_code == 422 and "init image" in r.text, r.text
+
+
 def test_override_settings_apply_to_that_request_only(api: Server) -> None:
     other = post(api, "/txt2img", {**SMALL, "seed": 3, "override_settings": {"sd_model_checkpoint": "sd1-other"}})
     assert other.status_code == 200, other.text

@@ -105,8 +105,9 @@ def test_outpainting_extends_the_canvas_and_keeps_the_original(engine: Engine, p
     assert image.size == (136, 80) and mask.size == (136, 80)
     m = np.asarray(mask)
     assert (m[:, :16 + 8] == 255).all() and (m[:, 16 + 8:16 + 96 - 8] == 0).all() and (m[:, 16 + 96 - 8:] == 255).all()
-    out = engine.runner.generate(req(init_images=(image,), mask=mask, mask_blur=2, inpainting_fill=0,
-                                     denoising_strength=0.9, width=136, height=80)).images[0]
+    # the request names the border; the engine grows the canvas the same way
+    out = engine.runner.generate(req(init_images=(photo,), outpaint=(16, 0, 20, 0), mask_blur=2, inpainting_fill=0,
+                                     denoising_strength=0.9)).images[0]
     assert out.size == (136, 80)
     kept = np.asarray(mask.filter(ImageFilter.GaussianBlur(2))) == 0
     assert np.array_equal(px(out)[kept], px(image)[kept])
@@ -114,6 +115,10 @@ def test_outpainting_extends_the_canvas_and_keeps_the_original(engine: Engine, p
     assert np.abs(px(out)[:, :8] - px(image)[:, :8]).mean() > 1  # the border was painted
     with pytest.raises(ValueError, match="LEFT,TOP,RIGHT,BOTTOM"):
         Outpaint.parse("1,2,3")
+    with pytest.raises(ValueError, match="outpaint: four sizes"):
+        req(init_images=(photo,), outpaint=(0, -8, 0, 0))
+    with pytest.raises(ValueError, match="exactly one init image"):
+        req(init_images=(photo, photo), outpaint=(0, 8, 0, 0))
 
 
 def test_inpaint_only_masked_at_full_resolution(engine: Engine, photo: Image.Image) -> None:

@@ -187,10 +187,9 @@ def _generate(a: argparse.Namespace, config: Config) -> int:
             fields["init_images"] = tuple(Image.open(p) for p in a.init_images)
             fields["mask"] = Image.open(a.mask) if a.mask else None
             if a.outpaint:
-                from webui.pipeline.init_image import Outpaint, extend_canvas
+                from webui.pipeline.init_image import Outpaint
 
-                image, mask = extend_canvas(fields["init_images"][0], Outpaint.parse(a.outpaint), fields["mask"])
-                fields.update(init_images=(image,), mask=mask, width=image.width, height=image.height, resize_mode=0)
+                fields["outpaint"] = Outpaint.parse(a.outpaint).sizes()
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image: {e}") from None
     request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)

@@ -120,13 +120,14 @@ class Api:
         cfg, e = self.config, self.engine
         if request.steps > cfg.max_steps:
             raise HTTPException(422, f"steps: at most {cfg.max_steps} on this server (got {request.steps})")
-        pixels = request.width * request.height
+        width, height = request.canvas_size()
+        pixels = width * height
         if request.enable_hr and not request.is_img2img:
             w = request.hr_resize_x or request.width * request.hr_scale
             h = request.hr_resize_y or request.height * request.hr_scale
             pixels = max(pixels, int(w * h))
         if pixels * request.batch_size > cfg.max_pixels:
-            raise HTTPException(422, f"width/height: {request.width}x{request.height} x batch {request.batch_size}"
+            raise HTTPException(422, f"width/height: {width}x{height} x batch {request.batch_size}"
                                      f" (and hires) exceeds this server's budget of {cfg.max_pixels} pixels")
         for field, query in (("checkpoint", request.checkpoint), ("refiner_checkpoint", request.refiner_checkpoint)):
             try:

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+if TYPE_CHECKING:
+    from webui.pipeline.request import GenerationRequest
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL, LATENT_UPSCALE = range(4)
 
@@ -128,6 +132,9 @@ class Outpaint:
     def active(self) -> bool:
         return any((self.left, self.top, self.right, self.bottom))
 
+    def sizes(self) -> tuple[int, int, int, int]:
+        return self.left, self.top, self.right, self.bottom
+
     @classmethod
     def parse(cls, text: str) -> "Outpaint":
         """"L,T,R,B" pixels (e.g. "0,0,128,0" widens to the right). ValueError with the reason."""
@@ -163,3 +170,13 @@ def extend_canvas(image: Image.Image, out: Outpaint, mask: Image.Image | None = 
     new_mask[:, out.left:max(x1, out.left)] = 255
     new_mask[:, min(x2, out.left + rgb.shape[1]):] = 255
     return Image.fromarray(padded), Image.fromarray(new_mask)
+
+
+def apply_outpaint(request: GenerationRequest) -> GenerationRequest:
+    """The request with its canvas grown (`request.outpaint`): the bigger image, the border (and
+    any drawn mask) as the mask, the size of the new canvas; unchanged without outpainting."""
+    if not request.outpaint or not any(request.outpaint):
+        return request
+    image, mask = extend_canvas(request.init_images[0], Outpaint(*request.outpaint), request.mask)
+    return request.model_copy(update={"init_images": (image,), "mask": mask, "width": image.width,
+                                      "height": image.height, "resize_mode": 0, "outpaint": None})

@@ -26,6 +26,9 @@ from webui.samplers.table import find_sampler, resolve
 MAX_SEED = 2**32 - 1
 
 
+MAX_OUTPAINT = 2048
+
+
 def decode_image(value: Any) -> Image.Image:
     """A PIL image, or base64 text (a `data:image/...;base64,` prefix allowed)."""
     if isinstance(value, Image.Image):
@@ -119,6 +122,9 @@ class GenerationRequest(BaseModel):
     inpaint_full_res: bool = False  # True: only the masked area, at full resolution
     inpaint_full_res_padding: int = Field(32, ge=0, le=256)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    # outpainting: pixels added left, top, right, bottom; the canvas (and the output size) grows to
+    # the init image plus these, rounded up to multiples of 8, and width/height are not used
+    outpaint: tuple[int, int, int, int] | None = None
 
     @property
     def is_img2img(self) -> bool:
@@ -146,7 +152,20 @@ class GenerationRequest(BaseModel):
             resolve("Euler", self.scheduler)  # the schedule type must still be known
         if self.mask is not None and not self.init_images:
             raise ValueError("a mask needs an init image")
+        if self.outpaint is not None:
+            if not all(0 <= n <= MAX_OUTPAINT for n in self.outpaint):
+                raise ValueError(f"outpaint: four sizes from 0 to {MAX_OUTPAINT} pixels (left, top, right, bottom)")
+            if len(self.init_images) != 1:
+                raise ValueError("outpaint: needs exactly one init image")
         return self
+
+    def canvas_size(self) -> tuple[int, int]:
+        """(width, height) of the images this request makes (before any hires pass)."""
+        if not self.outpaint or not any(self.outpaint):
+            return self.width, self.height
+        left, top, right, bottom = self.outpaint
+        w, h = self.init_images[0].size
+        return -(-(w + left + right) // 8) * 8, -(-(h + top + bottom) // 8) * 8
 
 
 def validation_message(error: ValidationError) -> str:

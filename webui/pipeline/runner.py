@@ -180,6 +180,7 @@ class Runner:
         preview_every: int = 0,
     ) -> GenerationResult:
         cancel = cancel or CancelToken()
+        request = pix.apply_outpaint(request)  # stage: canvas (outpainting grows the init image first)
         with self._lock:
             if self.extensions is None:
                 return self._generate(request, progress, cancel, preview_every)

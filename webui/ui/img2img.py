@@ -10,7 +10,7 @@ from PIL import Image
 
 from webui.app import Engine
 from webui.pipeline.batch import FolderBatch
-from webui.pipeline.init_image import Outpaint, extend_canvas
+from webui.pipeline.init_image import Outpaint
 from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 
@@ -69,10 +69,8 @@ def prepare(given: dict[str, Any], allow_folders: bool = True) -> dict[str, Any]
     if image is None:
         raise ValueError("Put an image in the img2img tab first.")
     outpaint = Outpaint(*(int(fields.pop(f"outpaint_{side}", 0) or 0) for side in OUTPAINT_SIDES))
-    if outpaint.active:  # the canvas grows; the new border (and any drawn mask) is repainted
-        image, mask = extend_canvas(image, outpaint, mask)
-        fields["width"], fields["height"] = image.size
-        fields["resize_mode"] = RESIZE_MODES[0]
+    if outpaint.active:  # the engine grows the canvas; the new border (and any drawn mask) is repainted
+        fields["outpaint"] = outpaint.sizes()
     fields["init_images"] = (image,)
     fields["mask"] = mask
     fields["resize_mode"] = RESIZE_MODES.index(fields.get("resize_mode") or RESIZE_MODES[0])
