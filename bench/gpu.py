@@ -208,14 +208,9 @@ def _why(e: BaseException) -> str:
 def goal_for(ctx: Ctx, g: Group, batch: int) -> str:
     if ctx.smoke or g.model != "sd15" or batch != 1 or ctx.sizes["sd15"] != 512:
         return ""
-    goals = []
-    if g.memory == "normal":
-        goals.append(">= 100 it/s" if g.compile else ">= 60 it/s")
-    if not g.compile and g.memory == "normal":
-        goals.append("VRAM <= 2.7 GiB")
-    if not g.compile and g.memory == "lowvram":
-        goals.append("VRAM <= 1.5 GiB")
-    return "; ".join(goals)
+    if g.compile:
+        return ">= 100 it/s" if g.memory == "normal" else ""
+    return {"normal": ">= 60 it/s; VRAM <= 2.7 GiB", "lowvram": "VRAM <= 1.5 GiB"}.get(g.memory, "")
 
 
 # --- clocks and memory ---------------------------------------------------------------------------
@@ -540,6 +535,19 @@ def _run_ours(ctx: Ctx, g: Group, ckpt: Path, size: int,
             log(f"  ours      batch {r.batch}: FAILED {_why(e)}")
             traceback.print_exc(limit=4)
             free_memory(ctx)
+    if g.compile:
+        # The engine falls back to eager (with a warning) when compiling fails: say so on the rows,
+        # or their figures would pass for compiled ones.
+        try:
+            from webui.runtime.compile import compile_state
+        except ImportError:
+            state = "compiled" if "compiled" in describe_unet(bundle.unet) else "eager"
+        else:
+            state = compile_state(bundle.unet)
+        if state != "compiled":
+            for r in rows:
+                r.notes.append(f"ours NOT compiled ({state})")
+            log(f"  ours: the UNet is not compiled ({state})")
     pipe = None
     if g.memory == "normal" and not g.compile and rt.memory_mode == "normal":
         pipe = diffusers_pipeline(bundle)  # same modules, same attention processors
@@ -675,15 +683,16 @@ def environment(ctx: Ctx) -> dict[str, str]:
         import xformers
 
         xf = xformers.__version__
-    except Exception as e:  # noqa: BLE001 - a broken build is reported, not fatal
+    except Exception as e:  # a broken build fails in many ways; it is reported, not fatal
         xf = f"not available ({_why(e)})"
     if ctx.cuda:
         props = torch.cuda.get_device_properties(ctx.device)
         device = f"{props.name} ({props.total_memory / GIB:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": device, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "xformers": xf, "python": platform.python_version()}
+    return {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "device": device,
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "xformers": xf,
+            "python": platform.python_version()}
 
 
 def docs_section(ctx: Ctx, env: dict[str, str], rows: list[Row], command: str) -> str:
@@ -697,7 +706,9 @@ def docs_section(ctx: Ctx, env: dict[str, str], rows: list[Row], command: str) -
         f"xformers {env['xformers']}, python {env['python']}.",
         f"`{command}`: {ctx.dtype}, Euler, {ctx.steps} steps (it/s timed over the last {ctx.steps - ctx.skip}), "
         f"CFG {CFG:g}, median of {ctx.rounds} run(s) after {ctx.warmup} warm-up run(s) "
-        f"({ctx.compile_warmup} when compiled). Random-weight checkpoints.",
+        f"({ctx.compile_warmup} when compiled). Checkpoints: "
+        + ", ".join(f"{MODELS[k].label} {c.name if isinstance(c, Path) else 'none'}" for k, c in ctx.ckpts.items())
+        + " (`*-random-*`: random weights, same architecture and kernels).",
         "",
         "it/s: sampling steps per second of the whole batch, text encoding and VAE decode excluded. Peak VRAM: "
         "`torch.cuda.max_memory_allocated` / `max_memory_reserved` over a whole generation. Ratios are "
@@ -840,8 +851,11 @@ def main(argv: list[str] | None = None) -> int:
             ctx.ckpts = smoke_checkpoints(Path(tmp) / "Stable-diffusion", models)
         else:
             for key in models:
-                given = getattr(a, f"{key}_checkpoint")
-                ctx.ckpts[key] = given.resolve() if given else ensure_checkpoint(MODELS[key])
+                given: Path | None = getattr(a, f"{key}_checkpoint")
+                if given is None:
+                    ctx.ckpts[key] = ensure_checkpoint(MODELS[key])
+                else:
+                    ctx.ckpts[key] = given.resolve() if given.is_file() else f"--{key}-checkpoint {given}: not a file"
         groups = plan(models, sections, attentions, memories, compile_rows=not a.no_compile)
         rows: list[Row] = []
         t0 = time.perf_counter()
