@@ -565,3 +565,26 @@ def test_runner_generates_with_every_sampler(engine, index: int, name: str) -> N
     if name == "DPM++ SDE":  # reproducibility per sampler is covered above; once end to end
         again = engine.runner.generate(request).images[0]
         assert np.array_equal(np.asarray(again), pixels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "Heun"])
+def test_sampling_loop_never_waits_for_the_gpu(data_dir: Path, sampler: str) -> None:
+    """Between the first and the last step nothing copies to or from the host: the host queues
+    the next step's kernels while the GPU still runs the last ones."""
+    from webui.app import build_engine
+    from webui.config import Config
+    from webui.pipeline.request import GenerationRequest
+
+    engine = build_engine(Config(data_dir=data_dir))
+    request = GenerationRequest(prompt="a red cube", steps=5, width=64, height=64, seed=3, sampler_name=sampler,
+                                save_images=False)
+    engine.runner.generate(request)  # warm-up: loading and first-use allocations may sync
+
+    def progress(p) -> None:
+        torch.cuda.set_sync_debug_mode("error" if p.step < p.total_steps else "default")
+
+    try:
+        engine.runner.generate(request, progress=progress)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -37,19 +37,26 @@ class CFGDenoiser:
         self.conditioning = conditioning
         self.cfg_scale = float(cfg_scale)
         self.image_cond = image_cond
-        self.time_ids = time_ids
-        self.uncond_time_ids = uncond_time_ids
-        self.keep = keep
-        self.init_latents = init_latents
+        # Everything a step reads lives on the compute device before the first step: a copy from
+        # host memory inside the loop would make the host wait for the GPU on every step.
+        device = bundle.runtime.device
+        self.time_ids = time_ids.to(device) if time_ids is not None else None
+        self.uncond_time_ids = uncond_time_ids.to(device) if uncond_time_ids is not None else None
+        self.keep = keep.to(device) if keep is not None else None
+        self.init_latents = init_latents.to(device) if init_latents is not None else None
+        self._indices: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}  # row lists, on the device
         self.step = 1  # 1-based step being computed; the runner advances it after each step
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sc = self.conditioning.at(self.step)
-        rows = sc.row_image.to(x.device)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        rows = self._index("rows", sc.row_image.tolist(), x.device)
+        if isinstance(sigma, torch.Tensor) and sigma.device == x.device:
+            sigma = sigma.to(torch.float32)
+        else:  # a number: filled on the device, not copied there
+            sigma = torch.full((), float(sigma), dtype=torch.float32, device=x.device)
         c_in = 1.0 / (sigma**2 + 1) ** 0.5
-        t = self.schedule.sigma_to_t(sigma.reshape(1).cpu()).to(x.device)
+        t = self.schedule.sigma_to_t(sigma.reshape(1))
         x_in = x[rows]
         unet_in = (x_in * c_in).to(self.dtype)
         if self.image_cond is not None:
@@ -58,7 +65,7 @@ class CFGDenoiser:
         if sc.pooled is not None and self.time_ids is not None:
             time_ids = self.time_ids[rows]
             if self.uncond_time_ids is not None and sc.uncond_rows is not None:
-                time_ids[sc.uncond_rows] = self.uncond_time_ids
+                time_ids[self._index("uncond", sc.uncond_rows, x.device)] = self.uncond_time_ids
             added = {"text_embeds": sc.pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         out = self.unet(
             unet_in,
@@ -86,3 +93,11 @@ class CFGDenoiser:
             return x
         keep = self.keep.to(x.device)
         return self.init_latents.to(x.device) * keep + x * (1.0 - keep)
+
+    def _index(self, kind: str, values: list[int], device: torch.device) -> torch.Tensor:
+        """`values` as an index tensor on `device`, made once per job (the rows rarely change)."""
+        key = (kind, tuple(values))
+        found = self._indices.get(key)
+        if found is None or found.device != device:
+            found = self._indices[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return found

@@ -64,9 +64,10 @@ def sample_euler(
     s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
 ) -> torch.Tensor:
     n = len(sigmas) - 1
+    s = _floats(sigmas)  # tests on numbers: comparing a GPU tensor would wait for the GPU
     for i in range(n):
         sigma = sigmas[i]
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             x = x + noise(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
@@ -83,11 +84,12 @@ def sample_euler_ancestral(
     eta: float = 1.0, s_noise: float = 1.0,
 ) -> torch.Tensor:
     n = len(sigmas) - 1
+    s = _floats(sigmas)
     for i in range(n):
         denoised = denoiser(x, sigmas[i])
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0:
+        if s[i + 1] > 0:
             x = x + noise(x) * s_noise * sigma_up
         if callback:
             callback(StepState(i, n, x, sigmas[i], denoised))
@@ -106,7 +108,9 @@ def _floats(sigmas: torch.Tensor) -> list[float]:
 
 
 def _sigma(x: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=x.device)
+    # filled on the device by a kernel: a tensor made from a number and copied there would make
+    # the host wait for the GPU at every model call
+    return torch.full((), value, dtype=torch.float32, device=x.device)
 
 
 def _report(callback: StepCallback | None, i: int, n: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:

@@ -40,6 +40,13 @@ class DiscreteSchedule:
         ac = alphas_cumprod.to(torch.float32)
         self.sigmas = ((1 - ac) / ac) ** 0.5
         self.log_sigmas = self.sigmas.log()
+        self._log_sigmas_by_device: dict[torch.device, torch.Tensor] = {self.log_sigmas.device: self.log_sigmas}
+
+    def _log_sigmas_on(self, device: torch.device) -> torch.Tensor:
+        found = self._log_sigmas_by_device.get(device)
+        if found is None:
+            found = self._log_sigmas_by_device[device] = self.log_sigmas.to(device)
+        return found
 
     @property
     def sigma_min(self) -> float:
@@ -57,11 +64,13 @@ class DiscreteSchedule:
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        log_sigma = sigma.float().log().to(self.log_sigmas.device)
-        dists = log_sigma - self.log_sigmas[:, None]
-        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(self.log_sigmas) - 2)
+        """Fractional timesteps of `sigma`, computed where `sigma` is (no copy off a GPU)."""
+        log_sigmas = self._log_sigmas_on(sigma.device)
+        log_sigma = sigma.float().log()
+        dists = log_sigma - log_sigmas[:, None]
+        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(log_sigmas) - 2)
         high = low + 1
-        lo, hi = self.log_sigmas[low], self.log_sigmas[high]
+        lo, hi = log_sigmas[low], log_sigmas[high]
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
         return ((1 - w) * low + w * high).view(sigma.shape)
 
