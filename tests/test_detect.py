@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from webui.models.detect import detect
+from webui.models.detect import UNET_PREFIX, detect
 from webui.models.errors import ModelError
 from webui.models.readers import read_state_dict
 from webui.testing.make_checkpoint import make_state_dict
@@ -41,6 +41,35 @@ def test_full_size_sd15_layout_gives_the_sd15_architecture() -> None:
     assert found.vae_config["block_out_channels"] == [128, 256, 512, 512]
     te = found.text_configs[0]
     assert (te["hidden_size"], te["num_hidden_layers"], te["num_attention_heads"]) == (768, 12, 12)
+
+
+def test_full_size_sdxl_layout_gives_the_sdxl_base_architecture() -> None:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, infer_diffusers_model_type
+
+    with torch.device("meta"):  # shapes only: no 14 GB of memory
+        sd = make_state_dict("sdxl", full_size=True)
+    assert infer_diffusers_model_type(sd) == "xl_base"  # diffusers recognises the layout too
+    found = detect(sd)
+    u = found.unet_config
+    assert found.family.name == "sdxl"
+    expected = {
+        "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [5, 10, 20], "use_linear_projection": True, "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    }
+    assert {k: u[k] for k in expected} == expected
+    assert list(u["transformer_layers_per_block"])[1:] == [2, 10]
+    clip_l, big_g = found.text_configs
+    assert (clip_l["hidden_size"], clip_l["num_hidden_layers"]) == (768, 12)
+    assert (big_g["hidden_size"], big_g["num_hidden_layers"], big_g["projection_dim"]) == (1280, 32, 1280)
+    weights = convert_ldm_unet_checkpoint({k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}, u)
+    with torch.device("meta"):
+        reference = UNet2DConditionModel.from_config(u).state_dict()
+    assert set(weights) == set(reference)
+    assert all(weights[k].shape == reference[k].shape for k in reference)
 
 
 def test_sdxl_size_conditioning_width_is_read_from_shapes(checkpoint_store: Path) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-refiner")
-FULL_SIZE = ("sd1", "sdxl-refiner")
+FULL_SIZE = ("sd1", "sdxl", "sdxl-refiner")
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 FULL_SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 FULL_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
@@ -70,9 +70,33 @@ def _refiner_unet(full: bool, context: int, pooled: int) -> UNet2DConditionModel
     )
 
 
+def _sdxl_base_unet(context: int, pooled: int) -> UNet2DConditionModel:
+    """stabilityai/stable-diffusion-xl-base-1.0's UNet (2.6B): no attention at the first level,
+    2 and 10 transformer layers below, 6 time ids (original size, crop, target size)."""
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=context,
+        attention_head_dim=[5, 10, 20],
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, 2, 10],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=pooled + 6 * 256,
+        norm_num_groups=32,
+    )
+
+
 def _unet(family: str, full: bool, context: int, pooled: int = 0) -> UNet2DConditionModel:
     if family == "sdxl-refiner":
         return _refiner_unet(full, context, pooled)
+    if full and family == "sdxl":
+        return _sdxl_base_unet(context, pooled)
     if full:  # SD1.5 architecture
         return UNet2DConditionModel(
             sample_size=64,
@@ -295,10 +319,10 @@ def make_state_dict(family: str, full_size: bool = False, seed: int = 0) -> dict
         te = CLIPTextModelWithProjection(_text_config(big, "gelu", projection_dim=projection))
         sd.update(openclip_to_ldm(te, "conditioner.embedders.0.model."))
         context, pooled = big["hidden_size"], projection
-    else:
+    else:  # SDXL base: CLIP-L and OpenCLIP bigG, contexts side by side, bigG's pooled projection
         te1 = CLIPTextModel(_text_config(size, "quick_gelu"))
-        big = dict(size, hidden_size=48, num_attention_heads=1)
-        te2 = CLIPTextModelWithProjection(_text_config(big, "gelu", projection_dim=48))
+        big = FULL_BIGG_TEXT if full_size else dict(size, hidden_size=48, num_attention_heads=1)
+        te2 = CLIPTextModelWithProjection(_text_config(big, "gelu", projection_dim=big["hidden_size"]))
         sd.update(clip_to_ldm(te1, "conditioner.embedders.0.transformer."))
         sd.update(openclip_to_ldm(te2, "conditioner.embedders.1.model."))
         context, pooled = size["hidden_size"] + big["hidden_size"], big["hidden_size"]
@@ -317,7 +341,8 @@ def write_checkpoint(path: Path, family: str, full_size: bool = False, dtype: to
     """Write a checkpoint; `.safetensors` or a torch zip pickle (`.ckpt`) by suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.to(dtype).contiguous() for k, v in make_state_dict(family, full_size, seed).items()}
+    full = make_state_dict(family, full_size, seed)
+    sd = {k: full.pop(k).to(dtype).contiguous() for k in list(full)}  # cast one at a time: a full SDXL is 14 GB in float32
     if path.suffix == ".safetensors":
         save_file(sd, path)
     else:
@@ -329,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m webui.testing.make_checkpoint", description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=FAMILIES, default="sd1")
     ap.add_argument("--full-size", action="store_true",
-                    help="full-size architecture (sd1: SD1.5, sdxl-refiner: SDXL refiner), not a tiny model")
+                    help="full-size architecture (sd1: SD1.5, sdxl: SDXL base, sdxl-refiner: SDXL refiner), not a tiny model")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("out", type=Path)
