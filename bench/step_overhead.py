@@ -148,7 +148,7 @@ def bench_variants(make_engine, default, variants: list[str], size: int, steps: 
     compile_cache = HERE / ".cache" / "torch-compile"  # kept between runs, like <data-dir>/cache/ in the app
     if "compile" in variants:
         log(f"compile cache {compile_cache}: {'warm' if compile_cache.exists() else 'cold'}")
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)  # the engine keeps a folder set here
     for name in variants:
         engines[name] = make_engine(**VARIANT_FLAGS[name])
         t0 = time.perf_counter()

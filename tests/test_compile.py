@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,20 @@ def test_compile_refused_in_medvram(data_dir: Path) -> None:
     bundle = load_bundle(data_dir / "models" / "Stable-diffusion" / "sd1.safetensors", runtime=runtime,
                          tokenizers=TokenizerFactory())
     assert compile_state(bundle.unet) == "eager"
+
+
+def test_compiled_kernels_are_cached_in_the_data_folder(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from webui.runtime.devices import pick_runtime
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves
+    assert pick_runtime(Config(data_dir=data_dir, use_cpu=True, compile=True)).compiles
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == (data_dir / "cache" / "torch-compile").resolve()
+    chosen = str(data_dir / "my-cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", chosen)  # a folder the user chose stays
+    pick_runtime(Config(data_dir=data_dir, use_cpu=True, compile=True))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == chosen
 
 
 @pytest.fixture

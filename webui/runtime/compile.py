@@ -29,8 +29,16 @@ def cache_dir(data_dir: Path) -> Path:
 
 
 def use_compile_cache(data_dir: Path) -> None:
-    """Point inductor's on-disk cache at the data folder (unless the user set one)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir(data_dir)))
+    """Point inductor's on-disk cache at the data folder, unless the user chose a folder.
+
+    Importing diffusers already makes inductor write its default (a temporary folder) into
+    TORCHINDUCTOR_CACHE_DIR, so only that default value is replaced; inductor reads the variable
+    again whenever it looks for a cached kernel."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(data_dir).resolve())
 
 
 def to_channels_last(module: torch.nn.Module) -> None:
