@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -61,23 +61,9 @@ class Config(BaseModel):
     # models
     ckpt: str | None = None
     vae: str | None = None  # "Automatic" (paired file, else the checkpoint's own), "None", or a name
-    model_cache_size: int | None = None  # models ready on the device; None = the Settings value
-    ckpt_cache: int | None = None  # more models parked in RAM; None = the Settings value
+    model_cache_size: int | None = Field(None, ge=1)  # models ready on the device; None = the Settings value
+    ckpt_cache: int | None = Field(None, ge=0)  # more models parked in RAM; None = the Settings value
     prediction: Literal["auto", "epsilon", "v"] = "auto"  # force v-prediction on or off for every model
-
-    @field_validator("model_cache_size")
-    @classmethod
-    def _positive_cache(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be at least 1")
-        return v
-
-    @field_validator("ckpt_cache")
-    @classmethod
-    def _ram_cache(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError("must be 0 or more")
-        return v
 
     @property
     def models_path(self) -> Path:
