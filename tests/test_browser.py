@@ -217,6 +217,29 @@ def test_inpaint_in_the_browser_then_upscale_in_extras(server: Server, browser, 
         page.close()
 
 
+def test_outpaint_in_the_browser(server: Server, browser, tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = tmp_path / "small.png"
+    Image.new("RGB", (64, 48), (200, 90, 30)).save(source)
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    try:
+        open_page(page, server.url)
+        page.get_by_role("tab", name="img2img").first.click()
+        page.locator("#img2img_image input[type=file]").set_input_files(str(source))
+        page.locator("#img2img_image img").first.wait_for(state="visible", timeout=30_000)
+        page.locator("#img2img_outpaint").get_by_text("Outpaint").first.click()
+        set_number(page, "img2img_outpaint_right", 64)
+        set_number(page, "img2img_steps", 2)
+        page.locator("#img2img_prompt textarea").fill("a wider view")
+        page.locator("#img2img_generate").click()
+        # the engine grew the canvas: 64 + 64 wide, 48 high, whatever the width/height fields say
+        page.wait_for_function(
+            "() => document.querySelector('#img2img_info textarea')?.value.includes('Size: 128x48')", timeout=90_000)
+    finally:
+        page.close()
+
+
 def test_lora_card_click_inserts_its_tag(server: Server, browser) -> None:
     from tests.test_lora import SD1_KOHYA, kohya_file
 
