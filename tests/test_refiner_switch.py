@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from tests.conftest import add_checkpoint
@@ -96,3 +97,30 @@ def test_sdxl_base_hands_over_to_an_sdxl_refiner(data_dir: Path, checkpoint_stor
     assert np.abs(px(plain) - px(refined)).mean() > 1
     fields = parse_infotext(refined.infotexts[0])
     assert fields["Model"] == "sdxl" and fields["Refiner"].startswith("sdxl-refiner")
+
+
+def test_refiner_gets_the_loras_and_tiling_and_both_models_come_back(engine: Engine, data_dir: Path) -> None:
+    from tests.test_lora import SD1_KOHYA, kohya_file
+
+    (data_dir / "models" / "Lora").mkdir(parents=True, exist_ok=True)
+    kohya_file(data_dir / "models" / "Lora" / "shiny.safetensors", SD1_KOHYA, seed=3)
+    engine.networks.refresh()
+    base, refiner = engine.bundle("sd1.safetensors"), engine.bundle("sd1-other.safetensors")
+    target = refiner.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    originals = {name: {k: v.clone() for k, v in b.unet.state_dict().items()} for name, b in
+                 (("base", base), ("refiner", refiner))}
+    seen: list[tuple[int, bool, str]] = []
+
+    def progress(p) -> None:  # after each step: is the refiner's weight merged, its padding circular?
+        merged = not torch.equal(target.weight, originals["refiner"]["down_blocks.0.attentions.0.transformer_blocks.0"
+                                                                        ".attn1.to_q.weight"])
+        seen.append((p.step, merged, refiner.unet.conv_in.padding_mode))
+
+    engine.runner.generate(req(prompt="a red cube <lora:shiny:1>", tiling=True,
+                               refiner_checkpoint="sd1-other.safetensors", refiner_switch_at=0.5), progress=progress)
+    assert [s[1:] for s in seen[3:]] == [(True, "circular")] * 3  # the refiner's steps
+    assert [s[1:] for s in seen[:3]] == [(False, "zeros")] * 3  # before it took over: untouched
+    for name, b in (("base", base), ("refiner", refiner)):
+        after = b.unet.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in originals[name].items()), name
+        assert b.unet.conv_in.padding_mode == "zeros"

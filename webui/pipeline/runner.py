@@ -129,6 +129,22 @@ class Job:
     patches: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, old value)
     base: ModelBundle | None = None  # the requested model, when a refiner has taken over `bundle`
     refiner: ModelBundle | None = None  # set once the refiner has run (for the infotext)
+    # what the current batch put on its models (LoRA merges, a refiner's tiling), undone when it ends
+    batch_stack: contextlib.ExitStack | None = None
+
+
+@contextlib.contextmanager
+def _circular(bundle: ModelBundle) -> Iterator[None]:
+    """Circular padding in every convolution of the UNet and VAE while the block runs."""
+    convs = [m for model in (bundle.unet, bundle.vae) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    saved = [m.padding_mode for m in convs]
+    try:
+        for m in convs:
+            m.padding_mode = "circular"
+        yield
+    finally:
+        for m, mode in zip(convs, saved):
+            m.padding_mode = mode
 
 
 def _fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
@@ -281,16 +297,23 @@ class Runner:
 
     @contextlib.contextmanager
     def stage_networks(self, job: Job) -> Iterator[None]:
-        """LoRA weights merged into the model for this batch only, restored exactly after."""
-        if not job.loras:
-            yield
+        """LoRA weights merged into the model for this batch only, restored exactly after. A
+        refiner taking over during the batch gets them too (restored first)."""
+        with contextlib.ExitStack() as stack:
+            job.batch_stack = stack
+            try:
+                self._merge_loras(job, job.bundle)
+                yield
+            finally:
+                job.batch_stack = None
+
+    def _merge_loras(self, job: Job, bundle: ModelBundle) -> None:
+        if not job.loras or job.batch_stack is None:
             return
         loras = [(self._load_lora(f), weight) for f, weight in job.loras]
-        with apply_loras(job.bundle, loras) as resolutions:
-            for res in resolutions:
-                for warning in res.warnings():
-                    log.warning("%s", warning)
-            yield
+        for res in job.batch_stack.enter_context(apply_loras(bundle, loras)):
+            for warning in res.warnings():
+                log.warning("%s", warning)
 
     def _load_lora(self, file: NetworkFile) -> LoraWeights:
         stamp = file.path.stat().st_mtime_ns
@@ -313,22 +336,9 @@ class Runner:
                 setattr(obj, attribute, old)
             job.patches.clear()
 
-    @contextlib.contextmanager
-    def stage_tiling(self, job: Job) -> Iterator[None]:
+    def stage_tiling(self, job: Job) -> contextlib.AbstractContextManager[None]:
         """Seamless textures: circular padding in every convolution, for this job only."""
-        if not job.request.tiling:
-            yield
-            return
-        convs = [m for model in (job.bundle.unet, job.bundle.vae) for m in model.modules()
-                 if isinstance(m, torch.nn.Conv2d)]
-        saved = [m.padding_mode for m in convs]
-        try:
-            for m in convs:
-                m.padding_mode = "circular"
-            yield
-        finally:
-            for m, mode in zip(convs, saved):
-                m.padding_mode = mode
+        return _circular(job.bundle) if job.request.tiling else contextlib.nullcontext()
 
     def stage_conditioning(self, job: Job, prompts: list[str], negatives: list[str], steps: int) -> None:
         r = job.request
@@ -547,6 +557,10 @@ class Runner:
             raise ModelError(f"refiner {refiner.model_name} ({refiner.family.label}) cannot continue from "
                              f"{base.model_name} ({base.family.label}): their latent spaces differ")
         job.base, job.refiner, job.bundle = base, refiner, refiner
+        if refiner is not base and job.batch_stack is not None:  # the same model has them already
+            self._merge_loras(job, refiner)
+            if r.tiling:
+                job.batch_stack.enter_context(_circular(refiner))
         job.conditioner = TextConditioner(refiner, r.clip_skip, [e for e in job.embeddings if _fits(e, refiner)])
         self.stage_conditioning(job, job.prompts, job.negative_prompts, steps)
         job.image_cond = self._txt2img_image_cond(job) if refiner.variant == "inpaint" and not r.is_img2img else None
