@@ -8,6 +8,9 @@
 torch is installed only when it is missing, never replaced: set TORCH_COMMAND to choose the
 build, e.g. TORCH_COMMAND="torch==2.7.1 --index-url https://download.pytorch.org/whl/cu128"
 (CUDA), ".../whl/rocm6.3" (ROCm) or ".../whl/cpu" (CPU). Default: "torch==2.13.0".
+`--xformers` (or `--attention xformers`) also installs xformers when it is missing, on a CUDA
+build of torch only, and pinned to the installed torch so pip cannot replace it; if no xformers
+build fits that torch, the UI runs with PyTorch SDPA and says so.
 Set SKIP_INSTALL=1 to skip every check.
 """
 
@@ -20,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -94,6 +98,36 @@ def ensure_project(extras: tuple[str, ...] = ()) -> None:
         pip("-e", target)
 
 
+def wants_xformers(argv: list[str]) -> bool:
+    return "--xformers" in argv or any(
+        a == "--attention" and argv[i + 1:i + 2] == ["xformers"] or a == "--attention=xformers"
+        for i, a in enumerate(argv))
+
+
+def ensure_xformers() -> None:
+    """xformers for a CUDA torch, never at the cost of replacing that torch."""
+    try:
+        md.version("xformers")
+        return
+    except md.PackageNotFoundError:
+        pass
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
+                           capture_output=True, text=True)
+    version, _, cuda = probe.stdout.strip().partition(" ")
+    if probe.returncode != 0 or cuda in ("", "None"):
+        print("launch: xformers needs a CUDA build of torch (this one is not); the UI will use PyTorch SDPA",
+              flush=True)
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
+        pins.write(f"torch=={version}\n")  # pip may pick any xformers that fits this torch, or none
+    try:
+        pip("xformers", "-c", pins.name)
+    except subprocess.CalledProcessError:
+        print(f"launch: no xformers build fits torch {version}; the UI will use PyTorch SDPA", flush=True)
+    finally:
+        os.unlink(pins.name)
+
+
 def ensure_chromium() -> None:
     """The browser tests drive Debian's Chromium; install it with apt where we can."""
     if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
@@ -119,6 +153,8 @@ def main(argv: list[str]) -> int:
         return subprocess.run([sys.executable, "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
     if not skip:
         ensure_project()
+        if wants_xformers(argv):
+            ensure_xformers()
     from webui.cli import main as webui_main
 
     return webui_main(argv)

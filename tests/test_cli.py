@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import pytest
 import sys
 from pathlib import Path
 
@@ -109,3 +110,26 @@ def test_img2img_and_hires_from_the_command_line(data_dir: Path) -> None:
     badout = run(sys.executable, "-m", "webui", "img2img", *common, "--init-image", str(init), "--outpaint", "8,8",
                  cwd=data_dir)
     assert badout.returncode == 2 and "LEFT,TOP,RIGHT,BOTTOM" in badout.stderr and "Traceback" not in badout.stderr
+
+
+def test_launch_xformers_flag_never_replaces_a_cpu_torch(tmp_path: Path) -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    try:
+        import launch
+    finally:
+        sys.path.remove(str(REPO))
+    assert launch.wants_xformers(["--xformers"]) and launch.wants_xformers(["--attention", "xformers"])
+    assert launch.wants_xformers(["--attention=xformers"]) and not launch.wants_xformers(["--attention", "sdpa"])
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA torch: launch.py would try to install xformers from the network")
+    before = torch.__version__
+    env = {k: v for k, v in os.environ.items() if k != "SKIP_INSTALL"}
+    r = subprocess.run([sys.executable, str(REPO / "launch.py"), "--xformers", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "xformers needs a CUDA build of torch" in r.stdout and "pip" not in r.stdout
+    version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                             text=True).stdout.strip()
+    assert version == before
