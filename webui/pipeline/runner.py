@@ -148,8 +148,14 @@ def _circular(bundle: ModelBundle) -> Iterator[None]:
 
 
 def _fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """The next noise of each image's seeded generator, shaped like one image of `like`."""
-    return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
+    """The next noise of each image's seeded generator, shaped like one image of `like`.
+
+    Drawn on the CPU (the same seed gives the same image on any device); on CUDA it goes over
+    from pinned memory without the host waiting, since ancestral samplers ask for it every step."""
+    noise = torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators])
+    if like.device.type == "cuda":
+        return noise.pin_memory().to(like.device, non_blocking=True)
+    return noise.to(like.device)
 
 
 def _fits(embedding: Embedding, bundle: ModelBundle) -> bool:
