@@ -92,6 +92,14 @@ def test_medvram_same_image_one_component_at_a_time(engine_with, dtype: str) -> 
     assert [n for n, w in moves if w == "compute"] == ["text_encoder", "unet", "vae"]
 
 
+def test_prompt_edits_are_encoded_before_sampling(engine_with) -> None:
+    # `[red:blue:3]` changes the text at step 3: its encoding is ready before the UNet starts, so
+    # the text encoder never takes the UNet's place mid-loop
+    engine, moves = engine_with("medvram")
+    engine.runner.generate(req(prompt="a [red:blue:3] cube [on:under:0.5] a table"))
+    assert [n for n, w in moves if w == "compute"] == ["text_encoder", "unet", "vae"]
+
+
 def test_lowvram_streams_unet_blocks_one_at_a_time(engine_with) -> None:
     normal, _ = engine_with("normal")
     expected = pixels(normal.runner.generate(req()).images[0])

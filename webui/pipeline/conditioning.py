@@ -53,6 +53,13 @@ class ScheduledConditioning:
         self.guided = guided
         self._stacked: dict[tuple[str, ...], StepConditioning] = {}
 
+    def prepare(self, steps: int) -> None:
+        """Encode and stack every step's texts now, so the sampling loop only looks them up: the
+        text encoder running mid-loop would make the host wait for the GPU, and in medvram it
+        would send the UNet back to RAM for a moment."""
+        for step in range(1, steps + 1):
+            self.at(step)
+
     def at(self, step: int) -> StepConditioning:
         texts: list[str] = []
         row_image: list[int] = []

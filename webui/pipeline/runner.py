@@ -354,6 +354,7 @@ class Runner:
         single = all(len(subs) == 1 and subs[0][1] == 1.0 for subs in plan.cond)
         guided = r.cfg_scale != 1.0 or not single  # AND needs the negative even at scale 1
         job.conditioning = ScheduledConditioning(job.conditioner, plan, guided)
+        job.conditioning.prepare(steps)
 
     # --- init image and noise -----------------------------------------------------------------
 
