@@ -371,6 +371,10 @@ def diffusers_pipeline(bundle: Any) -> Any:
         )
     else:
         raise ValueError(f"no diffusers counterpart for the {family.label} family here")
+    # Our VAE decodes in the run dtype (float32 again only after NaNs); diffusers' SDXL pipeline
+    # would upcast it to float32 for every decode, which is other work and a bigger peak. The
+    # upcast would also turn the shared VAE's weights into inference tensors.
+    bundle.vae.register_to_config(force_upcast=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -586,6 +590,8 @@ def _run_theirs_separately(ctx: Ctx, g: Group, ckpt: Path, size: int, rows: list
             apply_attention(bundle, g.attention)  # a CPU runtime picks SDPA; the processor runs on the GPU
         pipe = diffusers_pipeline(bundle)
         how = ""
+        if offload:
+            pipe.vae.enable_slicing()  # ours decodes a batch one image at a time when offloading
         if g.memory == "medvram":
             pipe.enable_model_cpu_offload(device=ctx.device)
             how = "enable_model_cpu_offload()"

@@ -87,3 +87,6 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        if empty_host is not None:  # pinned host memory of dropped lowvram masters
+            empty_host()

@@ -52,11 +52,13 @@ def import_xformers() -> ModuleType:
 
 
 def probe_xformers(ops: ModuleType, device: torch.device) -> None:
-    """One tiny attention call on `device`; raises when this xformers build cannot run there."""
-    q = torch.randn((1, 2, 40), device=device, dtype=torch.float16)
-    out = ops.memory_efficient_attention(q, q, q)
-    if not torch.isfinite(out).all():  # also waits for the kernel, so launch errors surface here
-        raise RuntimeError("non-finite result")
+    """Tiny attention calls on `device` in float16 and float32 (a float32 VAE uses the same
+    processor); raises when this xformers build cannot run there."""
+    for dtype in (torch.float16, torch.float32):
+        q = torch.randn((1, 2, 40), device=device, dtype=dtype)
+        out = ops.memory_efficient_attention(q, q, q)
+        if not torch.isfinite(out).all():  # also waits for the kernel, so launch errors surface here
+            raise RuntimeError(f"non-finite result in {str(dtype).removeprefix('torch.')}")
 
 
 def _why(e: BaseException) -> str:

@@ -96,6 +96,9 @@ def cast_copy(dst: torch.Tensor, src: torch.Tensor, stage: torch.Tensor | None =
     if dst.dtype == src.dtype or dst.dtype not in _HALVES or src.dtype not in _HALVES:
         dst.copy_(src)
         return
+    if dst.device.type != "cpu":  # upload the piece as it is and cast it on the device
+        dst.copy_(src.to(dst.device))
+        return
     if stage is None:
         stage = torch.empty(min(STAGE_ELEMENTS, src.numel()), dtype=torch.float32)
     step = stage.numel()

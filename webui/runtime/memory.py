@@ -393,10 +393,7 @@ class MemoryManager:
                 copies, event = block.pending, block.event
                 block.pending, block.event = None, None
                 if event is not None:
-                    current = torch.cuda.current_stream(self.compute_device)
-                    current.wait_event(event)
-                    for t in copies:
-                        t.record_stream(current)  # made on the side stream, used on this one
+                    torch.cuda.current_stream(self.compute_device).wait_event(event)
             else:
                 copies = [self.transfer.to_compute(m, s.dtype) for s, m in zip(block.slots, block.masters)]
             for slot, t in zip(block.slots, copies):
@@ -421,11 +418,20 @@ class MemoryManager:
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.compute_device)
-        # Masters never change during a forward and the copies are fresh allocations, so the side
-        # stream need not wait for the compute stream; record_stream in _load_block keeps the
-        # allocator from reusing a copy's memory before the compute stream is done with it.
-        with torch.cuda.stream(self._stream), _ordinary_tensors():
-            following.pending = [self.transfer.to_compute(m, s.dtype) for s, m in zip(following.slots, following.masters)]
+        compute = torch.cuda.current_stream(self.compute_device)
+        # The copies are allocated on the compute stream, so the allocator hands their memory back
+        # only once the compute stream is past their last use; the side stream first waits for what
+        # the compute stream has queued so far, so it never writes into memory a finished block
+        # still reads. Allocating on the side stream (with record_stream) instead lets reserved
+        # memory grow towards the whole UNet while the host runs ahead.
+        with _ordinary_tensors():
+            targets = [torch.empty_like(m, dtype=s.dtype, device=self.compute_device)
+                       for s, m in zip(following.slots, following.masters)]
+            self._stream.wait_stream(compute)
+            with torch.cuda.stream(self._stream):
+                for target, master in zip(targets, following.masters):
+                    target.copy_(master, non_blocking=True)
+            following.pending = targets
             following.event = torch.cuda.Event()
             following.event.record(self._stream)
 
@@ -521,4 +527,6 @@ def vae_plan(width: int, height: int, batch: int, *, device: torch.device, items
 
 
 def _free_vram(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0]
+    """Free device memory, counting what torch holds cached but does not use (it can reuse it)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
