@@ -150,6 +150,15 @@ def test_options_switch_the_server_model(api: Server) -> None:
     bad = post(api, "/options", {"sd_model_checkpoint": "nope"})
     assert bad.status_code == 404 and "nope" in bad.json()["detail"]
     assert post(api, "/options", {"no_such_option": 1}).status_code == 422
+    # A1111's names for the checkpoint caches are ours under another name
+    assert post(api, "/options", {"sd_checkpoint_cache": 2}).status_code == 200
+    try:
+        options = get(api, "/options").json()
+        assert options["ckpt_cache"] == options["sd_checkpoint_cache"] == 2
+        assert options["sd_checkpoints_limit"] == options["model_cache_size"] == 1
+        assert post(api, "/options", {"sd_checkpoints_limit": 0}).status_code == 422
+    finally:
+        post(api, "/options", {"sd_checkpoint_cache": 0})
     # settings through options: saved to config.json, applied to the next image
     r = post(api, "/options", {"samples_format": "jpeg", "filename_pattern": "[seed]-[steps]"})
     assert r.status_code == 200, r.text

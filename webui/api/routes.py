@@ -108,6 +108,10 @@ def _b64(image: Image.Image, infotext: str | None = None) -> str:
     return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
 
 
+# A1111's option names for settings we name otherwise (read and written under both names)
+OPTION_ALIASES = {"sd_checkpoint_cache": "ckpt_cache", "sd_checkpoints_limit": "model_cache_size"}
+
+
 class Api:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -333,8 +337,10 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
             current = engine.resolve_checkpoint(None)
         except ModelError:
             current = None
+        settings = engine.settings.get().model_dump(mode="json")
         return {
-            **engine.settings.get().model_dump(mode="json"),
+            **settings,
+            **{a1111: settings[ours] for a1111, ours in OPTION_ALIASES.items()},
             "sd_model_checkpoint": current.title if current else None,
             "sd_checkpoint_hash": current.sha256 if current else None,
             "sd_vae": cfg.vae or "Automatic",
@@ -345,6 +351,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
         """Change Settings (saved, applied at once where possible) and `sd_model_checkpoint`
         (the model for requests that name none). Per-request choices go in `override_settings`."""
         setting_keys = set(type(engine.settings.get()).model_fields)
+        options = {OPTION_ALIASES.get(k, k): v for k, v in options.items()}
         unknown = sorted(set(options) - setting_keys - {"sd_model_checkpoint"})
         if unknown:
             raise HTTPException(422, f"options not supported: {', '.join(unknown)} (per-request settings go in "
