@@ -232,10 +232,22 @@ def test_outpaint_in_the_browser(server: Server, browser, tmp_path: Path) -> Non
         set_number(page, "img2img_outpaint_right", 64)
         set_number(page, "img2img_steps", 2)
         page.locator("#img2img_prompt textarea").fill("a wider view")
-        page.locator("#img2img_generate").click()
+        assert page.locator("#img2img_outpaint_right input[type=number]").input_value() == "64"
+        info = "() => document.querySelector('#img2img_info textarea')?.value.includes('Size: ')"
+        for attempt in range(3):  # an image still uploading when Generate is pressed is not there yet
+            page.wait_for_timeout(1000)
+            page.locator("#img2img_generate").click()
+            try:
+                page.wait_for_function(info, timeout=90_000)
+                break
+            except Exception:
+                toasts = page.locator(".toast-body, .toast-wrap, [data-testid='toast-body']").all_inner_texts()
+                page.screenshot(path=str(tmp_path / f"outpaint-fail-{attempt}.png"), full_page=True)
+                if attempt == 2:
+                    raise AssertionError(f"no outpainting result; messages shown: {toasts}") from None
         # the engine grew the canvas: 64 + 64 wide, 48 high, whatever the width/height fields say
-        page.wait_for_function(
-            "() => document.querySelector('#img2img_info textarea')?.value.includes('Size: 128x48')", timeout=90_000)
+        text = page.locator("#img2img_info textarea").input_value()
+        assert "Size: 128x48" in text, text
     finally:
         page.close()
 
