@@ -4,6 +4,7 @@ patches undone; arguments by name."""
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -379,3 +380,18 @@ def test_an_extension_sampler_is_listed_and_runs(data_dir: Path) -> None:
     demo = build_ui(engine)
     dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "txt2img_sampler")
     assert "Plain Euler" in [c[0] if isinstance(c, tuple) else c for c in dropdown.choices]
+
+    # the Settings default sampler may be the extension's: offered, accepted, kept over a restart
+    setting = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "setting_default_sampler")
+    assert "Plain Euler" in [c[0] if isinstance(c, tuple) else c for c in setting.choices]
+    with pytest.raises(ValueError, match="unknown sampler 'Nope'"):
+        engine.settings.update({"default_sampler": "Nope"})
+    engine.settings.update({"default_sampler": "Plain Euler"})
+    restarted = engine_for(data_dir)
+    assert restarted.settings.get().default_sampler == "Plain Euler"
+    page = build_ui(restarted)
+    assert next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "txt2img_sampler").value == "Plain Euler"
+    # the extension gone: the saved name stays in the file, the page starts with the built-in default
+    shutil.rmtree(data_dir / "extensions" / "my-sampler")
+    without = build_ui(engine_for(data_dir))
+    assert next(b for b in without.blocks.values() if getattr(b, "elem_id", None) == "txt2img_sampler").value == "Euler a"

@@ -249,6 +249,7 @@ def load_extensions(config: Config, settings: SettingsStore) -> ExtensionManager
     manager = ExtensionManager(folders, config.data_dir / "extensions.json", enabled=not config.disable_all_extensions,
                                data_dir=config.data_dir)
     manager.load(settings_sink=settings.register_section, settings_source=settings.section)
+    settings.allow_samplers(spec.name for spec in manager.sampler_specs())
     for e in manager.extensions:
         log.info("extension %s %s: %s", e.name, e.version, e.status)
     return manager

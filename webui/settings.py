@@ -27,18 +27,19 @@ import shutil
 import tempfile
 import threading
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from webui.samplers.table import SCHEDULES, find_sampler, resolve, sampler_names
 
 log = logging.getLogger(__name__)
+ANY_SAMPLER = frozenset({"*"})  # validation context: a stored sampler name may be an extension's
 
 OUTPUT_KINDS = ("txt2img", "img2img", "extras")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -141,11 +142,16 @@ class Settings(BaseModel):
 
     @field_validator("default_sampler")
     @classmethod
-    def _known_sampler(cls, v: str) -> str:
+    def _known_sampler(cls, v: str, info: ValidationInfo) -> str:
         spec = find_sampler(v)
-        if spec is None:
-            raise ValueError(f"unknown sampler {v!r} (available: {', '.join(sampler_names())})")
-        return spec.name
+        if spec is not None:
+            return spec.name
+        # an extension's sampler: the store says which exist (validation context "samplers"), or
+        # ANY_SAMPLER while it reads the file, before extensions have loaded
+        extra = (info.context or {}).get("samplers", ())
+        if extra is ANY_SAMPLER or v in extra:
+            return v
+        raise ValueError(f"unknown sampler {v!r} (available: {', '.join([*sampler_names(), *extra])})")
 
     @field_validator("default_scheduler")
     @classmethod
@@ -276,7 +282,7 @@ def _validate_leniently(model: type[BaseModel], raw: Mapping[str, Any], where: s
     values = {k: v for k, v in raw.items() if k in model.model_fields}
     while True:
         try:
-            return model.model_validate(values)
+            return model.model_validate(values, context={"samplers": ANY_SAMPLER})
         except ValidationError as e:
             bad = {str(err["loc"][0]) for err in e.errors() if err.get("loc")}
             bad &= set(values)
@@ -298,6 +304,7 @@ class SettingsStore:
         self._section_models: dict[str, type[BaseModel]] = {}
         self._section_values: dict[str, BaseModel] = {}
         self._corrupt = False
+        self._extra_samplers: tuple[str, ...] = ()  # the loaded extensions' samplers
         self._raw: dict[str, Any] = self._read()
         self._settings: Settings = _validate_leniently(Settings, self._raw, str(self.path))  # type: ignore[assignment]
 
@@ -373,6 +380,21 @@ class SettingsStore:
         with self._lock:
             self._subscribers.append(callback)
 
+    def allow_samplers(self, names: Iterable[str]) -> None:
+        """Extension samplers a setting may name (the default sampler), once extensions loaded."""
+        with self._lock:
+            self._extra_samplers = tuple(names)
+            chosen = self._settings.default_sampler
+            if find_sampler(chosen) is None and chosen not in self._extra_samplers:
+                fallback = Settings.model_fields["default_sampler"].default
+                log.warning("%s: default_sampler %r is not a sampler here (no loaded extension has it); using %r",
+                            self.path, chosen, fallback)
+                self._settings = self._settings.model_copy(update={"default_sampler": fallback})
+
+    def extra_choices(self, field: str) -> list[str]:
+        """Choices beyond the field's own for the Settings tab (the extensions' samplers)."""
+        return list(self._extra_samplers) if field == "default_sampler" else []
+
     # --- changing ---
 
     def update(self, changes: Mapping[str, Any],
@@ -381,7 +403,7 @@ class SettingsStore:
         current values, save, tell subscribers. Returns the new settings and notes on when the
         changes take effect. ValueError (one line, naming the field) and nothing saved on bad input."""
         with self._lock:
-            new = self._merge(Settings, self._settings, changes)
+            new = self._merge(Settings, self._settings, changes, context={"samplers": self._extra_samplers})
             new_sections: dict[str, BaseModel] = {}
             for name, section_changes in (sections or {}).items():
                 if name not in self._section_models:
@@ -410,11 +432,12 @@ class SettingsStore:
             return self.section(name), notes
 
     @staticmethod
-    def _merge(model: type[BaseModel], current: BaseModel, changes: Mapping[str, Any], prefix: str = "") -> BaseModel:
+    def _merge(model: type[BaseModel], current: BaseModel, changes: Mapping[str, Any], prefix: str = "",
+               context: dict[str, Any] | None = None) -> BaseModel:
         if not isinstance(changes, Mapping):
             raise ValueError(f"{prefix or 'settings'}: expected an object of name: value pairs")
         try:
-            return model.model_validate({**current.model_dump(), **changes})
+            return model.model_validate({**current.model_dump(), **changes}, context=context)
         except ValidationError as e:
             raise ValueError(validation_message(e, prefix)) from None
 

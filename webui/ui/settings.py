@@ -21,10 +21,10 @@ from webui.settings import FieldSpec, Settings, SettingsStore, describe
 Control = gr.components.Component
 
 
-def _control(spec: FieldSpec, value: Any, elem_id: str) -> Control:
+def _control(spec: FieldSpec, value: Any, elem_id: str, extra_choices: Sequence[str] = ()) -> Control:
     common: dict[str, Any] = {"label": spec.title, "info": spec.description or None, "elem_id": elem_id}
     if spec.kind == "choice":
-        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
+        return gr.Dropdown(choices=[*spec.choices, *extra_choices], value=value, **common)
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind in ("int", "float"):
@@ -86,7 +86,8 @@ def build_settings_tab(store: SettingsStore, runtime: Callable[[], str] | None =
                 gr.Markdown(f"### {title}")
                 for spec in specs:
                     fields.append((None, spec))
-                    controls.append(_control(spec, _to_ui(spec, getattr(current, spec.name)), f"setting_{spec.name}"))
+                    controls.append(_control(spec, _to_ui(spec, getattr(current, spec.name)), f"setting_{spec.name}",
+                                             store.extra_choices(spec.name)))
 
         for name, specs in section_specs.items():
             values = store.section(name)
