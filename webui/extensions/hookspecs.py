@@ -55,7 +55,8 @@ class Hooks:
     @hookspec
     def samplers(self) -> list[ExtensionSampler] | None:
         """Start-up. Extra samplers to list beside the built-in ones (page, `/sdapi/v1/samplers`,
-        requests' `sampler_name`). A name that is already taken is refused with a reason."""
+        requests' `sampler_name`, the Settings default sampler). A name that is already taken is
+        refused with a reason."""
 
     # --- models -------------------------------------------------------------------------------
 
