@@ -38,6 +38,8 @@ REPO = HERE.parent
 CACHE = HERE / ".cache"
 FULL_CKPT = CACHE / "Stable-diffusion" / "sd15-random-fp16.safetensors"  # shared with foundation.py
 MB = 1 << 20
+sys.path.insert(0, str(HERE))
+from foundation import time_read  # noqa: E402  the same streamed-read baseline as foundation.py
 GIB = 1 << 30
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
@@ -98,15 +100,6 @@ def ensure_checkpoint(quick: bool, workdir: Path) -> Path:
     subprocess.run([sys.executable, "-c", code, str(partial)], env=ENV, cwd=REPO, check=True)
     os.replace(partial, path)
     return path
-
-
-def time_read(path: Path) -> float:
-    buf = bytearray(MB)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t0
 
 
 def time_read_fresh(path: Path) -> float:

@@ -104,8 +104,7 @@ def _dtypes(engine: Engine, name: str) -> set[torch.dtype]:
 
 
 def _all(engine: Engine):
-    return [(k, engine.cache._ready.get(k) or engine.cache._parked.get(k))
-            for k in engine.cache.keys() + engine.cache.parked_keys()]
+    return [(k, engine.cache.peek(k)) for k in engine.cache.keys() + engine.cache.parked_keys()]
 
 
 def test_switching_back_is_instant_and_gives_the_same_image(parking_engine: Engine,

@@ -18,7 +18,7 @@ from webui.config import Config
 from webui.infotext import parse_infotext
 from webui.pipeline.request import GenerationRequest
 from webui.runtime.devices import cpu_has_native_bf16, pick_runtime
-from webui.testing.make_checkpoint import vae_to_ldm, write_checkpoint
+from webui.testing.make_checkpoint import vae_to_ldm
 
 
 def req(**kw) -> GenerationRequest:

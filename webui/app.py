@@ -120,6 +120,9 @@ class Engine:
     def runtime(self) -> Runtime:
         return self._model_side().runtime
 
+    def extension_sampler_names(self) -> list[str]:
+        return [s.name for s in self.extensions.sampler_specs()] if self.extensions is not None else []
+
     def describe_runtime(self) -> str:
         """Device, precision, attention backend (and why), memory mode, compile: one line."""
         rt = self.runtime

@@ -58,6 +58,11 @@ class ModelCache(Generic[T]):
         with self._lock:
             return list(self._parked)
 
+    def peek(self, key: Hashable) -> T | None:
+        """The model under `key`, ready or parked, without using or moving it."""
+        with self._lock:
+            return self._ready.get(key) or self._parked.get(key)
+
     def clear(self) -> None:
         with self._lock:
             self._ready.clear()

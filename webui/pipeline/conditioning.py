@@ -9,6 +9,7 @@ combination of texts is stacked once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +54,11 @@ class ScheduledConditioning:
         self.guided = guided
         self._stacked: dict[tuple[str, ...], StepConditioning] = {}
 
-    def prepare(self, steps: int) -> None:
-        """Encode and stack every step's texts now, so the sampling loop only looks them up: the
-        text encoder running mid-loop would make the host wait for the GPU, and in medvram it
-        would send the UNet back to RAM for a moment."""
-        for step in range(1, steps + 1):
+    def prepare(self, steps: Iterable[int]) -> None:
+        """Encode and stack the texts of `steps` (1-based) now, so the sampling loop only looks
+        them up: the text encoder running mid-loop would make the host wait for the GPU, and in
+        medvram it would send the UNet back to RAM for a moment."""
+        for step in steps:
             self.at(step)
 
     def at(self, step: int) -> StepConditioning:

@@ -91,8 +91,7 @@ class CFGDenoiser:
         """Inpainting with an ordinary model: outside the mask, the init latent stays."""
         if self.keep is None or self.init_latents is None:
             return x
-        keep = self.keep.to(x.device)
-        return self.init_latents.to(x.device) * keep + x * (1.0 - keep)
+        return self.init_latents * self.keep + x * (1.0 - self.keep)  # both put on the device at start
 
     def _index(self, kind: str, values: list[int], device: torch.device) -> torch.Tensor:
         """`values` as an index tensor on `device`, made once per job (the rows rarely change)."""

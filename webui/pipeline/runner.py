@@ -354,7 +354,6 @@ class Runner:
         single = all(len(subs) == 1 and subs[0][1] == 1.0 for subs in plan.cond)
         guided = r.cfg_scale != 1.0 or not single  # AND needs the negative even at scale 1
         job.conditioning = ScheduledConditioning(job.conditioner, plan, guided)
-        job.conditioning.prepare(steps)
 
     # --- init image and noise -----------------------------------------------------------------
 
@@ -468,6 +467,7 @@ class Runner:
             keep=job.keep, init_latents=job.init_latents,
         )
         denoiser.step = first_step
+        job.conditioning.prepare(range(first_step, first_step + len(sigmas) - 1))  # the steps this run samples
         generators = job.generators
         make_preview = self.previewer(bundle)
         model_fn = self._setup_denoiser(job, denoiser, sampler_name, len(sigmas) - 1)

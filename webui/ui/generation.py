@@ -50,10 +50,7 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
     d = defaults or Settings()
     samplers = [*sampler_names(), *(extra_samplers or [])]
     with gr.Row():
-        # a saved default naming an extension's sampler that is gone: the built-in default instead
-        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=samplers,
-                                              value=d.default_sampler if d.default_sampler in samplers else
-                                              Settings().default_sampler,
+        panel.add("sampler_name", gr.Dropdown(label="Sampling method", choices=samplers, value=d.default_sampler,
                                               elem_id=f"{p}_sampler", allow_custom_value=True))
         panel.add("scheduler", gr.Dropdown(label="Schedule type", choices=list(SCHEDULES), value=d.default_scheduler,
                                            elem_id=f"{p}_scheduler", allow_custom_value=True))

@@ -148,7 +148,7 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                             panel.add(f"outpaint_{side}", gr.Slider(0, 512, value=0, step=8, label=side.capitalize(),
                                                                    elem_id=f"img2img_outpaint_{side}"))
                 sampling_controls(panel, engine.registry.titles(), engine.settings.get(),
-                                  [s.name for s in engine.extensions.sampler_specs()] if engine.extensions else [])
+                                  engine.extension_sampler_names())
                 extension_sections(engine, panel, "img2img")
             with gr.Column():
                 output_area(panel)

@@ -20,7 +20,7 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
         with gr.Row():
             with gr.Column():
                 sampling_controls(panel, engine.registry.titles(), engine.settings.get(),
-                                  [s.name for s in engine.extensions.sampler_specs()] if engine.extensions else [])
+                                  engine.extension_sampler_names())
                 extension_sections(engine, panel, "txt2img")
                 with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires"):
                     panel.add("enable_hr", gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr"))
