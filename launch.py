@@ -51,17 +51,13 @@ def ensure_torch() -> None:
 
 
 def _requirements(extras: tuple[str, ...]) -> list[str]:
-    text = (ROOT / "pyproject.toml").read_text()
-    try:
-        import tomllib
+    import tomllib  # 3.11+, checked in main()
 
-        project = tomllib.loads(text)["project"]
-        reqs = list(project["dependencies"])
-        for extra in extras:
-            reqs += project.get("optional-dependencies", {}).get(extra, [])
-        return reqs
-    except ImportError:  # Python 3.10: no tomllib; the quoted list entries are enough
-        return re.findall(r'^\s*"([A-Za-z0-9_.\-\[\]]+[^"]*)",?\s*$', text, re.M)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in extras:
+        reqs += project.get("optional-dependencies", {}).get(extra, [])
+    return reqs
 
 
 def _satisfied(requirement: str) -> bool:
@@ -142,8 +138,8 @@ def ensure_chromium() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 10):
-        print("error: Python 3.10 or newer is required", file=sys.stderr)
+    if sys.version_info < (3, 11):
+        print(f"error: Python 3.11 or newer is required (this is {sys.version.split()[0]})", file=sys.stderr)
         return 2
     skip = os.environ.get("SKIP_INSTALL") == "1"
     if argv[:1] == ["test"]:

@@ -42,7 +42,7 @@ def test_every_hook_and_stage_object_is_documented() -> None:
                     '[project.entry-points."webui.extensions"]', "install.py", "requirements.txt", "style.css"):
         assert section in text
     for shipped in ("wildcards", "prompt-filter", "safety-checker", "watermark"):
-        assert f"[`{shipped}`](../extensions/{shipped}/)" in text
+        assert f"[`{shipped}`](../webui/builtin_extensions/{shipped}/)" in text
 
 
 def tutorial_files() -> dict[str, str]:

@@ -239,11 +239,11 @@ def build_engine(config: Config) -> Engine:
     return Engine(config, registry, networks, StyleStore(config.styles_path), load_extensions(config, settings), settings)
 
 
-SHIPPED_EXTENSIONS = Path(__file__).resolve().parent.parent / "extensions"
+SHIPPED_EXTENSIONS = Path(__file__).resolve().parent / "builtin_extensions"  # inside the package: `pip install .` carries them
 
 
 def load_extensions(config: Config, settings: SettingsStore) -> ExtensionManager:
-    """The shipped extensions (this checkout's `extensions/`) and the user's, loaded and ordered."""
+    """The shipped extensions (`webui/builtin_extensions/`) and the user's, loaded and ordered."""
     from webui.extensions.manager import ExtensionManager
 
     folders = [config.extensions_path]

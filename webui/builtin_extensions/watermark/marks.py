@@ -26,7 +26,7 @@ def _encoder_class() -> type | str:
     try:
         from imwatermark import WatermarkEncoder  # imports cv2 too: either may be missing
     except ImportError as err:
-        return f"the invisible-watermark package is not installed ({err}; pip install invisible-watermark)"
+        return f"the invisible-watermark package is not installed ({err}; pip install 'sd-webui[watermark]' or pip install invisible-watermark)"
     return WatermarkEncoder
 
 
