@@ -104,6 +104,19 @@ def test_gradio_auth_protects_the_page(tmp_path: Path, checkpoint_store: Path) -
         stop_server(s)
 
 
+def test_console_names_our_share_flag(server: Server) -> None:
+    """The console speaks of --share, not of Gradio's `launch(share=True)`."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while "Running on local URL" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    out = server.output()
+    assert f"Running on local URL:  {server.url}" in out
+    assert "start with --share" in out
+    assert "share=True" not in out and "launch()" not in out
+
+
 def test_share_without_internet_keeps_the_local_server(tmp_path: Path) -> None:
     """This machine has no internet, so the share tunnel cannot be made: the page must stay up."""
     s = start_server(tmp_path, "--share")
@@ -169,3 +182,13 @@ def test_folder_batches_are_refused_when_listening_beyond_localhost(tmp_path: Pa
                            w=64, h=64, api_name="/extras_upscale_folder")
     finally:
         stop_server(s)
+
+
+def test_one_progress_bar_per_generation(server: Server) -> None:
+    """Generating shows one progress bar (over the images), not one over each output."""
+    config = requests.get(server.url + "/config", timeout=10).json()
+    elem = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    for tab in ("txt2img", "img2img"):
+        dep = next(d for d in config["dependencies"] if d.get("api_name") == tab)
+        assert [elem[i] for i in dep["outputs"]] == [f"{tab}_gallery", f"{tab}_info"]
+        assert [elem[i] for i in dep["show_progress_on"]] == [f"{tab}_gallery"]

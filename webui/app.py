@@ -26,9 +26,9 @@ from webui.settings import Settings, SettingsStore
 if TYPE_CHECKING:
     from webui.extensions.manager import ExtensionManager
     from webui.models.load import ModelBundle
+    from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
     from webui.pipeline.request import GenerationRequest
-    from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.runner import Runner
     from webui.prompts.tokenizer import TokenizerFactory
     from webui.runtime.devices import Runtime
@@ -99,7 +99,6 @@ class Engine:
                 from webui.pipeline.runner import Library, Runner
                 from webui.prompts.tokenizer import TokenizerFactory
                 from webui.runtime.devices import pick_runtime
-
                 from webui.upscale import UpscalerRegistry
 
                 runtime = pick_runtime(self.config)

@@ -83,6 +83,13 @@ def _parse_params(line: str) -> dict[str, str] | None:
     return params
 
 
+def as_written(params: dict[str, str]) -> dict[str, str]:
+    """`params` without the `Key-1`/`Key-2` halves derived from a `WxH` value: the fields as the
+    infotext writes them (what a person reading it should see)."""
+    derived = {f"{k}-{i}" for k, v in params.items() if _SIZE.fullmatch(v) for i in (1, 2)}
+    return {k: v for k, v in params.items() if k not in derived}
+
+
 def parse_infotext(text: str) -> dict[str, str]:
     """Keys `Prompt`, `Negative prompt` (always present, "" when absent) and every parameter,
     all values strings. A `WxH` value such as `Size` is also given as `Size-1`/`Size-2`.

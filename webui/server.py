@@ -20,7 +20,7 @@ def serve(config: Config, block: bool = True) -> None:
     if config.nowebui:
         serve_api_only(engine, config)
         return
-    from webui.ui.blocks import build_ui  # gradio is imported only when serving the page
+    from webui.ui.blocks import PAGE_CSS, build_ui  # gradio is imported only when serving the page
 
     demo = build_ui(engine)
     demo.queue(default_concurrency_limit=16)  # our job queue orders generations
@@ -32,9 +32,10 @@ def serve(config: Config, block: bool = True) -> None:
         inbrowser=config.autolaunch,
         prevent_thread_lock=True,
         show_error=True,
-        quiet=False,
+        quiet=True,  # Gradio's own lines name its launch() arguments; ours name our flags (below)
         allowed_paths=[str(config.outputs_path.resolve())],
         footer_links=["api", "settings"],
+        css=PAGE_CSS,
         # our /docs and /openapi.json describe /sdapi/v1 (and are behind --api-auth)
         app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None},
         **_extension_assets(engine),
@@ -49,12 +50,7 @@ def serve(config: Config, block: bool = True) -> None:
     # After the page is up: hash new checkpoints, import the model stack.
     engine.registry.hash_missing_in_background()
     engine.warm_up()
-    if config.share and not share_url:
-        print(
-            "Public link not created: Gradio's share tunnel could not be reached (no internet access, "
-            "or the tunnel service refused). The local server keeps running at " + str(local_url),
-            flush=True,
-        )
+    print(startup_message(config, local_url, share_url), flush=True)
     if block:
         try:
             demo.block_thread()
@@ -62,6 +58,19 @@ def serve(config: Config, block: bool = True) -> None:
             pass
         finally:
             demo.close()
+
+
+def startup_message(config: Config, local_url: str, share_url: str | None) -> str:
+    """What the console says once the page is up, in terms of our flags."""
+    lines = [f"Running on local URL:  {local_url}"]
+    if share_url:
+        lines.append(f"Running on public URL: {share_url} (temporary; anyone with the link can use this UI)")
+    elif config.share:
+        lines.append("Public link not created: Gradio's share tunnel could not be reached (no internet access, "
+                     f"or the tunnel service refused). The local server keeps running at {local_url}")
+    else:
+        lines.append("To create a temporary public link, start with --share.")
+    return "\n".join(lines)
 
 
 def serve_api_only(engine, config: Config) -> None:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import gradio as gr
+from PIL import Image
 
 from webui.app import Engine
 from webui.models.errors import ModelError
-from PIL import Image
-
+from webui.ui.extensions_tab import build_extensions_tab
 from webui.ui.extras import build_extras_tab
 from webui.ui.img2img import build_img2img_tab
 from webui.ui.jobs import JobBoard
-from webui.ui.messages import models_help
+from webui.ui.messages import models_help, user_error
 from webui.ui.params import checkpoint_choice
 from webui.ui.pnginfo import build_pnginfo_tab
-from webui.ui.extensions_tab import build_extensions_tab
 from webui.ui.settings import build_settings_tab
 from webui.ui.txt2img import build_txt2img_tab
+
+
+# Page styles Gradio's defaults get wrong for us: table headers break between words, never inside one.
+PAGE_CSS = """
+#extensions_table th, #extensions_table th * { word-break: keep-all !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+"""
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
@@ -86,7 +92,7 @@ def send_buttons(panel, tabs: gr.Tabs, targets: dict) -> None:
 
         def send(gallery, index, name=name, tab=tab):
             if not gallery:
-                raise gr.Error("Generate an image first.")
+                raise user_error("Generate an image first.")
             item = gallery[min(index or 0, len(gallery) - 1)]
             path = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
             path = getattr(path, "path", None) or (path.get("path") if isinstance(path, dict) else path)

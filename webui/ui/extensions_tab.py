@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from webui.extensions import install
+from webui.ui.messages import user_error
 
 if TYPE_CHECKING:
     from webui.config import Config
     from webui.extensions.manager import Extension, ExtensionManager
 
 HEADERS = ["name", "version", "source", "enabled", "status", "updates"]
+COLUMN_WIDTHS = ["16%", "9%", "33%", "9%", "23%", "10%"]  # headers fit on one line (see PAGE_CSS too)
 
 
 def _rows(manager: ExtensionManager, updates: dict[str, str], installed: list[str]) -> list[list[str]]:
@@ -52,7 +54,7 @@ def build_extensions_tab(manager: ExtensionManager, config: Config) -> None:
         updates = gr.State({})
         installed = gr.State([])
         table = gr.Dataframe(value=_rows(manager, {}, []), headers=HEADERS, interactive=False, wrap=True,
-                             label="Extensions", elem_id="extensions_table")
+                             column_widths=COLUMN_WIDTHS, label="Extensions", elem_id="extensions_table")
         with gr.Row():
             enabled = gr.CheckboxGroup(choices=[e.name for e in manager.extensions],
                                        value=[e.name for e in manager.extensions if e.enabled],
@@ -80,7 +82,7 @@ def build_extensions_tab(manager: ExtensionManager, config: Config) -> None:
                 try:
                     manager.set_enabled(e.name, want)
                 except (ValueError, OSError) as err:
-                    raise gr.Error(f"{e.name}: {err}") from None
+                    raise user_error(f"{e.name}: {err}") from None
                 changed.append(f"{'enabled' if want else 'disabled'} {e.name}")
         message = ("; ".join(changed).capitalize() + ". Restart to apply.") if changed else "No changes."
         gr.Info(message)
@@ -98,11 +100,11 @@ def build_extensions_tab(manager: ExtensionManager, config: Config) -> None:
     def update_one(name: str | None, ups: dict[str, str], new: list[str]) -> tuple[Any, dict[str, str], str]:
         e = manager.get(name) if name else None
         if e is None or e.path is None:
-            raise gr.Error("Choose an extension installed from git to update.")
+            raise user_error("Choose an extension installed from git to update.")
         try:
             summary = install.update(e.path, allowed=allowed)
         except (PermissionError, ValueError) as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         ups = {**ups, e.name: summary}
         gr.Info(f"{e.name}: {summary}")
         return _rows(manager, ups, new), ups, f"{e.name}: {summary}"
@@ -111,7 +113,7 @@ def build_extensions_tab(manager: ExtensionManager, config: Config) -> None:
         try:
             path = install.install_from_git(text or "", install_folder, allowed=allowed)
         except (PermissionError, ValueError) as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         name = install.manifest_name(path)
         message = f"Installed {name}: restart to load it"
         gr.Info(message)

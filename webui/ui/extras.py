@@ -11,6 +11,7 @@ from webui.app import Engine
 from webui.images import dated_dir, read_infotext, save_image
 from webui.models.errors import ModelError
 from webui.ui.img2img import FOLDERS_REFUSED
+from webui.ui.messages import user_error
 
 BUILTIN = ["Lanczos", "Nearest"]
 
@@ -42,13 +43,13 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
 
     def upscale(image: Image.Image | None, name: str, how: str, scale: float, w: float, h: float):
         if image is None:
-            raise gr.Error("Put an image in the Extras tab first.")
+            raise user_error("Put an image in the Extras tab first.")
         size = (int(w), int(h)) if how == "Scale to" else None
         try:
             out = engine.upscalers.upscale(image, name, scale=None if size else float(scale), size=size,
                                            device=engine.runtime.device)
         except (ModelError, ValueError) as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         source_text = read_infotext(image) or ""
         note = f"Postprocess upscaler: {name}, Postprocess upscale to: {out.width}x{out.height}"
         text = f"{source_text}\n{note}".strip() if source_text else note
@@ -60,15 +61,15 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
 
     def upscale_folder(src: str | None, dst: str | None, name: str, how: str, scale: float, w: float, h: float):
         if engine.config.listen or engine.config.share:
-            raise gr.Error(FOLDERS_REFUSED)
+            raise user_error(FOLDERS_REFUSED)
         if not (src or "").strip() or not (dst or "").strip():
-            raise gr.Error("Type the input and the output folder first.")
+            raise user_error("Type the input and the output folder first.")
         options = {"size": (int(w), int(h))} if how == "Scale to" else {"scale": float(scale)}
         try:
             written = engine.upscalers.upscale_folder(Path(src.strip()), Path(dst.strip()), name,
                                                       device=engine.runtime.device, **options)
         except (ModelError, ValueError) as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         last = Image.open(written[-1]) if written else None
         return last, f"{len(written)} image(s) written to {dst.strip()}"
 

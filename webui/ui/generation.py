@@ -17,6 +17,7 @@ from webui.pipeline.request import GenerationRequest, validation_message
 from webui.samplers.table import SCHEDULES, sampler_names
 from webui.settings import Settings
 from webui.ui.jobs import JobBoard, run_streaming, session_of
+from webui.ui.messages import user_error
 
 
 @dataclass
@@ -119,7 +120,8 @@ def output_area(panel: Panel) -> None:
         panel.generate = gr.Button("Generate", variant="primary", elem_id=f"{p}_generate", scale=3)
         panel.interrupt = gr.Button("Interrupt", elem_id=f"{p}_interrupt", scale=1)
         panel.skip = gr.Button("Skip", elem_id=f"{p}_skip", scale=1)
-    panel.gallery = gr.Gallery(label="Output", elem_id=f"{p}_gallery", columns=2, height=512)
+    # an output: no upload area ("Drop Media Here") in it
+    panel.gallery = gr.Gallery(label="Output", elem_id=f"{p}_gallery", columns=2, height=512, interactive=False)
     panel.info = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id=f"{p}_info")
     with gr.Row():
         for name in ("img2img", "inpaint", "extras"):
@@ -173,9 +175,9 @@ def make_handler(
             folder = fields.pop("batch_folder", None)
             job = _to_request(fields, {}, ext_fields)
         except ValidationError as e:
-            raise gr.Error(validation_message(e)) from None
+            raise user_error(validation_message(e)) from None
         except ValueError as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         yield from run_streaming(board, job, session_of(request), progress, folder)
 
     defaults = defaults or {}
@@ -194,7 +196,8 @@ def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers:
     defaults = {n: getattr(c, "value", None) for n, c in panel.inputs.items()}
     handler = make_handler(engine, board, names, prepare, defaults, panel.ext_fields)
     gr.on(triggers=triggers, fn=handler, inputs=list(panel.inputs.values()),
-          outputs=[panel.gallery, panel.info], api_name=api_name, concurrency_id="generate")
+          outputs=[panel.gallery, panel.info], api_name=api_name, concurrency_id="generate",
+          show_progress_on=[panel.gallery])  # one progress bar, over the images
 
     def interrupt(request: gr.Request) -> None:
         if not board.interrupt(session_of(request)):
@@ -217,7 +220,7 @@ def last_seed(info: str | None) -> int:
 
     seed = parse_infotext((info or "").split("\n\n")[0]).get("Seed", "")
     if not seed.isdigit():
-        raise gr.Error("Generate an image first: its seed is reused.")
+        raise user_error("Generate an image first: its seed is reused.")
     return int(seed)
 
 
@@ -256,7 +259,7 @@ def prompt_area(engine: Engine, panel: Panel) -> None:
     def save_current_style(name: str | None, prompt_text: str | None, negative_text: str | None) -> tuple[dict, str]:
         name = (name or "").strip()
         if not name:
-            raise gr.Error("Type a name for the style first.")
+            raise user_error("Type a name for the style first.")
         engine.styles.save(Style(name, prompt_text or "", negative_text or ""))
         gr.Info(f"Style {name!r} saved.")
         return gr.update(choices=style_names(engine)), ""

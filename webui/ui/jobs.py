@@ -15,6 +15,7 @@ from webui.app import Engine
 from webui.jobs.queue import Job
 from webui.pipeline.batch import FolderBatch
 from webui.pipeline.request import GenerationRequest
+from webui.ui.messages import user_error
 
 
 class JobBoard:
@@ -81,9 +82,9 @@ def run_streaming(
         if job.state == "queued":  # the page went away before the job started
             board.engine.jobs.cancel(job)
     if job.state == "cancelled":
-        raise gr.Error("Interrupted before it started.")
+        raise user_error("Interrupted before it started.")
     if job.error:
-        raise gr.Error(job.error)
+        raise user_error(job.error)
     result = job.result
     images = [str(path) for path in result.paths] if result.paths else result.images
     if folder is not None and len(images) > 64:  # the files are on disk; the page shows the last ones

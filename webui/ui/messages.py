@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import gradio as gr
+
 from webui.app import Engine
+
+
+def user_error(message: str) -> gr.Error:
+    """An error the page shows to its user (bad input, no checkpoint yet, ...): said in the page,
+    not printed as a traceback in the console. Unexpected failures are logged where they happen."""
+    return gr.Error(message, print_exception=False)
 
 
 def models_help(engine: Engine) -> str:

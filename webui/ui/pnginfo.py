@@ -10,9 +10,10 @@ from PIL import Image, UnidentifiedImageError
 
 from webui.app import Engine
 from webui.images import read_infotext
-from webui.infotext import parse_infotext
-from webui.ui.params import fields_from_text, updates_for_fields
+from webui.infotext import as_written, parse_infotext
 from webui.ui.generation import Panel
+from webui.ui.messages import user_error
+from webui.ui.params import fields_from_text, updates_for_fields
 from webui.ui.txt2img import fillable
 
 
@@ -28,7 +29,7 @@ def read_parameters(path: str | None) -> tuple[str, str]:
     if not text:
         return "", "<p>This image carries no generation parameters.</p>"
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in parse_infotext(text).items()
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in as_written(parse_infotext(text)).items()
     )
     return text, f"<table class='pnginfo'>{rows}</table>"
 
@@ -52,7 +53,7 @@ def build_pnginfo_tab(engine: Engine, tabs: gr.Tabs, panels: dict[str, Panel]) -
         def send(text: str | None, current: str | None, panel: Panel = panel, name: str = name) -> list[Any]:
             pasted = fields_from_text(text or "")
             if pasted is None:
-                raise gr.Error("No generation parameters to send.")
+                raise user_error("No generation parameters to send.")
             return [gr.Tabs(selected=name), *updates_for_fields(engine, pasted, current, panel)]
 
         buttons[name].click(send, inputs=[raw, panel["checkpoint"]], outputs=[tabs, *fillable(panel)],

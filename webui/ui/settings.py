@@ -17,6 +17,7 @@ import gradio as gr
 from pydantic import BaseModel
 
 from webui.settings import FieldSpec, Settings, SettingsStore, describe
+from webui.ui.messages import user_error
 
 Control = gr.components.Component
 
@@ -108,7 +109,7 @@ def build_settings_tab(store: SettingsStore, runtime: Callable[[], str] | None =
             changes, section_changes = _split(fields, values)
             _, notes = store.update(changes, section_changes)
         except ValueError as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         message = "Settings saved." + "".join(f"\n- {note}" for note in notes if note != "No changes.")
         if notes == ["No changes."]:
             message = "No changes."

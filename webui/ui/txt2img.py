@@ -8,6 +8,7 @@ from webui.app import Engine
 from webui.samplers.table import sampler_names
 from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
+from webui.ui.messages import user_error
 from webui.ui.params import fields_from_text, updates_for_fields
 
 
@@ -51,7 +52,7 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
     def paste_parameters(text: str | None, current: str | None) -> list:
         pasted = fields_from_text(text or "")
         if pasted is None:
-            raise gr.Error("The prompt box holds no generation parameters to read.")
+            raise user_error("The prompt box holds no generation parameters to read.")
         return updates_for_fields(engine, pasted, current, panel)
 
     paste.click(paste_parameters, inputs=[panel["prompt"], checkpoint], outputs=fillable(panel),
