@@ -86,7 +86,8 @@ def test_img2img_with_a_mask_matches_the_command_line(api: Server, tmp_path: Pat
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     body = {**SMALL, "seed": 9, "init_images": ["data:image/png;base64," + b64png(init)], "mask": b64png(mask),
-            "denoising_strength": 0.8, "mask_blur": 0, "inpainting_fill": 1}
+            "denoising_strength": 0.8, "mask_blur": 0, "inpainting_fill": 1,
+            "inpaint_full_res": False}  # the CLI's default; the API's is A1111's (only masked)
     r = post(api, "/img2img", body)
     assert r.status_code == 200, r.text
     out = decode(r.json()["images"][0])
@@ -292,12 +293,13 @@ def test_bad_input_answers_4xx_with_the_reason(api: Server, route: str, body: di
 def test_adjusted_input_is_said(api: Server) -> None:
     init = Image.new("RGB", (64, 64), (200, 10, 10))
     r = post(api, "/img2img", {**SMALL, "width": 70, "init_images": [b64png(init)],
-                               "mask": b64png(Image.new("L", (32, 32), 255)), "restore_faces": False})
+                               "mask": b64png(Image.new("L", (32, 32), 255)), "restore_faces": True,
+                               "inpaint_full_res": False})  # whole picture: the output has the request's size
     assert r.status_code == 200, r.text
     notes = json.loads(r.json()["info"])["notes"]
     assert any("width 70 rounded to 72" in n for n in notes)
     assert any("mask 32x32 resized" in n for n in notes)
-    assert any("restore_faces" in n for n in notes)
+    assert any("restore_faces=True ignored (no face restorer is installed)" in n for n in notes)
     assert decode(r.json()["images"][0]).size == (72, 64)
     assert requests.post(api.url + API + "/txt2img", data="{not json", timeout=30,
                          headers={"content-type": "application/json"}).status_code == 422

@@ -217,6 +217,23 @@ class Engine:
 
         return self.cache.get(key, load)
 
+    def load_checkpoint(self, query: str | None) -> str:
+        """Make `query` the model for requests that name none, and load it now, on the device's
+        worker in queue order (A1111's `sd_model_checkpoint` option, `reload-checkpoint`). Its title;
+        raises ModelError for a name not found or a file that does not load."""
+        info = self.resolve_checkpoint(query)
+        job = self.jobs.submit("load", lambda progress, cancel, every: self.bundle(info.title), owner="api")
+        job.done.wait()
+        if job.error:
+            raise ModelError(job.error)
+        self.current_checkpoint = info.title
+        return info.title
+
+    def unload_checkpoints(self) -> None:
+        """Free every loaded model (ready and parked), after the jobs already queued."""
+        job = self.jobs.submit("unload", lambda progress, cancel, every: self.cache.clear(), owner="api")
+        job.done.wait()
+
     def _vae_for(self, info: CheckpointInfo) -> Path | None:
         choice = self.config.vae
         if choice in (None, "", "Automatic"):

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=4096 * 4096,
                    help="API: most pixels per request, width x height x batch size, hires included")
     s.add_argument("--job-retention", type=float, default=600.0, help="seconds a finished queued job stays readable")
+    s.add_argument("--api-server-stop", action="store_true",
+                   help="API: allow /sdapi/v1/server-stop, server-kill and server-restart (refused otherwise)")
     s.add_argument("--extensions-dir", type=Path, help="extensions folder (default: <data-dir>/extensions)")
     s.add_argument("--disable-all-extensions", action="store_true", help="start without any extension")
     s.add_argument("--enable-insecure-extension-access", action="store_true",
@@ -154,6 +156,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
         max_steps=getattr(a, "max_steps", 150),
         max_pixels=getattr(a, "max_pixels", 4096 * 4096),
         job_retention_s=getattr(a, "job_retention", 600.0),
+        api_server_stop=getattr(a, "api_server_stop", False),
         extensions_dir=getattr(a, "extensions_dir", None),
         disable_all_extensions=getattr(a, "disable_all_extensions", False),
         enable_insecure_extension_access=getattr(a, "enable_insecure_extension_access", False),

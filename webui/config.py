@@ -39,6 +39,7 @@ class Config(BaseModel):
     max_steps: int = 150  # API limits: steps, and pixels per request (width x height x batch, hires included)
     max_pixels: int = 4096 * 4096
     job_retention_s: float = 600.0  # how long a finished queued job's result stays available
+    api_server_stop: bool = False  # allow the API's server-stop / server-kill / server-restart
 
     # extensions
     extensions_dir: Path | None = None  # default: <data_dir>/extensions

@@ -425,6 +425,21 @@ class SettingsStore:
             notes += self._notify(new)  # type: ignore[arg-type]
             return self._settings, notes
 
+    def keep_foreign(self, values: Mapping[str, Any]) -> None:
+        """Save values for keys this app has no setting for (options of A1111's that a client set),
+        so that they read back as set. They change nothing here."""
+        with self._lock:
+            ours = set(Settings.model_fields) | set(self._section_models)
+            if clash := sorted(set(values) & ours):
+                raise ValueError(f"{', '.join(clash)}: settings of this app, change them with update()")
+            self._raw = {**self._raw, **values}
+            self._save(self._settings, self._section_values)
+
+    def stored(self) -> dict[str, Any]:
+        """Everything config.json holds, foreign keys included (a copy)."""
+        with self._lock:
+            return dict(self._raw)
+
     def update_section(self, name: str, changes: Mapping[str, Any]) -> tuple[BaseModel, list[str]]:
         """`update` for one extension section; returns its new values and the notes."""
         with self._lock:

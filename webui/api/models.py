@@ -2,9 +2,10 @@
 
 A generation body *is* a `GenerationRequest` (a subclass adding the A1111 envelope: send_images,
 override_settings, alwayson_scripts, ...), so the API and the engine share one definition.
-Unknown fields are accepted and reported back in `info.notes`, as A1111 clients send fields we
-do not have (restore_faces, do_not_save_grid, ...). Sizes that are not multiples of 8 are
-rounded, and said so.
+A1111's values are read with A1111's meaning first (`webui.api.a1111`: nulls, sentinels, fields
+without an effect here); unknown fields are accepted and reported back in `info.notes`. Sizes
+that are not multiples of 8 are rounded, and said so. Defaults that A1111's API has and its page
+does not (inpainting: fill, only the masked area, no padding) are the API's defaults here too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from webui.api.a1111 import drop_nulls, generation_fields
 from webui.pipeline.request import GenerationRequest, ImageInput
 
 # override_settings keys that map onto request fields (others are reported as ignored)
@@ -42,15 +44,22 @@ class GenerationBody(GenerationRequest):
     script_args: list[Any] = Field(default_factory=list)
     sampler_index: str | None = None  # legacy name of sampler_name
     include_init_images: bool = False
+    # A1111's API defaults for inpainting (its page, like ours, starts from "original", whole picture, 32)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
     notes: SkipJsonSchema[tuple[str, ...]] = ()  # what was adjusted or ignored (filled by the validator)
+    # A1111's fields that have no field here, as sent: echoed back in `parameters`, as A1111 echoes them
+    a1111_echo: SkipJsonSchema[dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _adjust(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        notes: list[str] = []
+        echo = {k: v for k, v in data.items() if k not in cls.model_fields}
+        data, notes = generation_fields(drop_nulls(data))
+        data["a1111_echo"] = echo
         for key in ("width", "height"):
             v = data.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8:
@@ -126,17 +135,33 @@ class JobStatus(BaseModel):
     result: GenerationResponse | None = None
 
 
-class ExtrasSingleImageBody(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
+class ExtrasOptions(BaseModel):
+    """A1111's `ExtrasBaseRequest`: how to upscale (face restoration fields are read and reported)."""
 
-    image: ImageInput
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="allow")
+
     resize_mode: Literal[0, 1] = 0  # 0: scale by upscaling_resize, 1: to upscaling_resize_w x _h
     upscaling_resize: float = Field(2.0, gt=0, le=16)
     upscaling_resize_w: int = Field(512, ge=1, le=16384)
     upscaling_resize_h: int = Field(512, ge=1, le=16384)
     upscaling_crop: bool = True
     upscaler_1: str = "None"
+    upscaler_2: str = "None"  # blended over upscaler_1's result by extras_upscaler_2_visibility
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
     show_extras_results: bool = True
+    notes: SkipJsonSchema[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, notes = generation_fields(drop_nulls(data))
+        return {**data, "notes": tuple(notes)}
+
+
+class ExtrasSingleImageBody(ExtrasOptions):
+    image: ImageInput
 
 
 class ExtrasSingleImageResponse(BaseModel):
@@ -144,10 +169,46 @@ class ExtrasSingleImageResponse(BaseModel):
     image: str
 
 
-class PngInfoBody(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+class BatchImage(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
+
+    data: ImageInput
+    name: str = ""
+
+
+class ExtrasBatchImagesBody(ExtrasOptions):
+    imageList: list[BatchImage] = Field(min_length=1, max_length=64)  # noqa: N815  A1111's name
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class InterrogateBody(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
 
     image: ImageInput
+    model: str = "clip"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111(cls, data: Any) -> Any:
+        return drop_nulls(data)
+
+
+class PngInfoBody(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
+
+    image: ImageInput | None = None  # A1111 answers an empty image with empty info
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111(cls, data: Any) -> Any:
+        data = drop_nulls(data)
+        if isinstance(data, dict) and isinstance(data.get("image"), str) and not data["image"].strip():
+            data = {k: v for k, v in data.items() if k != "image"}
+        return data
 
 
 class PngInfoResponse(BaseModel):

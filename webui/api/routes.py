@@ -12,7 +12,10 @@ import base64
 import json
 import logging
 import os
+import re
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,11 +30,16 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 
 import webui
+from webui.api.a1111 import option_defaults
 from webui.api.models import (
+    ExtrasBatchImagesBody,
+    ExtrasBatchImagesResponse,
+    ExtrasOptions,
     ExtrasSingleImageBody,
     ExtrasSingleImageResponse,
     GenerationBody,
     GenerationResponse,
+    InterrogateBody,
     JobBody,
     JobStatus,
     PngInfoBody,
@@ -109,7 +117,15 @@ def _b64(image: Image.Image, infotext: str | None = None) -> str:
 
 
 # A1111's option names for settings we name otherwise (read and written under both names)
-OPTION_ALIASES = {"sd_checkpoint_cache": "ckpt_cache", "sd_checkpoints_limit": "model_cache_size"}
+OPTION_ALIASES = {"sd_checkpoint_cache": "ckpt_cache", "sd_checkpoints_limit": "model_cache_size",
+                  "samples_filename_pattern": "filename_pattern"}
+# A1111 option values that our settings spell otherwise
+OPTION_VALUES = {("samples_format", "jpg"): "jpeg"}
+# read-only facts in A1111's option list: accepted in a POST (clients send back what GET gave), never stored
+DERIVED_OPTIONS = {"sd_checkpoint_hash"}
+NO_INTERROGATOR = ("no interrogator installed: this server has no image captioning model (CLIP/BLIP or "
+                   "DeepDanbooru). Captioning comes from an extension: put one in the extensions folder "
+                   "({folder}) and restart")
 
 
 class Api:
@@ -156,6 +172,112 @@ class Api:
             except ValueError as err:
                 raise HTTPException(422, f"alwayson_scripts: {err}") from None
 
+    def upscale(self, images: list[Image.Image], body: ExtrasOptions) -> tuple[list[Image.Image], str]:
+        """`images` through the Extras upscale (upscaler_1, then upscaler_2 blended over it by
+        extras_upscaler_2_visibility) as one job on the queue; the images and the info line."""
+        e = self.engine
+        self._check_upscaler(body.upscaler_1, "upscaler_1")
+        second = body.upscaler_2 if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0 else None
+        if second:
+            self._check_upscaler(second, "upscaler_2")
+        if body.resize_mode == 1:
+            options: dict[str, Any] = {"size": (body.upscaling_resize_w, body.upscaling_resize_h)}
+        else:
+            options = {"scale": body.upscaling_resize}
+
+        def work(progress, cancel, every) -> list[Image.Image]:
+            out = []
+            for image in images:
+                def run(name: str) -> Image.Image:
+                    return e.upscalers.upscale(image, name, device=e.runtime.device,
+                                               cancel=lambda: cancel.interrupted, **options)
+                first = run(body.upscaler_1).convert("RGB")
+                if second:
+                    first = Image.blend(first, run(second).convert("RGB").resize(first.size, Image.LANCZOS),
+                                        body.extras_upscaler_2_visibility)
+                out.append(first)
+            return out
+
+        job = e.jobs.submit("extras", work, owner="api")
+        job.done.wait()
+        if job.error:
+            raise HTTPException(422 if job.bad_input else 500, job.error)
+        result: list[Image.Image] = job.result
+        info = f"Postprocess upscaler: {body.upscaler_1}"
+        if second:
+            info += f", Postprocess upscaler 2: {second}, Postprocess upscaler 2 visibility: " \
+                    f"{body.extras_upscaler_2_visibility:g}"
+        if result:
+            info += f", Postprocess upscale to: {result[0].width}x{result[0].height}"
+        return result, "; ".join([info, *body.notes])
+
+    def options(self) -> dict[str, Any]:
+        """GET /options: every key A1111's has (its default where we have no such setting, the value
+        a client stored otherwise), our settings under their names and A1111's, the current model."""
+        e, cfg = self.engine, self.config
+        defaults = option_defaults()
+        try:
+            current = e.resolve_checkpoint(None)
+        except ModelError:
+            current = None
+        stored = e.settings.stored()
+        settings = e.settings.get().model_dump(mode="json")
+        return {
+            **defaults,
+            **{k: v for k, v in stored.items() if k in defaults},
+            **settings,
+            **{a1111: settings[ours] for a1111, ours in OPTION_ALIASES.items()},
+            "sd_model_checkpoint": current.title if current else None,
+            "sd_checkpoint_hash": current.sha256 if current else None,
+            "sd_vae": stored.get("sd_vae", cfg.vae or "Automatic"),
+        }
+
+    def set_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """POST /options: A1111's keys and ours. Ours are validated and applied (all or nothing),
+        `sd_model_checkpoint` switches the model now, other A1111 keys are stored and reported as
+        not applied; a key neither app has answers 422 and nothing changes."""
+        e = self.engine
+        setting_keys = set(type(e.settings.get()).model_fields)
+        a1111_keys = set(option_defaults())
+        unknown = sorted(k for k in options if OPTION_ALIASES.get(k, k) not in setting_keys
+                         and k not in a1111_keys)
+        if unknown:
+            raise HTTPException(422, f"options not known: {', '.join(unknown)} (neither a setting of this app nor "
+                                     "an A1111 option; per-request settings go in override_settings)")
+        before = self.options()
+        changes = {OPTION_ALIASES.get(k, k): OPTION_VALUES.get((k, v), v) if isinstance(v, str) else v
+                   for k, v in options.items() if OPTION_ALIASES.get(k, k) in setting_keys}
+        foreign = {k: v for k, v in options.items() if OPTION_ALIASES.get(k, k) not in setting_keys
+                   and k not in DERIVED_OPTIONS and k != "sd_model_checkpoint"}
+        checkpoint = options.get("sd_model_checkpoint")
+        if "sd_model_checkpoint" in options:
+            if not isinstance(checkpoint, str) or not checkpoint:
+                raise HTTPException(422, "sd_model_checkpoint: a checkpoint title, name or hash")
+            try:
+                e.registry.find(checkpoint)
+            except ModelError as err:
+                raise HTTPException(404, f"sd_model_checkpoint: {err}") from None
+        notes: list[str] = []
+        if changes:
+            try:
+                _, notes = e.settings.update(changes)
+            except ValueError as err:
+                raise HTTPException(422, str(err)) from None
+        if foreign:
+            e.settings.keep_foreign(foreign)
+        title = None
+        if checkpoint is not None:  # loaded now, as A1111 does (a model already loaded is not read again)
+            try:
+                title = e.load_checkpoint(checkpoint)
+            except ModelError as err:
+                raise HTTPException(422, f"sd_model_checkpoint: {err}") from None
+        not_applied = sorted(k for k, v in foreign.items() if before.get(k) != v)
+        if not_applied:
+            notes.append(f"stored, not applied (no such feature here): {', '.join(not_applied)}")
+        if title:
+            notes.append(f"model: {title}")
+        return {"notes": notes, "not_applied": not_applied}
+
     def _check_upscaler(self, name: str, field: str) -> None:
         names = self.engine.upscalers.names()
         if name not in names:
@@ -185,8 +307,8 @@ class Api:
             raise HTTPException(422 if job.bad_input else 500, job.error)
         result = job.result
         images = [_b64(im, text) for im, text in zip(result.images, result.infotexts)] if body.send_images else []
-        exclude = {"notes"} if body.include_init_images else {"notes", "init_images", "mask"}
-        parameters = body.model_dump(mode="json", exclude=exclude)
+        exclude = {"notes", "a1111_echo"} | (set() if body.include_init_images else {"init_images", "mask"})
+        parameters = {**body.a1111_echo, **body.model_dump(mode="json", exclude=exclude)}
         return GenerationResponse(images=images, parameters=parameters, info=json.dumps(self.info(job, notes)))
 
     @staticmethod
@@ -307,24 +429,24 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     def extra_single_image(body: ExtrasSingleImageBody) -> ExtrasSingleImageResponse:
-        api._check_upscaler(body.upscaler_1, "upscaler_1")
-        if body.resize_mode == 1:
-            options: dict[str, Any] = {"size": (body.upscaling_resize_w, body.upscaling_resize_h)}
-        else:
-            options = {"scale": body.upscaling_resize}
-        job = engine.jobs.submit("extras", lambda progress, cancel, _: engine.upscalers.upscale(
-            body.image, body.upscaler_1, device=engine.runtime.device, cancel=lambda: cancel.interrupted,
-            **options), owner="api")
-        job.done.wait()
-        if job.error:
-            raise HTTPException(422 if job.bad_input else 500, job.error)
-        out: Image.Image = job.result
+        (out,), note = api.upscale([body.image], body)
         source = read_infotext(body.image)
-        note = f"Postprocess upscaler: {body.upscaler_1}, Postprocess upscale to: {out.width}x{out.height}"
         return ExtrasSingleImageResponse(html_info=note, image=_b64(out, f"{source}\n{note}" if source else note))
+
+    @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
+    def extra_batch_images(body: ExtrasBatchImagesBody) -> ExtrasBatchImagesResponse:
+        sources = [item.data for item in body.imageList]
+        out, note = api.upscale(sources, body)
+        images = []
+        for source, image in zip(sources, out):
+            text = read_infotext(source)
+            images.append(_b64(image, f"{text}\n{note}" if text else note))
+        return ExtrasBatchImagesResponse(html_info=note, images=images)
 
     @router.post("/png-info", response_model=PngInfoResponse)
     def png_info(body: PngInfoBody) -> PngInfoResponse:
+        if body.image is None:
+            return PngInfoResponse(info="", items={}, parameters={})
         text = read_infotext(body.image) or ""
         params = parse_infotext(text) if text else {}
         items = {k: v for k, v in body.image.info.items() if isinstance(v, (str, int, float))}
@@ -332,49 +454,16 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/options")
     def get_options() -> dict:
-        """The Settings (as in the Settings tab) plus the current model."""
-        try:
-            current = engine.resolve_checkpoint(None)
-        except ModelError:
-            current = None
-        settings = engine.settings.get().model_dump(mode="json")
-        return {
-            **settings,
-            **{a1111: settings[ours] for a1111, ours in OPTION_ALIASES.items()},
-            "sd_model_checkpoint": current.title if current else None,
-            "sd_checkpoint_hash": current.sha256 if current else None,
-            "sd_vae": cfg.vae or "Automatic",
-        }
+        """Every option A1111 has (its default where this app has no such setting), the Settings
+        (as in the Settings tab, also under A1111's names) and the current model."""
+        return api.options()
 
     @router.post("/options")
     def set_options(options: dict[str, Any]) -> dict:
-        """Change Settings (saved, applied at once where possible) and `sd_model_checkpoint`
-        (the model for requests that name none). Per-request choices go in `override_settings`."""
-        setting_keys = set(type(engine.settings.get()).model_fields)
-        options = {OPTION_ALIASES.get(k, k): v for k, v in options.items()}
-        unknown = sorted(set(options) - setting_keys - {"sd_model_checkpoint"})
-        if unknown:
-            raise HTTPException(422, f"options not supported: {', '.join(unknown)} (per-request settings go in "
-                                     "override_settings)")
-        changes = {k: v for k, v in options.items() if k in setting_keys}
-        title = None
-        if "sd_model_checkpoint" in options:
-            value = options["sd_model_checkpoint"]
-            if not isinstance(value, str):
-                raise HTTPException(422, "sd_model_checkpoint: a checkpoint title, name or hash")
-            try:
-                title = engine.registry.find(value).title
-            except ModelError as err:
-                raise HTTPException(404, f"sd_model_checkpoint: {err}") from None
-        notes: list[str] = []
-        if changes:
-            try:
-                _, notes = engine.settings.update(changes)
-            except ValueError as err:
-                raise HTTPException(422, str(err)) from None
-        if title is not None:
-            engine.current_checkpoint = title
-        return {"notes": notes}
+        """Change Settings (saved, applied at once where possible) and `sd_model_checkpoint` (loads
+        that model now; requests that name none use it). Other A1111 options are stored and listed
+        in `not_applied`. Per-request choices go in `override_settings`."""
+        return api.set_options(options)
 
     @router.get("/sd-models")
     def sd_models() -> list[dict]:
@@ -401,7 +490,8 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
         out = []
         for info in engine.upscalers.entries():
             out.append({"name": info.name, "model_name": info.name if info.path else None,
-                        "model_path": str(info.path) if info.path else None, "model_url": None, "scale": 4})
+                        "model_path": str(info.path) if info.path else None, "model_url": None,
+                        "scale": _scale_of(info.name)})
         return out
 
     @router.get("/latent-upscale-modes")
@@ -470,7 +560,99 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
                  "path": str(e.path) if e.path else None, "remote": None, "branch": None, "commit_hash": None,
                  "commit_date": None} for e in (ext.extensions if ext else [])]
 
+    @router.get("/face-restorers")
+    def face_restorers() -> list[dict]:
+        return []  # none installed (restore_faces is reported as ignored)
+
+    @router.get("/realesrgan-models")
+    def realesrgan_models() -> list[dict]:
+        return [{"name": i.name, "path": str(i.path), "scale": _scale_of(i.name)} for i in engine.upscalers.entries()
+                if i.path is not None and "realesrgan" in str(i.path.parent.name).lower()]
+
+    @router.get("/hypernetworks")
+    def hypernetworks() -> list[dict]:
+        return []  # hypernetworks are not supported
+
+    @router.get("/sd-modules")
+    def sd_modules() -> list[dict]:
+        """Forge's list of separate model parts: the VAEs here."""
+        return [{"model_name": n, "filename": str(cfg.vae_path / n)} for n in engine.registry.vae_names()]
+
+    @router.post("/refresh-embeddings")
+    def refresh_embeddings() -> dict:
+        engine.networks.refresh()
+        return {}
+
+    @router.post("/unload-checkpoint")
+    def unload_checkpoint() -> dict:
+        engine.unload_checkpoints()
+        return {}
+
+    @router.post("/reload-checkpoint")
+    def reload_checkpoint() -> dict:
+        try:
+            engine.load_checkpoint(None)
+        except ModelError as err:
+            raise HTTPException(409, str(err)) from None
+        return {}
+
+    @router.get("/script-info")
+    def script_info() -> list[dict]:
+        """The extensions that take values (`alwayson_scripts`), in the shape of A1111's scripts."""
+        from webui.settings import describe
+
+        ext = engine.extensions
+        out = []
+        for tab in ("txt2img", "img2img"):
+            for e in (ext.sections(tab) if ext is not None else []):
+                args = [{"label": f.title, "value": getattr(e.ui.args_model(), f.name, None) if e.ui.args_model
+                         else None, "minimum": f.minimum, "maximum": f.maximum, "step": f.step,
+                         "choices": list(f.choices) or None}
+                        for f in (describe(e.ui.args_model) if e.ui.args_model else [])]
+                out.append({"name": e.name, "is_alwayson": True, "is_img2img": tab == "img2img", "args": args})
+        return out
+
+    @router.post("/interrogate")
+    def interrogate(body: InterrogateBody) -> dict:
+        if body.model not in ("clip", "deepdanbooru"):
+            raise HTTPException(404, f"model: interrogator {body.model!r} not found (A1111's are clip, "
+                                     "deepdanbooru)")
+        raise HTTPException(422, NO_INTERROGATOR.format(folder=cfg.extensions_path.resolve()))
+
+    def _server_control(action: str) -> None:
+        if not cfg.api_server_stop:
+            raise HTTPException(403, f"{action} is off: start the server with --api-server-stop to allow it")
+
+    @router.post("/server-stop")
+    def server_stop() -> Response:
+        _server_control("server-stop")
+        _signal_later(signal.SIGINT)  # the same path as Ctrl+C: the page and API close cleanly
+        return Response("Stopping.", media_type="text/plain")
+
+    @router.post("/server-kill")
+    def server_kill() -> Response:
+        _server_control("server-kill")
+        threading.Timer(0.2, os._exit, args=(0,)).start()
+        return Response("Killing.", media_type="text/plain")
+
+    @router.post("/server-restart")
+    def server_restart() -> Response:
+        _server_control("server-restart")
+        raise HTTPException(501, "restart is not supported: this process has no launcher that restarts it; "
+                                 "stop it (server-stop) and start it again")
+
     return router
+
+
+def _scale_of(name: str) -> int:
+    """An upscaler's factor as its name says it (4x-UltraSharp, RealESRGAN_x2plus); 4 when it does not."""
+    m = re.search(r"(?:^|[^a-z0-9])x?([1-8])x|x([1-8])(?:[^0-9]|$)", name.lower())
+    return int(m.group(1) or m.group(2)) if m else 4
+
+
+def _signal_later(sig: int, delay: float = 0.2) -> None:
+    """Send `sig` to this process after the current response is out."""
+    threading.Timer(delay, os.kill, args=(os.getpid(), sig)).start()
 
 
 def _ram() -> dict:

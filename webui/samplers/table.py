@@ -116,8 +116,9 @@ def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
 
 
 def _schedule_label(schedule: str) -> str:
+    key = schedule.strip().lower().replace("_", " ")  # A1111's API names: "sgm_uniform", "align_your_steps"
     for label in SCHEDULES:
-        if schedule.strip().lower() == label.lower():
+        if key == label.lower():
             return label
     raise ValueError(f"schedule type {schedule!r} is not available (available: {', '.join(SCHEDULES)})")
 
