@@ -35,7 +35,8 @@ def test_txt2img_prints_one_path_per_image(data_dir: Path) -> None:
 
 
 def test_console_script_by_title_and_same_pixels_as_launch(data_dir: Path) -> None:
-    exe = shutil.which("webui")
+    # beside this interpreter: a virtual environment used without activating it is not on PATH
+    exe = shutil.which("webui", path=str(Path(sys.executable).parent)) or shutil.which("webui")
     assert exe, "the `webui` console script is not installed"
     common = ["--prompt", "a house", "--steps", "3", "--width", "64", "--height", "64", "--seed", "3", "--data-dir", str(data_dir)]
     a = run(exe, "txt2img", "--ckpt", "sd1", *common, cwd=data_dir)

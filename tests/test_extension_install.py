@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, start_server, stop_server
 from webui.app import build_engine
 from webui.cli import build_parser, config_from_args
 from webui.config import Config
@@ -17,8 +18,6 @@ from webui.extensions import install
 from webui.extensions.install import REFUSED_WHEN_EXPOSED, check_for_updates, install_from_git, update
 from webui.infotext import parse_infotext
 from webui.pipeline.request import GenerationRequest
-
-from tests.conftest import free_port, start_server, stop_server
 
 EXTENSION = '''
 from webui.extensions.api import hookimpl
@@ -182,10 +181,13 @@ def test_check_for_updates_and_update(tmp_path: Path) -> None:
     assert status.startswith("error: git fetch failed") and "\n" not in status
 
 
-def _client_install(url_base: str, text: str) -> str:
+def _client_install(url_base: str, text: str, origin: str | None = "same") -> str:
+    """Call the install event as the page would (its own Origin), or with `origin` (None: none)."""
     from gradio_client import Client
 
-    client = Client(url_base, verbose=False)
+    if origin == "same":
+        origin = url_base.rstrip("/")
+    client = Client(url_base, verbose=False, headers={"Origin": origin} if origin else None)
     try:
         client.predict(text, api_name="/extensions_install")
     except Exception as e:  # noqa: BLE001  gradio_client raises AppError carrying the gr.Error message

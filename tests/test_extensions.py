@@ -231,8 +231,9 @@ def test_disable_all_and_persisted_disable(data_dir: Path) -> None:
 
 
 def test_extension_values_through_the_http_api(tmp_path: Path, checkpoint_store: Path) -> None:
-    from tests.conftest import add_checkpoint, start_server, stop_server
     import requests
+
+    from tests.conftest import add_checkpoint, start_server, stop_server
 
     add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
     write_extension(tmp_path, "tagger", '''

@@ -5,7 +5,6 @@ network registry (names, previews, short hashes)."""
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 
 import pytest

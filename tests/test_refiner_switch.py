@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from tests.conftest import add_checkpoint
 from webui.app import Engine, build_engine

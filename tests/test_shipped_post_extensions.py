@@ -23,13 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import add_checkpoint
 from webui.app import Engine, build_engine
 from webui.config import Config
 from webui.extensions.manager import ExtensionError
 from webui.infotext import parse_infotext
 from webui.pipeline.request import GenerationRequest
-
-from tests.conftest import add_checkpoint
 
 FLAG_ALL, FLAG_NONE = -2.0, 2.0
 

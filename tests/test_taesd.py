@@ -17,6 +17,7 @@ from webui.models.errors import ModelError
 from webui.pipeline.taesd import TAESDDecoder, TaesdPreviewer, find_taesd, load_taesd
 from webui.testing.make_taesd import write_taesd
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny convolutions: one intra-op thread is faster, and far faster on a busy machine."""

@@ -59,7 +59,8 @@ class Engine:
         self.styles = styles
         current = self.settings.get()
         self.cache: ModelCache[ModelBundle] = ModelCache(park=self._park, unpark=self._unpark)
-        self.jobs = JobQueue(retention_s=config.job_retention_s)
+        self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,
+                             max_bytes=config.job_retention_mb * 2**20)
         self._apply_settings(current)
         self.settings.subscribe(self._apply_settings)
         # the model a request without a checkpoint runs on (the API's `sd_model_checkpoint`
@@ -75,6 +76,10 @@ class Engine:
         c = self.config
         self.cache.capacity = max(1, c.model_cache_size if c.model_cache_size is not None else s.model_cache_size)
         self.cache.ram_capacity = max(0, c.ckpt_cache if c.ckpt_cache is not None else s.ckpt_cache)
+        # PIL's process-wide limit is the one every decode obeys (ours and Gradio's; see images.open_untrusted)
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = s.max_input_megapixels * 1_000_000
 
     @staticmethod
     def _park(bundle: ModelBundle) -> None:
@@ -161,7 +166,10 @@ class Engine:
                 return img2img_folder(self.runner, request, folder, progress, cancel, preview_every)
             return self.runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
 
-        return self.jobs.submit(kind, work, request=request, owner=owner)
+        def release(job: Job) -> None:  # a finished job keeps its request's text, not its images
+            job.request = job.request.without_inputs()
+
+        return self.jobs.submit(kind, work, request=request, owner=owner, release=release)
 
     def warm_up(self) -> threading.Thread:
         """Import the model stack and build the CLIP tokenizers in the background, so the first
@@ -251,7 +259,7 @@ def build_engine(config: Config) -> Engine:
     registry.refresh(compute_hashes=False)  # cached hashes only: start-up never reads whole files
     networks = NetworkRegistry(config.lora_path, config.embeddings_path, hashes)
     networks.refresh()
-    settings = SettingsStore(config.data_dir / "config.json")
+    settings = SettingsStore(config.data_dir / "config.json", outdir_root=None if config.any_outdir else config.data_dir)
     return Engine(config, registry, networks, StyleStore(config.styles_path), load_extensions(config, settings), settings)
 
 

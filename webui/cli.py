@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default: 7860; 7861 with --nowebui)")
     s.add_argument("--share", action="store_true", help="ask Gradio for a temporary public link")
     s.add_argument("--gradio-auth", help="user:pass[,user2:pass2] required to open the page")
+    s.add_argument("--allowed-hosts", default="",
+                   help="more names the server answers to, comma-separated (a reverse proxy's name; * for any); "
+                        "default: localhost and 127.0.0.1, plus this machine's names with --listen")
+    s.add_argument("--cors-allow-origins", default="",
+                   help="other sites allowed to send requests that change things, comma-separated origins "
+                        "(https://example.com; * for any)")
     s.add_argument("--autolaunch", action="store_true", help="open the page in the default browser")
     s.add_argument("--api", action="store_true", help="serve the HTTP API at /sdapi/v1 beside the page")
     s.add_argument("--nowebui", action="store_true", help="serve only the HTTP API (default port 7861)")
@@ -64,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=4096 * 4096,
                    help="API: most pixels per request, width x height x batch size, hires included")
     s.add_argument("--job-retention", type=float, default=600.0, help="seconds a finished queued job stays readable")
+    s.add_argument("--job-retention-count", type=int, default=100,
+                   help="finished jobs kept for their clients at most (the oldest dropped first) (100)")
+    s.add_argument("--job-retention-mb", type=int, default=1024,
+                   help="MiB of finished jobs' images kept at most (the oldest dropped first) (1024)")
+    s.add_argument("--any-outdir", action="store_true",
+                   help="output folders set in Settings or over the API may be outside the data folder")
+    s.add_argument("--max-body-mb", type=int, default=100,
+                   help="largest request body in MiB (uploads, API bodies); larger ones answer 413 (100)")
     s.add_argument("--api-server-stop", action="store_true",
                    help="API: allow /sdapi/v1/server-stop, server-kill and server-restart (refused otherwise)")
     s.add_argument("--extensions-dir", type=Path, help="extensions folder (default: <data-dir>/extensions)")
@@ -149,6 +163,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
         port=getattr(a, "port", None) or (7861 if getattr(a, "nowebui", False) else 7860),
         share=getattr(a, "share", False),
         gradio_auth=parse_auth(getattr(a, "gradio_auth", None)),
+        allowed_hosts=tuple(h.strip() for h in getattr(a, "allowed_hosts", "").split(",") if h.strip()),
+        cors_allow_origins=tuple(o.strip() for o in getattr(a, "cors_allow_origins", "").split(",") if o.strip()),
         autolaunch=getattr(a, "autolaunch", False),
         api=getattr(a, "api", False) or getattr(a, "nowebui", False),
         nowebui=getattr(a, "nowebui", False),
@@ -157,6 +173,10 @@ def config_from_args(a: argparse.Namespace) -> Config:
         max_pixels=getattr(a, "max_pixels", 4096 * 4096),
         job_retention_s=getattr(a, "job_retention", 600.0),
         api_server_stop=getattr(a, "api_server_stop", False),
+        max_body_mb=getattr(a, "max_body_mb", 100),
+        any_outdir=getattr(a, "any_outdir", False),
+        job_retention_count=getattr(a, "job_retention_count", 100),
+        job_retention_mb=getattr(a, "job_retention_mb", 1024),
         extensions_dir=getattr(a, "extensions_dir", None),
         disable_all_extensions=getattr(a, "disable_all_extensions", False),
         enable_insecure_extension_access=getattr(a, "enable_insecure_extension_access", False),

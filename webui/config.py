@@ -26,11 +26,14 @@ class Config(BaseModel):
     embeddings_dir: Path | None = None  # default: <models_dir>/embeddings
     styles_file: Path | None = None  # default: <data_dir>/styles.csv
     outdir: Path | None = None  # default: <data_dir>/outputs
+    any_outdir: bool = False  # output folders set in Settings / the API may be outside the data folder
 
     # server
     listen: bool = False
     port: int = 7860
     share: bool = False
+    allowed_hosts: tuple[str, ...] = ()  # more Host names the server answers to (see webui.guard)
+    cors_allow_origins: tuple[str, ...] = ()  # other sites' origins allowed to send requests that change things
     gradio_auth: tuple[tuple[str, str], ...] = ()
     autolaunch: bool = False
     api: bool = False  # serve /sdapi/v1 beside the page
@@ -39,6 +42,9 @@ class Config(BaseModel):
     max_steps: int = 150  # API limits: steps, and pixels per request (width x height x batch, hires included)
     max_pixels: int = 4096 * 4096
     job_retention_s: float = 600.0  # how long a finished queued job's result stays available
+    job_retention_count: int = Field(100, ge=1)  # at most this many finished jobs kept (oldest dropped first)
+    job_retention_mb: int = Field(1024, ge=1)  # and at most this much of their images
+    max_body_mb: int = Field(100, ge=1)  # largest request body, before anything decodes it
     api_server_stop: bool = False  # allow the API's server-stop / server-kill / server-restart
 
     # extensions

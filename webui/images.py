@@ -348,12 +348,46 @@ def list_images(folder: Path) -> list[Path]:
                   key=lambda p: p.name.lower())
 
 
+def pixel_limit() -> int:
+    """The most pixels an image from outside may have: PIL's own limit, which the Settings
+    (`max_input_megapixels`) set for the whole process, so Gradio's decoding of uploads obeys it too."""
+    return int(Image.MAX_IMAGE_PIXELS or 0)
+
+
+def check_pixels(image: Image.Image, what: str = "image") -> Image.Image:
+    """`image`, or ValueError when it is over the pixel limit."""
+    w, h = image.size
+    limit = pixel_limit()
+    if limit and w * h > limit:
+        raise ValueError(f"{what}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over this server's limit of "
+                         f"{limit / 1e6:.0f} (setting max_input_megapixels)")
+    return image
+
+
+def open_untrusted(source: bytes | Path | str, what: str = "image") -> Image.Image:
+    """Every image from outside (an upload, an API body, a file of a folder batch) is decoded here:
+    the size is checked from the header before any pixel is decoded (a decompression bomb is a few
+    KB that claims 20000x20000), then the whole file is read. ValueError with the reason for a
+    bomb, a truncated or damaged file, or something that is not an image."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        check_pixels(image, what)
+        image.load()
+        return image
+    except Image.DecompressionBombError:
+        raise ValueError(f"{what}: over this server's limit of {pixel_limit() / 1e6:.0f} megapixels "
+                         "(setting max_input_megapixels)") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{what}: not an image this server reads (PNG, JPEG, WebP, BMP, TIFF, GIF)") from None
+    except (OSError, SyntaxError, EOFError, struct.error) as e:
+        raise ValueError(f"{what}: a damaged or truncated image ({e})") from None
+
+
 def open_image(path: Path) -> tuple[Image.Image, str | None] | None:
     """(image fully read, its infotext), or None with a warning when the file is not a readable image."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy(), read_infotext(opened)
-    except (UnidentifiedImageError, OSError) as e:
-        log.warning("skipped %s: not a readable image (%s)", Path(path).name, e)
+        opened = open_untrusted(Path(path), what=Path(path).name)
+        return opened, read_infotext(opened)
+    except ValueError as e:
+        log.warning("skipped %s", e)
         return None

@@ -7,6 +7,7 @@ import os
 
 from webui.app import build_engine
 from webui.config import Config
+from webui.guard import BodyLimit, LoginGate, Policy, RequestGuard
 
 log = logging.getLogger("webui")
 
@@ -20,6 +21,8 @@ def serve(config: Config, block: bool = True) -> None:
     if config.nowebui:
         serve_api_only(engine, config)
         return
+    from fastapi.middleware import Middleware
+
     from webui.ui.blocks import PAGE_CSS, build_ui  # gradio is imported only when serving the page
 
     demo = build_ui(engine)
@@ -36,8 +39,11 @@ def serve(config: Config, block: bool = True) -> None:
         allowed_paths=[str(config.outputs_path.resolve())],
         footer_links=["api", "settings"],
         css=PAGE_CSS,
-        # our /docs and /openapi.json describe /sdapi/v1 (and are behind --api-auth)
-        app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None},
+        # our /docs and /openapi.json describe /sdapi/v1 (and are behind --api-auth); the guard sits
+        # in front of every route, Gradio's included
+        app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None,
+                    "middleware": guards(config, Middleware)},
+        run_history=False,  # a page of past runs we do not need (and one more route to guard)
         **_extension_assets(engine),
     )
     if engine.extensions is not None:
@@ -60,6 +66,16 @@ def serve(config: Config, block: bool = True) -> None:
             demo.close()
 
 
+def guards(config: Config, middleware: type) -> list:
+    """What stands in front of every route, outermost first (see webui.guard)."""
+    policy = Policy.build(listen=config.listen, share=config.share, allowed_hosts=config.allowed_hosts,
+                          cors_origins=config.cors_allow_origins)
+    stack = [middleware(RequestGuard, policy=policy), middleware(BodyLimit, limit=config.max_body_mb * 2**20)]
+    if config.gradio_auth:
+        stack.append(middleware(LoginGate))
+    return stack
+
+
 def startup_message(config: Config, local_url: str, share_url: str | None) -> str:
     """What the console says once the page is up, in terms of our flags."""
     lines = [f"Running on local URL:  {local_url}"]
@@ -77,10 +93,11 @@ def serve_api_only(engine, config: Config) -> None:
     """--nowebui: the HTTP API alone, on uvicorn, without the page."""
     import uvicorn
     from fastapi import FastAPI
+    from fastapi.middleware import Middleware
 
     from webui.api.routes import attach
 
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=guards(config, Middleware))
     attach(app, engine)
     if engine.extensions is not None:
         engine.extensions.app_started(app)

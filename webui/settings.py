@@ -48,6 +48,7 @@ SAVING = "Saving images"
 DEFAULTS = "Generation defaults"
 PREVIEWS = "Live previews"
 MODELS = "Models"
+LIMITS = "Limits"
 
 
 def _setting(default: Any, title: str, description: str, section: str, note: str | None = None,
@@ -126,6 +127,12 @@ class Settings(BaseModel):
         "read the file again (A1111: sd_checkpoint_cache). --ckpt-cache overrides it.",
         MODELS, note="applies to the next model switch", ge=0, le=8)
 
+    # --- limits ---
+    max_input_megapixels: int = _setting(
+        64, "Largest input image, megapixels",
+        "Images uploaded or sent to the API with more pixels are refused before they are decoded (a few KB "
+        "can claim 20000x20000).", LIMITS, note="applies at once", ge=1, le=1000)
+
     @model_validator(mode="before")
     @classmethod
     def _split_legacy_sampler(cls, data: Any) -> Any:
@@ -173,10 +180,20 @@ class Settings(BaseModel):
 
     @field_validator("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_extras_samples")
     @classmethod
-    def _folder(cls, v: str) -> str:
+    def _folder(cls, v: str, info: ValidationInfo) -> str:
         if _CONTROL_CHARS.search(v):
             raise ValueError("must not contain control characters")
-        return v.strip()
+        v = v.strip()
+        context = info.context or {}
+        root = context.get("outdir_root")
+        if v and root is not None and info.field_name in context.get("changed", ()):
+            # a change from the page or the API (not what the file says): stay inside the data folder
+            root = Path(root).resolve()
+            target = (root / Path(v).expanduser()).resolve()
+            if target != root and root not in target.parents:
+                raise ValueError(f"must be inside the data folder {root} (start the server with --any-outdir "
+                                 "to allow other folders)")
+        return v
 
     def samples_dir(self, kind: str, data_dir: Path, outputs: Path) -> Path:
         """Where images of `kind` (txt2img, img2img, extras) go, before the dated folder:
@@ -297,8 +314,11 @@ def _validate_leniently(model: type[BaseModel], raw: Mapping[str, Any], where: s
 class SettingsStore:
     """`config.json` and the settings in it; see the module doc. Thread-safe."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, outdir_root: Path | None = None) -> None:
+        """`outdir_root`: changes may only set output folders inside it (None: anywhere). What the
+        file itself says is the operator's choice and is not checked."""
         self.path = Path(path)
+        self.outdir_root = outdir_root
         self._lock = threading.RLock()
         self._subscribers: list[Callable[[Settings], None]] = []
         self._section_models: dict[str, type[BaseModel]] = {}
@@ -403,7 +423,9 @@ class SettingsStore:
         current values, save, tell subscribers. Returns the new settings and notes on when the
         changes take effect. ValueError (one line, naming the field) and nothing saved on bad input."""
         with self._lock:
-            new = self._merge(Settings, self._settings, changes, context={"samplers": self._extra_samplers})
+            new = self._merge(Settings, self._settings, changes,
+                              context={"samplers": self._extra_samplers, "outdir_root": self.outdir_root,
+                                       "changed": set(changes) if isinstance(changes, Mapping) else set()})
             new_sections: dict[str, BaseModel] = {}
             for name, section_changes in (sections or {}).items():
                 if name not in self._section_models:

@@ -177,7 +177,7 @@ class BatchImage(BaseModel):
 
 
 class ExtrasBatchImagesBody(ExtrasOptions):
-    imageList: list[BatchImage] = Field(min_length=1, max_length=64)  # noqa: N815  A1111's name
+    imageList: list[BatchImage] = Field(min_length=1, max_length=64)  # noqa: N815 -- A1111's field name
 
 
 class ExtrasBatchImagesResponse(BaseModel):

@@ -300,16 +300,21 @@ class Api:
         self.check(request)
         return self.engine.submit(request, owner="api"), notes
 
-    def response(self, job: Job, body: GenerationBody, notes: list[str]) -> GenerationResponse:
+    @staticmethod
+    def echo(body: GenerationBody) -> dict[str, Any]:
+        """The request as `parameters` echoes it (A1111: every field; images only when asked), made
+        when the job is submitted, so a finished job need not keep the decoded images."""
+        exclude = {"notes", "a1111_echo"} | (set() if body.include_init_images else {"init_images", "mask"})
+        return {**body.a1111_echo, **body.model_dump(mode="json", exclude=exclude)}
+
+    def response(self, job: Job, echo: dict[str, Any], send_images: bool, notes: list[str]) -> GenerationResponse:
         if job.state == "cancelled":
             raise HTTPException(409, "the job was cancelled before it started")
         if job.error:
             raise HTTPException(422 if job.bad_input else 500, job.error)
         result = job.result
-        images = [_b64(im, text) for im, text in zip(result.images, result.infotexts)] if body.send_images else []
-        exclude = {"notes", "a1111_echo"} | (set() if body.include_init_images else {"init_images", "mask"})
-        parameters = {**body.a1111_echo, **body.model_dump(mode="json", exclude=exclude)}
-        return GenerationResponse(images=images, parameters=parameters, info=json.dumps(self.info(job, notes)))
+        images = [_b64(im, text) for im, text in zip(result.images, result.infotexts)] if send_images else []
+        return GenerationResponse(images=images, parameters=echo, info=json.dumps(self.info(job, notes)))
 
     @staticmethod
     def info(job: Job, notes: list[str]) -> dict[str, Any]:
@@ -337,8 +342,9 @@ class Api:
 
     def generate(self, body: GenerationBody, kind: str) -> GenerationResponse:
         job, notes = self.submit(body, kind)
+        echo = self.echo(body)
         job.done.wait()
-        return self.response(job, body, notes)
+        return self.response(job, echo, echo.get("send_images", True), notes)
 
     # --- progress and jobs --------------------------------------------------------------------
 
@@ -369,7 +375,7 @@ class Api:
             else None,
         )
         if job.state == "done":
-            status.result = self.response(job, job.meta["body"], job.meta["notes"])
+            status.result = self.response(job, job.meta["echo"], job.meta["send_images"], job.meta["notes"])
         return status
 
 
@@ -390,13 +396,13 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
     def submit_job(body: JobBody) -> JobStatus:
         """Queue a txt2img or img2img job (`type`); answers at once with its id."""
         job, notes = api.submit(body, body.type)
-        job.meta.update(body=body, notes=notes)
+        job.meta.update(echo=api.echo(body), send_images=body.send_images, notes=notes)
         return api.job_status(job, with_image=False)
 
     @router.get("/jobs/{job_id}", response_model=JobStatus)
     def get_job(job_id: str) -> JobStatus:
         job = engine.jobs.get(job_id)
-        if job is None or "body" not in job.meta:
+        if job is None or "echo" not in job.meta:
             raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept {cfg.job_retention_s:g}s)")
         return api.job_status(job)
 
@@ -404,7 +410,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
     def cancel_job(job_id: str) -> JobStatus:
         """Cancel that job only: dropped if queued, interrupted (keeping what is done) if running."""
         job = engine.jobs.get(job_id)
-        if job is None or "body" not in job.meta:
+        if job is None or "echo" not in job.meta:
             raise HTTPException(404, f"no job {job_id!r}")
         engine.jobs.cancel(job)
         return api.job_status(job, with_image=False)

@@ -2,7 +2,10 @@
 
 Each job has its own cancel token, progress, latest preview and result, so a page or an API
 client follows (and cancels) its own job only. Finished jobs are kept for `retention_s` seconds
-so a client polling for its result finds it, then forgotten. No torch here: what a job runs is
+so a client polling for its result finds it, then forgotten; at most `max_jobs` of them and
+`max_bytes` of their images, the oldest dropped first. A finished job keeps what a client may
+still fetch (result, infotext, latest preview), not its inputs: its work callable and whatever
+the submitter's `release` drops (the decoded init images) go when it finishes. No torch here: what a job runs is
 the callable given at construction (the engine's runner) or one given with the job.
 """
 
@@ -48,6 +51,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)  # Progress ..., then None when finished
     done: threading.Event = field(default_factory=threading.Event)
     meta: dict[str, Any] = field(default_factory=dict)  # what the submitter keeps with the job (API body)
+    release: Callable[["Job"], None] | None = None  # drops what the finished job needs no more
 
     @property
     def finished_ok(self) -> bool:
@@ -55,9 +59,12 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, preview_every: int = 3, retention_s: float = 600.0) -> None:
+    def __init__(self, preview_every: int = 3, retention_s: float = 600.0, max_jobs: int = 100,
+                 max_bytes: int = 1 << 30) -> None:
         self.preview_every = preview_every
         self.retention_s = retention_s
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
         self._lock = threading.Condition()
         self._pending: list[Job] = []
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -67,8 +74,9 @@ class JobQueue:
 
     # --- submitting and following --------------------------------------------------------------
 
-    def submit(self, kind: str, work: Work, *, request: Any = None, owner: str | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex, kind=kind, work=work, owner=owner, request=request)
+    def submit(self, kind: str, work: Work, *, request: Any = None, owner: str | None = None,
+               release: Callable[[Job], None] | None = None) -> Job:
+        job = Job(id=uuid.uuid4().hex, kind=kind, work=work, owner=owner, request=request, release=release)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job queue is shut down")
@@ -164,10 +172,51 @@ class JobQueue:
 
     def _finish(self, job: Job, state: State) -> None:
         job.state, job.finished = state, time.time()
+        job.work = _finished  # its closure held the request, decoded inputs included
+        if job.release is not None:
+            job.release(job)
+        try:  # previews nobody read (an API job has no reader) would stay as long as the job
+            while True:
+                job.events.get_nowait()
+        except queue.Empty:
+            pass
         job.events.put(None)
         job.done.set()
+        self._prune()
 
     def _prune(self) -> None:
+        """Forget finished jobs past their retention time, then the oldest while over the caps."""
         cutoff = time.time() - self.retention_s
-        for job_id in [j.id for j in self._jobs.values() if j.finished is not None and j.finished < cutoff]:
-            del self._jobs[job_id]
+        finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.finished)
+        drop = [j for j in finished if j.finished < cutoff]
+        kept = [j for j in finished if j.finished >= cutoff]
+        total = sum(retained_bytes(j) for j in kept)
+        while kept and (len(kept) > self.max_jobs or total > self.max_bytes):
+            oldest = kept.pop(0)
+            total -= retained_bytes(oldest)
+            drop.append(oldest)
+        for job in drop:
+            del self._jobs[job.id]
+
+    def retained(self) -> tuple[int, int]:
+        """(finished jobs kept, bytes of their images), after pruning."""
+        with self._lock:
+            self._prune()
+            kept = [j for j in self._jobs.values() if j.finished is not None]
+            return len(kept), sum(retained_bytes(j) for j in kept)
+
+
+def _finished(progress: ProgressFn, cancel: CancelToken, preview_every: int) -> Any:
+    raise RuntimeError("this job has finished")
+
+
+def retained_bytes(job: Job) -> int:
+    """Bytes of the decoded images a finished job keeps (its results and latest preview)."""
+    result = job.result
+    images = getattr(result, "images", result if isinstance(result, list) else [result])
+    total = 0
+    for image in [*images, job.preview]:
+        size, bands = getattr(image, "size", None), getattr(image, "getbands", None)
+        if size is not None and bands is not None:
+            total += size[0] * size[1] * len(bands())
+    return total

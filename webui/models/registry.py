@@ -16,6 +16,7 @@ from typing import Literal
 
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with the weights-only unpickler
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES

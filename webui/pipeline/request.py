@@ -8,7 +8,7 @@ import binascii
 import io
 from typing import Annotated, Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from webui.images import open_untrusted
 from webui.samplers.table import find_sampler, resolve
 
 MAX_SEED = 2**32 - 1
@@ -43,12 +44,7 @@ def decode_image(value: Any) -> Image.Image:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError):
-        raise ValueError("the data is not an image") from None
-    return image
+    return open_untrusted(raw)
 
 
 def encode_image(image: Image.Image) -> str:
@@ -158,6 +154,10 @@ class GenerationRequest(BaseModel):
             if len(self.init_images) != 1:
                 raise ValueError("outpaint: needs exactly one init image")
         return self
+
+    def without_inputs(self) -> "GenerationRequest":
+        """This request without its decoded images (what a finished job keeps)."""
+        return self.model_copy(update={"init_images": (), "mask": None})
 
     def canvas_size(self) -> tuple[int, int]:
         """(width, height) of the images this request makes (before any hires pass)."""

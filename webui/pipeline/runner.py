@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import webui
+from webui.extensions import api as ext
 from webui.images import save_image
 from webui.infotext import format_infotext
 from webui.models.errors import ModelError
@@ -39,16 +40,15 @@ from webui.pipeline.conditioning import ScheduledConditioning, plan_prompts
 from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.noise import image_noise
 from webui.pipeline.preview import approximate_rgb
-from webui.pipeline.taesd import TaesdPreviewer, find_taesd, load_taesd
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest
+from webui.pipeline.taesd import TaesdPreviewer, find_taesd, load_taesd
 from webui.prompts.encode import TextConditioner
-from webui.extensions import api as ext
 from webui.prompts.parser import extract_extra_networks, lora_weight
 from webui.prompts.styles import StyleStore, apply_styles
+from webui.runtime.memory import offloaded_after
 from webui.samplers.kdiffusion import StepState
 from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
-from webui.runtime.memory import offloaded_after
 from webui.samplers.table import resolve
 from webui.settings import Settings
 

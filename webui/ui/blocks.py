@@ -17,7 +17,6 @@ from webui.ui.pnginfo import build_pnginfo_tab
 from webui.ui.settings import build_settings_tab
 from webui.ui.txt2img import build_txt2img_tab
 
-
 # Page styles Gradio's defaults get wrong for us: table headers break between words, never inside one.
 PAGE_CSS = """
 #extensions_table th, #extensions_table th * { word-break: keep-all !important; overflow-wrap: normal !important;

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from webui.extensions import install
+from webui.guard import same_origin
 from webui.ui.messages import user_error
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from webui.extensions.manager import Extension, ExtensionManager
 
 HEADERS = ["name", "version", "source", "enabled", "status", "updates"]
+NOT_FROM_THIS_PAGE = ("Installing and updating extensions run code, so they are done only from this server's own "
+                      "page: this request did not come from it.")
 COLUMN_WIDTHS = ["16%", "9%", "33%", "9%", "23%", "10%"]  # headers fit on one line (see PAGE_CSS too)
 
 
@@ -39,6 +42,14 @@ def _status(e: Extension, manager: ExtensionManager) -> str:
     if not e.enabled and e.active:
         return "loaded: disabled, restart to unload it"
     return manager.status_line(e)
+
+
+def _from_this_page(request: gr.Request | None) -> None:
+    """Installing and updating run code: only a request from this server's own page may do it
+    (see webui.guard); a script or another site's page is refused."""
+    headers = {k.lower(): v for k, v in dict(getattr(request, "headers", None) or {}).items()}
+    if not same_origin(headers):
+        raise user_error(NOT_FROM_THIS_PAGE)
 
 
 def _updatable(manager: ExtensionManager) -> list[str]:
@@ -97,7 +108,9 @@ def build_extensions_tab(manager: ExtensionManager, config: Config) -> None:
         message = "Updates: " + "; ".join(behind) if behind else "Every git extension is up to date."
         return _rows(manager, ups, new), ups, message
 
-    def update_one(name: str | None, ups: dict[str, str], new: list[str]) -> tuple[Any, dict[str, str], str]:
+    def update_one(name: str | None, ups: dict[str, str], new: list[str],
+                   request: gr.Request) -> tuple[Any, dict[str, str], str]:
+        _from_this_page(request)
         e = manager.get(name) if name else None
         if e is None or e.path is None:
             raise user_error("Choose an extension installed from git to update.")
@@ -109,7 +122,9 @@ def build_extensions_tab(manager: ExtensionManager, config: Config) -> None:
         gr.Info(f"{e.name}: {summary}")
         return _rows(manager, ups, new), ups, f"{e.name}: {summary}"
 
-    def install_url(text: str, ups: dict[str, str], new: list[str]) -> tuple[Any, list[str], str, str]:
+    def install_url(text: str, ups: dict[str, str], new: list[str],
+                    request: gr.Request) -> tuple[Any, list[str], str, str]:
+        _from_this_page(request)
         try:
             path = install.install_from_git(text or "", install_folder, allowed=allowed)
         except (PermissionError, ValueError) as err:

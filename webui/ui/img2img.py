@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from webui.app import Engine
+from webui.images import check_pixels
 from webui.pipeline.batch import FolderBatch
 from webui.pipeline.init_image import Outpaint
 from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
@@ -45,6 +46,10 @@ def prepare(given: dict[str, Any], allow_folders: bool = True) -> dict[str, Any]
     image, editor = fields.pop("init_image", None), fields.pop("inpaint_editor", None)
     sketch = fields.pop("sketch", None)
     upload_image, upload_mask = fields.pop("inpaint_image", None), fields.pop("inpaint_mask", None)
+    for what, value in (("image", image), ("image", upload_image), ("mask", upload_mask),
+                        ("image", (editor or {}).get("background")), ("sketch", (sketch or {}).get("composite"))):
+        if isinstance(value, Image.Image):
+            check_pixels(value, what)  # before any work on it
     mask = None
     if source == "sketch":
         image = sketch.get("composite") if sketch else None

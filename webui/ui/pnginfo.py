@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
 
 from webui.app import Engine
-from webui.images import read_infotext
+from webui.images import open_untrusted, read_infotext
 from webui.infotext import as_written, parse_infotext
 from webui.ui.generation import Panel
 from webui.ui.messages import user_error
@@ -22,10 +22,9 @@ def read_parameters(path: str | None) -> tuple[str, str]:
     if not path:
         return "", ""
     try:
-        with Image.open(path) as image:
-            text = read_infotext(image)
-    except (UnidentifiedImageError, OSError):
-        return "", "<p>Not an image this app can read.</p>"
+        text = read_infotext(open_untrusted(Path(path)))
+    except ValueError as e:
+        return "", f"<p>{html.escape(str(e))}</p>"
     if not text:
         return "", "<p>This image carries no generation parameters.</p>"
     rows = "".join(
