@@ -413,3 +413,26 @@ def test_first_look_outputs_hints_and_tables_in_the_browser(browser, tmp_path: P
     finally:
         page.close()
         stop_server(s)
+
+
+def test_login_page_logs_in_without_revealing_the_app(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    """With --gradio-auth the login page works in a browser although it carries no API description."""
+    from tests.conftest import add_checkpoint, start_server, stop_server
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    s = start_server(tmp_path, "--gradio-auth", "ann:secret")
+    page = browser.new_page()
+    try:
+        page.goto(s.url, wait_until="domcontentloaded")
+        password = page.locator("input[type=password]")
+        password.wait_for(state="visible", timeout=30_000)
+        assert page.evaluate("() => window.gradio_api_info") is None
+        assert "sd1" not in page.content()
+        page.locator("input").first.fill("ann")
+        password.fill("secret")
+        password.press("Enter")
+        page.locator("#txt2img_generate").wait_for(state="visible", timeout=60_000)
+        assert "sd1.safetensors" in page.locator("#checkpoint input").input_value()
+    finally:
+        page.close()
+        stop_server(s)

@@ -8,7 +8,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.app import Engine
-from webui.images import dated_dir, read_infotext, save_image
+from webui.images import check_pixels, dated_dir, read_infotext, save_image
 from webui.models.errors import ModelError
 from webui.ui.img2img import FOLDERS_REFUSED
 from webui.ui.messages import user_error
@@ -46,6 +46,7 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
             raise user_error("Put an image in the Extras tab first.")
         size = (int(w), int(h)) if how == "Scale to" else None
         try:
+            check_pixels(image)
             out = engine.upscalers.upscale(image, name, scale=None if size else float(scale), size=size,
                                            device=engine.runtime.device)
         except (ModelError, ValueError) as e:
