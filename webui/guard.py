@@ -136,10 +136,7 @@ class RequestGuard:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
             return
-        body = json.dumps({"error": reason, "detail": reason}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 403, reason)
 
 
 # Gradio routes that act on a session: with --gradio-auth they need the session's login.
@@ -180,11 +177,7 @@ class LoginGate:
             return
         path = scope.get("path", "")
         if path.startswith(SESSION_ROUTES):
-            body = json.dumps({"error": "log in first", "detail": "log in first"}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _answer(send, 401, "log in first")
             return
         start: dict = {}
         chunks: list[bytes] = []
@@ -258,8 +251,12 @@ class BodyLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        reason = f"request body over this server's limit of {self.limit // 2**20} MiB (--max-body-mb)"
-        body = json.dumps({"error": reason, "detail": reason}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, f"request body over this server's limit of {self.limit // 2**20} MiB (--max-body-mb)")
+
+
+async def _answer(send, status: int, reason: str) -> None:
+    """A JSON error answer in the API's shape, `{"error", "detail"}`."""
+    body = json.dumps({"error": reason, "detail": reason}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
