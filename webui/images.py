@@ -36,6 +36,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
+from webui.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
@@ -316,18 +318,7 @@ def _publish(tmp: Path, target: Path) -> None:
 
 def save_png(image: Image.Image, target: Path, infotext: str | None) -> Path:
     """Write `target` (a chosen name, replaced if it exists) atomically, with the infotext."""
-    meta = None
-    if infotext:
-        meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", infotext)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=meta)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return write_atomic(target, png_bytes(image, infotext))
 
 
 def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
@@ -377,6 +368,8 @@ def open_untrusted(source: bytes | Path | str, what: str = "image") -> Image.Ima
     except Image.DecompressionBombError:
         raise ValueError(f"{what}: over this server's limit of {pixel_limit() / 1e6:.0f} megapixels "
                          "(setting max_input_megapixels)") from None
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file") from None
     except UnidentifiedImageError:
         raise ValueError(f"{what}: not an image this server reads (PNG, JPEG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, SyntaxError, EOFError, struct.error) as e:

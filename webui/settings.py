@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import threading
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +34,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from webui.files import write_atomic
 from webui.samplers.table import SCHEDULES, find_sampler, resolve, sampler_names
 
 log = logging.getLogger(__name__)
@@ -484,20 +483,11 @@ class SettingsStore:
         for name, value in sections.items():
             data[name] = value.model_dump(mode="json")
         text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._corrupt and self.path.exists():
             keep = self.path.with_name(self.path.name + ".corrupt")
             shutil.copy2(self.path, keep)
             log.warning("replacing unreadable settings file %s; its old content is in %s", self.path, keep)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_atomic(self.path, text)
         self._raw = data
         self._corrupt = False
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from pathlib import Path
+
+from webui.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,4 @@ class HashCache:
         return digest
 
     def _write_locked(self) -> None:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
-        os.replace(tmp, self.file)
+        write_atomic(self.file, json.dumps(self._entries, indent=1, sort_keys=True))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from webui.files import write_atomic
 
 __all__ = ["PLACEHOLDER", "Style", "StyleStore", "apply_styles", "extract_styles"]
 
@@ -94,20 +94,7 @@ class StyleStore:
         writer.writerow(FIELDS)
         for s in styles:
             writer.writerow((s.name, s.prompt, s.negative_prompt))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(self.path, buf.getvalue())
         self._cache_key, self._cache = None, []  # re-read (and re-stat) on next access
 
 
