@@ -314,3 +314,24 @@ def test_webuiapi_client_works_unchanged(api: Server) -> None:
     started = time.monotonic()
     client.util_wait_for_ready(check_interval=0.2)
     assert time.monotonic() - started < 30
+
+
+def test_extension_settings_and_arguments_through_the_api(api: Server) -> None:
+    """An extension's Settings section reads and writes under its name in /options; a misspelt
+    argument in alwayson_scripts is reported, not silently dropped."""
+    options = get(api, "/options").json()
+    assert options["prompt-filter"]["enabled"] is True
+    try:
+        r = post(api, "/options", {"prompt-filter": {"blocklist": "forbidden"}})
+        assert r.status_code == 200, r.text
+        assert get(api, "/options").json()["prompt-filter"]["blocklist"] == "forbidden"
+        refused = post(api, "/txt2img", {**FAST, "prompt": "a forbidden thing"})
+        assert 400 <= refused.status_code < 500
+        assert post(api, "/options", {"prompt-filter": {"enabled": "sometimes"}}).status_code == 422
+    finally:
+        assert post(api, "/options", {"prompt-filter": {"blocklist": ""}}).status_code == 200
+    r = post(api, "/txt2img", {**FAST, "alwayson_scripts": {"dynamic-thresholding": {"args": {
+        "enabled": False, "treshold": 5}}}})
+    assert r.status_code == 200, r.text
+    notes = json.loads(r.json()["info"])["notes"]
+    assert any("dynamic-thresholding.treshold" in n for n in notes), notes

@@ -117,6 +117,6 @@ def test_shipped_extensions_are_package_data() -> None:
     shipped = ROOT / "webui" / "builtin_extensions"
     files = [p.relative_to(ROOT / "webui").as_posix() for p in shipped.rglob("*")
              if p.is_file() and "__pycache__" not in p.parts]
-    assert len({f.split("/")[1] for f in files}) == 5
+    assert len({f.split("/")[1] for f in files}) == 6
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert not missing, f"not carried by a non-editable install: {missing}"

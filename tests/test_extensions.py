@@ -396,3 +396,35 @@ def test_an_extension_sampler_is_listed_and_runs(data_dir: Path) -> None:
     shutil.rmtree(data_dir / "extensions" / "my-sampler")
     without = build_ui(engine_for(data_dir))
     assert next(b for b in without.blocks.values() if getattr(b, "elem_id", None) == "txt2img_sampler").value == "Euler a"
+
+
+def test_stages_share_the_job_identity_and_a_scratch_space(data_dir: Path) -> None:
+    """What an extension needs to count steps and say so in the infotext without module-level
+    state: every stage of a job has its id and this extension's scratch dict; step_end may add
+    infotext fields; the next job starts with a fresh scratch."""
+    write_extension(data_dir, "step-counter", '''
+        from webui.extensions.api import hookimpl
+
+        @hookimpl
+        def process_prompt(stage):
+            stage.scratch["ids"] = {stage.job_id}
+            stage.scratch["steps"] = 0
+
+        @hookimpl
+        def step_end(stage):
+            stage.scratch["steps"] += 1
+            stage.scratch["ids"].add(stage.job_id)
+            stage.infotext["Counted steps"] = stage.scratch["steps"]
+            assert stage.request.prompt == "a red cube"
+
+        @hookimpl
+        def postprocess_image(stage):
+            stage.scratch["ids"].add(stage.job_id)
+            stage.infotext["Job ids seen"] = len(stage.scratch["ids"])
+    ''')
+    engine = engine_for(data_dir)
+    first = engine.runner.generate(req(steps=3))
+    second = engine.runner.generate(req(steps=4))
+    f, s = parse_infotext(first.infotexts[0]), parse_infotext(second.infotexts[0])
+    assert (f["Counted steps"], f["Job ids seen"]) == ("3", "1")
+    assert (s["Counted steps"], s["Job ids seen"]) == ("4", "1")  # a fresh scratch per job

@@ -270,7 +270,7 @@ def test_callback_can_stop_the_sampler(name: str) -> None:
     class Stop(Exception):
         pass
 
-    def callback(state: K.StepState) -> None:
+    def callback(state: K.SamplerStep) -> None:
         if state.step == 2:
             calls_at_stop.append(model.calls)
             raise Stop
@@ -337,7 +337,7 @@ def test_lcm_jumps_to_the_denoised_estimate() -> None:
     shape = (1, 4, 4, 4)
     sigmas = make_sigmas(SCHEDULE, "Karras", 3)
     model = Gaussian(shape)
-    states: list[K.StepState] = []
+    states: list[K.SamplerStep] = []
     out = run("LCM", sigmas, model, start(shape, float(sigmas[0])), seeds=[3], callback=states.append)
     assert torch.equal(out, states[-1].denoised)
 
@@ -371,7 +371,7 @@ def test_deterministic_sampler_eta_makes_ddim_stochastic() -> None:
 def test_dpm_adaptive_reports_planned_steps_in_order() -> None:
     sigmas = make_sigmas(SCHEDULE, "Karras", 5)
     model = Gaussian((1, 4, 8, 8))
-    seen: list[K.StepState] = []
+    seen: list[K.SamplerStep] = []
     run("DPM adaptive", sigmas, model, start((1, 4, 8, 8), float(sigmas[0])), seeds=[1], callback=seen.append)
     assert [s.step for s in seen] == list(range(5)) and model.calls > 5
     reported = [float(s.sigma) for s in seen]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from webui.config import Config
+from webui.extensions.manager import ExtensionManager
 from webui.jobs.queue import Job, JobQueue
 from webui.models.cache import ModelCache
 from webui.models.errors import ModelError
@@ -21,10 +22,10 @@ from webui.models.hashing import HashCache
 from webui.models.registry import CheckpointInfo, ModelRegistry
 from webui.networks.registry import NetworkRegistry
 from webui.prompts.styles import StyleStore
+from webui.samplers.table import resolve
 from webui.settings import Settings, SettingsStore
 
 if TYPE_CHECKING:
-    from webui.extensions.manager import ExtensionManager
     from webui.models.load import ModelBundle
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
@@ -52,7 +53,7 @@ class Engine:
     def __init__(self, config: Config, registry: ModelRegistry, networks: NetworkRegistry, styles: StyleStore,
                  extensions: ExtensionManager | None = None, settings: SettingsStore | None = None) -> None:
         self.config = config
-        self.extensions = extensions
+        self.extensions = extensions if extensions is not None else ExtensionManager.empty()
         self.settings = settings or SettingsStore(config.data_dir / "config.json")
         self.registry = registry
         self.networks = networks
@@ -125,7 +126,7 @@ class Engine:
         return self._model_side().runtime
 
     def extension_sampler_names(self) -> list[str]:
-        return [s.name for s in self.extensions.sampler_specs()] if self.extensions is not None else []
+        return [s.name for s in self.extensions.sampler_specs()]
 
     def describe_runtime(self) -> str:
         """Device, precision, attention backend (and why), memory mode, compile: one line."""
@@ -153,6 +154,44 @@ class Engine:
         clean, _ = extract_extra_networks(text)
         embeddings = side.embeddings.find_in_prompt(clean)
         return count_tokens(side.tokenizers.get("<|endoftext|>"), clean, embeddings)
+
+    def check(self, request: GenerationRequest) -> None:
+        """What a request needs from this server, checked before it is queued, the same for the
+        page, the command line and the API: names that must exist here (checkpoints, upscaler,
+        samplers of extensions, extension arguments) and the server's limits. ModelError for a
+        checkpoint, ValueError otherwise; each message starts with the field."""
+        cfg = self.config
+        if request.steps > cfg.max_steps:
+            raise ValueError(f"steps: at most {cfg.max_steps} on this server (got {request.steps})")
+        width, height = request.canvas_size()
+        pixels = width * height
+        if (hires := request.hires_size()) is not None:
+            pixels = max(pixels, hires[0] * hires[1])  # the size the hires pass renders at
+        if pixels * request.batch_size > cfg.max_pixels:
+            raise ValueError(f"width/height: {width}x{height} x batch {request.batch_size} (and hires) exceeds this "
+                             f"server's budget of {cfg.max_pixels} pixels")
+        for field, query in (("checkpoint", request.checkpoint), ("refiner_checkpoint", request.refiner_checkpoint)):
+            if field == "checkpoint" or query:
+                try:
+                    self.resolve_checkpoint(query)
+                except ModelError as err:
+                    raise ModelError(f"{field}: {err}") from None
+        if request.enable_hr and not request.is_img2img and not request.hr_upscaler.lower().startswith("latent"):
+            if request.hr_upscaler not in (names := self.upscalers.names()):
+                raise ValueError(f"hr_upscaler: unknown upscaler {request.hr_upscaler!r} (available: "
+                                 f"{', '.join(names)})")
+        extra = self.extensions.sampler_specs()
+        for field, name in (("sampler_name", request.sampler_name), ("hr_sampler_name", request.hr_sampler_name)):
+            if name:
+                try:
+                    resolve(name, request.scheduler, extra)
+                except ValueError as err:
+                    raise ValueError(f"{field}: {err}") from None
+        if request.extensions:
+            try:
+                self.extensions.validate_args(request.extensions)
+            except ValueError as err:
+                raise ValueError(f"alwayson_scripts: {err}") from None
 
     def submit(self, request: GenerationRequest, *, owner: str | None = None,
                folder: FolderBatch | None = None) -> Job:
@@ -219,8 +258,7 @@ class Engine:
                 vae_path=vae,
                 prediction=prediction,
             )
-            if self.extensions is not None:
-                self.extensions.model_loaded(bundle)
+            self.extensions.model_loaded(bundle)
             return bundle
 
         return self.cache.get(key, load)

@@ -199,24 +199,28 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 
 def _generate(a: argparse.Namespace, config: Config) -> int:
-    from PIL import Image, UnidentifiedImageError
-
     from webui.app import build_engine
+    from webui.images import open_untrusted
     from webui.pipeline.request import GenerationRequest
 
-    fields = {k: getattr(a, k) for k in _REQUEST_FIELDS if hasattr(a, k)}
-    try:
-        if a.command == "img2img":
-            fields["init_images"] = tuple(Image.open(p) for p in a.init_images)
-            fields["mask"] = Image.open(a.mask) if a.mask else None
-            if a.outpaint:
-                from webui.pipeline.init_image import Outpaint
+    def read(path: str) -> object:
+        try:
+            return open_untrusted(Path(path), what=str(path))
+        except ValueError as e:
+            raise ValueError(f"cannot read image: {e}") from None
 
-                fields["outpaint"] = Outpaint.parse(a.outpaint).sizes()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image: {e}") from None
+    fields = {k: getattr(a, k) for k in _REQUEST_FIELDS if hasattr(a, k)}
+    if a.command == "img2img":
+        fields["init_images"] = tuple(read(p) for p in a.init_images)
+        fields["mask"] = read(a.mask) if a.mask else None
+        if a.outpaint:
+            from webui.pipeline.init_image import Outpaint
+
+            fields["outpaint"] = Outpaint.parse(a.outpaint).sizes()
     request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)
-    result = build_engine(config).runner.generate(request)
+    engine = build_engine(config)
+    engine.check(request)  # what the page and the API check too, with the same messages
+    result = engine.runner.generate(request)
     for p in result.paths:
         print(p)
     return 0

@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from webui.samplers.table import split_sampler_name  # noqa: F401  (infotext's sampler field is split with it)
+
 # A1111's field order; fields not listed keep their insertion order after these.
 FIELD_ORDER = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
@@ -116,33 +118,6 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 
 # --- parsed infotext -> request fields ---------------------------------------------------------
-
-# Schedule types older A1111 versions folded into the sampler name ("DPM++ 2M Karras"), with the
-# spellings that appear there; matched at the end of the name, case-insensitively.
-_SCHEDULE_SUFFIXES: tuple[tuple[str, str], ...] = (
-    ("Align Your Steps", "Align Your Steps"),
-    ("Polyexponential", "Polyexponential"),
-    ("Exponential", "Exponential"),
-    ("SGM Uniform", "SGM Uniform"),
-    ("SGMUniform", "SGM Uniform"),
-    ("KL Optimal", "KL Optimal"),
-    ("Karras", "Karras"),
-    ("Uniform", "Uniform"),
-)
-
-
-def split_sampler_name(name: str) -> tuple[str, str | None]:
-    """`"DPM++ 2M Karras"` -> `("DPM++ 2M", "Karras")`; a name without a schedule suffix comes
-    back unchanged with None. Works on any name, known to our sampler table or not."""
-    name = name.strip()
-    lowered = name.lower()
-    for suffix, schedule in _SCHEDULE_SUFFIXES:
-        if lowered.endswith(" " + suffix.lower()):
-            base = name[: -len(suffix) - 1].rstrip()
-            if base:
-                return base, schedule
-    return name, None
-
 
 def _int(text: str) -> int | None:
     text = text.strip()

@@ -46,8 +46,7 @@ def serve(config: Config, block: bool = True) -> None:
         run_history=False,  # a page of past runs we do not need (and one more route to guard)
         **_extension_assets(engine),
     )
-    if engine.extensions is not None:
-        engine.extensions.app_started(demo.app)
+    engine.extensions.app_started(demo.app)
     if config.api:
         from webui.api.routes import attach
 
@@ -99,8 +98,7 @@ def serve_api_only(engine, config: Config) -> None:
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=guards(config, Middleware))
     attach(app, engine)
-    if engine.extensions is not None:
-        engine.extensions.app_started(app)
+    engine.extensions.app_started(app)
     engine.registry.hash_missing_in_background()
     engine.warm_up()
     print(f"HTTP API at http://{config.server_name}:{config.port}/sdapi/v1", flush=True)
@@ -109,8 +107,6 @@ def serve_api_only(engine, config: Config) -> None:
 
 def _extension_assets(engine) -> dict:
     """Extensions' `javascript/*.js` (inlined into the page head) and `style.css` files."""
-    if engine.extensions is None:
-        return {}
     js, css = engine.extensions.assets()
     scripts = "".join(f"<script>/* {p.parent.parent.name}/{p.name} */\n{p.read_text(encoding='utf-8')}\n</script>"
                       for p in js)

@@ -53,7 +53,7 @@ from webui.infotext import parse_infotext
 from webui.jobs.queue import Job
 from webui.models.errors import ModelError
 from webui.pipeline.request import GenerationRequest
-from webui.samplers.table import SAMPLERS, SCHEDULES, resolve
+from webui.samplers.table import SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -136,41 +136,15 @@ class Api:
     # --- checks before a job is queued -------------------------------------------------------
 
     def check(self, request: GenerationRequest) -> None:
-        """What pydantic cannot know: names that must exist here, and the server's limits."""
-        cfg, e = self.config, self.engine
-        if request.steps > cfg.max_steps:
-            raise HTTPException(422, f"steps: at most {cfg.max_steps} on this server (got {request.steps})")
-        width, height = request.canvas_size()
-        pixels = width * height
-        if request.enable_hr and not request.is_img2img:
-            w = request.hr_resize_x or request.width * request.hr_scale
-            h = request.hr_resize_y or request.height * request.hr_scale
-            pixels = max(pixels, int(w * h))
-        if pixels * request.batch_size > cfg.max_pixels:
-            raise HTTPException(422, f"width/height: {width}x{height} x batch {request.batch_size}"
-                                     f" (and hires) exceeds this server's budget of {cfg.max_pixels} pixels")
-        for field, query in (("checkpoint", request.checkpoint), ("refiner_checkpoint", request.refiner_checkpoint)):
-            try:
-                if field == "checkpoint" or query:
-                    e.resolve_checkpoint(query)
-            except ModelError as err:
-                raise HTTPException(404 if query else 409, f"{field}: {err}") from None
-        if request.enable_hr and not request.hr_upscaler.lower().startswith("latent"):
-            self._check_upscaler(request.hr_upscaler, "hr_upscaler")
-        extra = e.extensions.sampler_specs() if e.extensions is not None else []
-        for field, name in (("sampler_name", request.sampler_name), ("hr_sampler_name", request.hr_sampler_name)):
-            if name:
-                try:
-                    resolve(name, request.scheduler, extra)
-                except ValueError as err:
-                    raise HTTPException(422, f"{field}: {err}") from None
-        if request.extensions:
-            if e.extensions is None:
-                raise HTTPException(422, "alwayson_scripts: extensions are not loaded")
-            try:
-                e.extensions.validate_args(request.extensions)
-            except ValueError as err:
-                raise HTTPException(422, f"alwayson_scripts: {err}") from None
+        """The engine's check (the page and the CLI make the same), as HTTP answers: a checkpoint
+        named but not found 404, none at all 409, anything else 422."""
+        try:
+            self.engine.check(request)
+        except ModelError as err:  # no checkpoint named and none to default to: 409
+            default = str(err).startswith("checkpoint: ") and not request.checkpoint
+            raise HTTPException(409 if default else 404, str(err)) from None
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
 
     def upscale(self, images: list[Image.Image], body: ExtrasOptions) -> tuple[list[Image.Image], str]:
         """`images` through the Extras upscale (upscaler_1, then upscaler_2 blended over it by
@@ -227,6 +201,8 @@ class Api:
             **{k: v for k, v in stored.items() if k in defaults},
             **settings,
             **{a1111: settings[ours] for a1111, ours in OPTION_ALIASES.items()},
+            # each extension's Settings section, under its name
+            **{name: e.settings.section(name).model_dump(mode="json") for name in e.settings.sections()},
             "sd_model_checkpoint": current.title if current else None,
             "sd_checkpoint_hash": current.sha256 if current else None,
             "sd_vae": stored.get("sd_vae", cfg.vae or "Automatic"),
@@ -239,6 +215,9 @@ class Api:
         e = self.engine
         setting_keys = set(type(e.settings.get()).model_fields)
         a1111_keys = set(option_defaults())
+        section_names = set(e.settings.sections())
+        sections = {k: v for k, v in options.items() if k in section_names}
+        options = {k: v for k, v in options.items() if k not in section_names}
         unknown = sorted(k for k in options if OPTION_ALIASES.get(k, k) not in setting_keys
                          and k not in a1111_keys)
         if unknown:
@@ -258,9 +237,9 @@ class Api:
             except ModelError as err:
                 raise HTTPException(404, f"sd_model_checkpoint: {err}") from None
         notes: list[str] = []
-        if changes:
+        if changes or sections:
             try:
-                _, notes = e.settings.update(changes)
+                _, notes = e.settings.update(changes, sections)
             except ValueError as err:
                 raise HTTPException(422, str(err)) from None
         if foreign:
@@ -298,6 +277,8 @@ class Api:
             notes.append(f"mask {request.mask.size[0]}x{request.mask.size[1]} resized to the image's "
                          f"{request.init_images[0].size[0]}x{request.init_images[0].size[1]}")
         self.check(request)
+        if unknown := self.engine.extensions.unknown_args(request.extensions):
+            notes.append(f"alwayson_scripts: ignored (no such argument): {', '.join(unknown)}")
         return self.engine.submit(request, owner="api"), notes
 
     @staticmethod
@@ -482,7 +463,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/samplers")
     def samplers() -> list[dict]:
-        extra = engine.extensions.sampler_specs() if engine.extensions is not None else []
+        extra = engine.extensions.sampler_specs()
         return [{"name": s.name, "aliases": list(s.aliases), "options": {o: "" for o in s.options}}
                 for s in (*SAMPLERS, *extra)]
 
@@ -553,10 +534,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
     @router.get("/scripts")
     def scripts() -> dict:
         """Extensions that take values in `alwayson_scripts`, per tab."""
-        ext = engine.extensions
-        if ext is None:
-            return {"txt2img": [], "img2img": []}
-        return {tab: [e.name for e in ext.sections(tab)] for tab in ("txt2img", "img2img")}
+        return {tab: [e.name for e in engine.extensions.sections(tab)] for tab in ("txt2img", "img2img")}
 
     @router.get("/extensions")
     def extensions() -> list[dict]:
@@ -564,7 +542,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
         return [{"name": e.name, "version": e.version, "enabled": e.enabled, "status": ext.status_line(e),
                  "source": e.source,
                  "path": str(e.path) if e.path else None, "remote": None, "branch": None, "commit_hash": None,
-                 "commit_date": None} for e in (ext.extensions if ext else [])]
+                 "commit_date": None} for e in ext.extensions]
 
     @router.get("/face-restorers")
     def face_restorers() -> list[dict]:
@@ -610,7 +588,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
         ext = engine.extensions
         out = []
         for tab in ("txt2img", "img2img"):
-            for e in (ext.sections(tab) if ext is not None else []):
+            for e in ext.sections(tab):
                 args = [{"label": f.title, "value": getattr(e.ui.args_model(), f.name, None) if e.ui.args_model
                          else None, "minimum": f.minimum, "maximum": f.maximum, "step": f.step,
                          "choices": list(f.choices) or None}

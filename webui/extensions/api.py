@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1: DenoiserStage.combine and Guidance (combining guidance)
 PROJECT = "webui"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -49,16 +49,38 @@ class PromptStage:
     batch_index: int = 0
     request: Any = None  # the GenerationRequest (read-only)
     data_dir: Any = None  # pathlib.Path of the data folder: relative paths in settings start here
+    job_id: str = ""  # since 1.1: the same for every stage of one job
+    scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
 
 
 Denoiser = Callable[[Any, Any], Any]  # (x, sigma) -> denoised
 
 
 @dataclass
+class Guidance:
+    """What combining guidance works on, for one image at one model call (tensors [C, H, W] of
+    denoised estimates): `cond` the conditional prediction (the prompt's AND parts already
+    weighted), `uncond` the unconditional one (the negative prompt), `scale` the CFG scale, `x` the
+    noisy latents and `sigma` the noise level of this call. `cfg()` is the usual combination."""
+
+    cond: Any
+    uncond: Any
+    scale: float
+    x: Any
+    sigma: Any
+
+    def cfg(self) -> Any:
+        """`uncond + scale * (cond - uncond)`: what the denoiser returns when nobody changes it."""
+        return self.uncond + self.scale * (self.cond - self.uncond)
+
+
+@dataclass
 class DenoiserStage:
     """Where the sampler is set up, per sampling pass. Wrap `denoiser` (a callable
     `(x, sigma) -> denoised`) by assigning a new callable; change the model only through `patch`
-    (restored after the job, whatever happens)."""
+    (restored after the job, whatever happens). Set `combine` (a callable `Guidance -> tensor`) to
+    change how the conditional and unconditional predictions are combined (CFG rescale, say);
+    to compose with an extension before you, call the `combine` you found (or `Guidance.cfg`)."""
 
     denoiser: Denoiser
     unet: Any  # the diffusers UNet of this job (read it; change it only through `patch`)
@@ -69,6 +91,9 @@ class DenoiserStage:
     settings: Any = None
     infotext: dict[str, Any] = field(default_factory=dict)
     request: Any = None
+    combine: Callable[[Guidance], Any] | None = None  # since 1.1; None: Guidance.cfg
+    job_id: str = ""  # since 1.1
+    scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
     _patch: Callable[[Any, str, Any], None] | None = None
 
     def patch(self, obj: Any, attribute: str, value: Any) -> None:
@@ -81,7 +106,9 @@ class DenoiserStage:
 @dataclass
 class StepStage:
     """After each sampling step: `x` the latents the next step starts from (assign a tensor of
-    the same shape to replace them), `denoised` the current estimate of the clean latents."""
+    the same shape to replace them), `denoised` the current estimate of the clean latents.
+    `infotext` pairs are written into every image of the job (since 1.1); `scratch` keeps what this
+    extension counts across the steps of the job."""
 
     step: int  # 1-based over this sampling pass
     steps: int
@@ -91,6 +118,10 @@ class StepStage:
     args: Any = None
     settings: Any = None
     replaced: bool = False
+    request: Any = None  # since 1.1
+    job_id: str = ""  # since 1.1
+    scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
+    infotext: dict[str, Any] = field(default_factory=dict)  # since 1.1
 
     def replace(self, latents: Any) -> None:
         """Make `latents` (same shape as `x`) the latents the next step starts from."""
@@ -111,6 +142,8 @@ class ImageStage:
     settings: Any = None
     infotext: dict[str, Any] = field(default_factory=dict)
     request: Any = None
+    job_id: str = ""  # since 1.1
+    scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
 
 
 @dataclass
@@ -126,6 +159,7 @@ class JobInfo:
 
     request: Any
     kind: str  # "txt2img" or "img2img"
+    id: str = ""  # since 1.1: the job_id its stages see
     _run: Callable[[], Any] | None = field(default=None, repr=False)  # the job itself (internal)
 
 
@@ -182,6 +216,6 @@ class SettingsRegistry:
 
 
 __all__ = [
-    "API_VERSION", "DenoiserStage", "ExtensionSampler", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
+    "API_VERSION", "DenoiserStage", "ExtensionSampler", "Guidance", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
     "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "hookimpl",
 ]

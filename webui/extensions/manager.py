@@ -13,9 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import sys
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from webui.extensions import api
 from webui.extensions.api import JobRejected, SettingsRegistry, UiSection
 from webui.extensions.hookspecs import Hooks
+from webui.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +153,12 @@ def order(extensions: list[Extension]) -> list[Extension]:
 
 @dataclass(frozen=True)
 class JobExtensions:
-    """What one job gives each extension's hooks: args and settings by extension name."""
+    """What one job gives each extension's hooks: args, settings and scratch by extension name."""
 
     args: dict[str, Any]
     settings: dict[str, Any]
+    job_id: str = ""
+    scratch: dict[str, dict[str, Any]] = field(default_factory=dict)  # each extension's own, for the job
 
 
 class _Core:
@@ -169,6 +170,14 @@ class _Core:
 
 
 class ExtensionManager:
+    @classmethod
+    def empty(cls) -> "ExtensionManager":
+        """A manager with no extensions (loaded, calling no hook): what an engine built without
+        extensions has, so callers never ask whether there is one."""
+        manager = cls([], None, enabled=False, packages=False)
+        manager.load()
+        return manager
+
     def __init__(self, folders: list[Path], state_file: Path | None, *, enabled: bool = True,
                  packages: bool = True, data_dir: Path | None = None) -> None:
         self.data_dir = data_dir or Path(".")
@@ -355,11 +364,7 @@ class ExtensionManager:
         disabled = self._disabled()
         (disabled.discard if enabled else disabled.add)(name)
         assert self.state_file is not None
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"disabled": sorted(disabled)}, f, indent=2)
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps({"disabled": sorted(disabled)}, indent=2))
         e = self.get(name)
         assert e is not None
         e.enabled = enabled
@@ -388,14 +393,30 @@ class ExtensionManager:
                 raise ValueError(f"extensions.{name}: {detail}") from None
         return out
 
-    def job_context(self, given: dict[str, Any]) -> JobExtensions:
+    def unknown_args(self, given: dict[str, Any]) -> list[str]:
+        """`extension.field` for every named value its args model has no field for (a misspelt
+        `colour` for `color`): validation would silently drop them, so callers report them."""
+        unknown = []
+        for name, raw in given.items():
+            e = self.get(name)
+            model = e.ui.args_model if e is not None and e.ui else None
+            if isinstance(raw, dict) and set(raw) <= {"args"}:
+                raw = raw.get("args")
+            if model is not None and isinstance(raw, dict):
+                unknown += [f"{name}.{k}" for k in raw if k not in model.model_fields]
+            elif model is not None and isinstance(raw, (list, tuple)) and len(raw) > len(model.model_fields):
+                unknown.append(f"{name}: {len(raw) - len(model.model_fields)} value(s) past its "
+                               f"{len(model.model_fields)} fields")
+        return unknown
+
+    def job_context(self, given: dict[str, Any], job_id: str = "") -> JobExtensions:
         """Once per job: every active extension's validated args (its defaults when the request
         gives none) and a snapshot of its settings, so hooks in the sampling loop look nothing up."""
         args = self.validate_args(given)
         for e in self.active():
             if e.name not in args:
                 args[e.name] = self.default_args(e)
-        return JobExtensions(args, {e.name: self.settings_of(e) for e in self.active()})
+        return JobExtensions(args, {e.name: self.settings_of(e) for e in self.active()}, job_id)
 
     def call(self, hook: str, stage: Any, job: JobExtensions | None = None) -> None:
         """Call `hook` on every active extension in load order, giving each its own args and
@@ -411,6 +432,10 @@ class ExtensionManager:
                 stage.args = job.args.get(name)
             if hasattr(stage, "settings"):
                 stage.settings = job.settings.get(name)
+            if hasattr(stage, "scratch"):
+                stage.scratch = job.scratch.setdefault(name, {})
+            if hasattr(stage, "job_id"):
+                stage.job_id = job.job_id
             values = {"stage": stage, "saved": stage}
             try:
                 impl.function(*[values[a] for a in impl.argnames])

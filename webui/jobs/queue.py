@@ -162,7 +162,7 @@ class JobQueue:
         except (ModelError, ValueError) as e:
             job.error, job.bad_input, state = str(e), True, "failed"
         except ExtensionError as e:  # its message names the extension and the hook
-            log.error("job %s: %s", job.id, e)
+            log.error("job %s: %s", job.id, e, exc_info=e.__cause__ or e)  # where in the extension
             job.error, state = str(e), "failed"
         except Exception as e:  # noqa: BLE001  a failed job must not stop the worker
             log.exception("job %s failed", job.id)

@@ -9,8 +9,11 @@ images go through the UNet in one batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from webui.extensions.api import Guidance
 from webui.models.load import ModelBundle
 from webui.pipeline.conditioning import ScheduledConditioning
 from webui.samplers.schedules import DiscreteSchedule
@@ -45,6 +48,8 @@ class CFGDenoiser:
         self.keep = keep.to(device) if keep is not None else None
         self.init_latents = init_latents.to(device) if init_latents is not None else None
         self._indices: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}  # row lists, on the device
+        # how cond and uncond predictions combine (an extension's, via DenoiserStage.combine); None: CFG
+        self.combine: Callable[[Guidance], torch.Tensor] | None = None
         self.step = 1  # 1-based step being computed; the runner advances it after each step
 
     @torch.no_grad()
@@ -84,7 +89,11 @@ class CFGDenoiser:
                 result[image] = sum(w * denoised[r] for r, w in conds)
                 continue
             uncond = denoised[sc.uncond_rows[image]]
-            result[image] = uncond + self.cfg_scale * sum(w * (denoised[r] - uncond) for r, w in conds)
+            if self.combine is None:
+                result[image] = uncond + self.cfg_scale * sum(w * (denoised[r] - uncond) for r, w in conds)
+            else:  # the weighted AND parts as one conditional prediction, so that cfg() is the line above
+                cond = uncond + sum(w * (denoised[r] - uncond) for r, w in conds)
+                result[image] = self.combine(Guidance(cond, uncond, self.cfg_scale, x[image], sigma))
         return self.blend(result)
 
     def blend(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from webui.images import open_untrusted
-from webui.samplers.table import find_sampler, resolve
+from webui.samplers.table import find_sampler, resolve, split_sampler_name
 
 MAX_SEED = 2**32 - 1
 
@@ -138,7 +138,7 @@ class GenerationRequest(BaseModel):
         # A name that is not built in may be an extension's sampler: the engine, which knows the
         # loaded extensions, checks it when the job starts (and the HTTP API before queuing).
         spec = find_sampler(self.sampler_name)
-        if spec is not None or find_sampler(self.sampler_name.rsplit(" ", 1)[0]) is not None:
+        if spec is not None or find_sampler(split_sampler_name(self.sampler_name)[0]) is not None:
             spec, schedule = resolve(self.sampler_name, self.scheduler)
             if (spec.name, schedule) != (self.sampler_name, self.scheduler):
                 # normalise legacy combined names ("Euler a Karras") into sampler + schedule
@@ -158,6 +158,18 @@ class GenerationRequest(BaseModel):
     def without_inputs(self) -> "GenerationRequest":
         """This request without its decoded images (what a finished job keeps)."""
         return self.model_copy(update={"init_images": (), "mask": None})
+
+    def hires_size(self) -> tuple[int, int] | None:
+        """(width, height) the hires pass renders at, or None without one. hr_resize_x/y win over
+        hr_scale; one of them alone keeps the aspect ratio; multiples of 8 (rounded down)."""
+        if not self.enable_hr or self.is_img2img:
+            return None
+        if self.hr_resize_x or self.hr_resize_y:
+            w = self.hr_resize_x or round(self.width * self.hr_resize_y / self.height)
+            h = self.hr_resize_y or round(self.height * self.hr_resize_x / self.width)
+        else:
+            w, h = round(self.width * self.hr_scale), round(self.height * self.hr_scale)
+        return w // 8 * 8, h // 8 * 8
 
     def canvas_size(self) -> tuple[int, int]:
         """(width, height) of the images this request makes (before any hires pass)."""

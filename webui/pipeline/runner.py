@@ -16,16 +16,18 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 
 import webui
 from webui.extensions import api as ext
+from webui.extensions.manager import ExtensionManager
 from webui.images import save_image
 from webui.infotext import format_infotext
 from webui.models.errors import ModelError
@@ -47,13 +49,9 @@ from webui.prompts.encode import TextConditioner
 from webui.prompts.parser import extract_extra_networks, lora_weight
 from webui.prompts.styles import StyleStore, apply_styles
 from webui.runtime.memory import offloaded_after
-from webui.samplers.kdiffusion import StepState
 from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
 from webui.samplers.table import resolve
 from webui.settings import Settings
-
-if TYPE_CHECKING:
-    from webui.extensions.manager import ExtensionManager
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +184,7 @@ class Runner:
         self.data_dir = data_dir or Path(".")
         self.get_bundle = get_bundle
         self.models_path = models_path
-        self.extensions = extensions
+        self.extensions = extensions if extensions is not None else ExtensionManager.empty()
         self._taesd: dict[tuple, TaesdPreviewer | None] = {}  # (file, mtime, device, dtype) -> decoder
         self.outputs_dir = Path(outputs_dir)
         self.library = library
@@ -204,13 +202,13 @@ class Runner:
         cancel = cancel or CancelToken()
         request = pix.apply_outpaint(request)  # stage: canvas (outpainting grows the init image first)
         with self._lock:
-            if self.extensions is None:
-                return self._generate(request, progress, cancel, preview_every)
-            info = ext.JobInfo(request=request, kind="img2img" if request.is_img2img else "txt2img")
-            return self.extensions.run_job(info, lambda: self._generate(request, progress, cancel, preview_every))
+            info = ext.JobInfo(request=request, kind="img2img" if request.is_img2img else "txt2img",
+                               id=uuid.uuid4().hex)
+            return self.extensions.run_job(info, lambda: self._generate(request, progress, cancel, preview_every,
+                                                                        info.id))
 
     def _generate(self, r: GenerationRequest, progress: ProgressFn | None, cancel: CancelToken,
-                  preview_every: int) -> GenerationResult:
+                  preview_every: int, job_id: str = "") -> GenerationResult:
         bundle = self.get_bundle(r.checkpoint)  # stage: model
         per_batch = _denoise_steps(r.steps, r.denoising_strength) if r.is_img2img else r.steps
         if r.enable_hr and not r.is_img2img:
@@ -226,10 +224,7 @@ class Runner:
         for name in (r.sampler_name, r.hr_sampler_name):
             if name:
                 self.resolve(name, r.scheduler)  # an unknown sampler fails before any work
-        if self.extensions is not None:
-            job.ext = self.extensions.job_context(r.extensions)
-        elif r.extensions:
-            raise ValueError("extensions: extensions are not loaded")
+        job.ext = self.extensions.job_context(r.extensions, job_id)
         interrupted = False
         with torch.inference_mode(), offloaded_after(bundle.runtime.memory), self.stage_tiling(job), \
                 self._undo_patches(job):
@@ -277,7 +272,7 @@ class Runner:
         prompt, negative = apply_styles(r.prompt, r.negative_prompt, [known[name] for name in r.styles])
         n = len(job.seeds)
         prompts, negatives = [prompt] * n, [negative] * n
-        if self.extensions is not None and self.extensions.has("process_prompt"):
+        if self.extensions.has("process_prompt"):
             _, parsed = extract_extra_networks(prompt)
             stage = ext.PromptStage(prompts=list(prompts), negative_prompts=list(negatives), seeds=list(job.seeds),
                                     extra_networks=[(t.kind, t.name, tuple(t.args)) for t in parsed],
@@ -471,17 +466,18 @@ class Runner:
         generators = job.generators
         make_preview = self.previewer(bundle)
         model_fn = self._setup_denoiser(job, denoiser, sampler_name, len(sigmas) - 1)
-        step_hooks = self.extensions is not None and self.extensions.has("step_end")
+        step_hooks = self.extensions.has("step_end")
 
         def noise(like: torch.Tensor) -> torch.Tensor:
             return _fresh_noise(generators, like)
 
-        def on_step(state: StepState) -> None:
+        def on_step(state: ext.SamplerStep) -> None:
             job.steps_done += 1
             if step_hooks:
                 stage = ext.StepStage(step=state.step + 1, steps=state.total, sigma=state.sigma,
-                                      denoised=state.denoised, x=state.x)
+                                      denoised=state.denoised, x=state.x, request=r)
                 self.extensions.call("step_end", stage, job.ext)
+                job.ext_infotext.update(stage.infotext)
                 if stage.replaced:
                     state.x.copy_(stage.x)  # the sampler goes on from this tensor
             job.latents = state.x
@@ -525,7 +521,7 @@ class Runner:
 
     def _setup_denoiser(self, job: Job, denoiser: CFGDenoiser, sampler_name: str, steps: int) -> Any:
         """Extensions may wrap the denoiser and patch the model (undone after the job)."""
-        if self.extensions is None or not self.extensions.has("setup_denoiser"):
+        if not self.extensions.has("setup_denoiser"):
             return denoiser
 
         def patch(obj: Any, attribute: str, value: Any) -> None:
@@ -536,6 +532,8 @@ class Runner:
                                   sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch)
         self.extensions.call("setup_denoiser", stage, job.ext)
         job.ext_infotext.update(stage.infotext)
+        if stage.combine is not None:
+            denoiser.combine = stage.combine
         return stage.denoiser
 
     def _sample_with_refiner(
@@ -577,13 +575,9 @@ class Runner:
         """Upscale the first pass, then denoise it again at the larger size."""
         r, bundle = job.request, job.bundle
         device = bundle.runtime.device
-        if r.hr_resize_x or r.hr_resize_y:
-            tw = r.hr_resize_x or round(r.width * r.hr_resize_y / r.height)
-            th = r.hr_resize_y or round(r.height * r.hr_resize_x / r.width)
-        else:
-            tw, th = round(r.width * r.hr_scale), round(r.height * r.hr_scale)
-        tw, th = tw // 8 * 8, th // 8 * 8
-        job.hires_size = (tw, th)
+        size = r.hires_size()
+        assert size is not None
+        tw, th = job.hires_size = size
         assert job.latents is not None
         if r.hr_upscaler.lower().startswith("latent"):
             start = lat.resize_latents(job.latents, th, tw)
@@ -635,7 +629,7 @@ class Runner:
 
     def resolve(self, sampler_name: str, scheduler: str) -> tuple[Any, str]:
         """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
-        return resolve(sampler_name, scheduler, self.extensions.sampler_specs() if self.extensions else ())
+        return resolve(sampler_name, scheduler, self.extensions.sampler_specs())
 
     def _sigmas(self, job: Job, sampler_name: str, steps: int) -> torch.Tensor:
         """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
@@ -652,7 +646,7 @@ class Runner:
             job.batch_images = lat.decode(job.bundle, job.latents)
 
     def stage_postprocess(self, job: Job) -> None:
-        hooks = self.extensions is not None and self.extensions.has("postprocess_image")
+        hooks = self.extensions.has("postprocess_image")
         for i, image in enumerate(job.batch_images):
             area = job.areas[i] if i < len(job.areas) else None
             if area is not None:
@@ -686,7 +680,7 @@ class Runner:
                               fmt=settings.samples_format, quality=settings.jpeg_quality,
                               pattern=settings.filename_pattern, values=values)
             job.paths.append(path)
-            if self.extensions is not None and self.extensions.has("image_saved"):
+            if self.extensions.has("image_saved"):
                 self.extensions.call("image_saved", ext.SavedImage(path, job.images[first + i],
                                                                    job.infotexts[first + i]), job.ext)
 

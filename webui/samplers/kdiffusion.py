@@ -21,25 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from webui.extensions.api import SamplerStep
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class StepState:
-    step: int  # 0-based index of the step just finished
-    total: int
-    x: torch.Tensor
-    sigma: torch.Tensor
-    denoised: torch.Tensor
-
-
-StepCallback = Callable[[StepState], None]
+StepCallback = Callable[[SamplerStep], None]  # the one step type, the extension API's
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -74,7 +66,7 @@ def sample_euler(
         denoised = denoiser(x, sigma_hat)
         x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
         if callback:
-            callback(StepState(i, n, x, sigma, denoised))
+            callback(SamplerStep(i, n, x, sigma, denoised))
     return x
 
 
@@ -92,7 +84,7 @@ def sample_euler_ancestral(
         if s[i + 1] > 0:
             x = x + noise(x) * s_noise * sigma_up
         if callback:
-            callback(StepState(i, n, x, sigmas[i], denoised))
+            callback(SamplerStep(i, n, x, sigmas[i], denoised))
     return x
 
 
@@ -115,7 +107,7 @@ def _sigma(x: torch.Tensor, value: float) -> torch.Tensor:
 
 def _report(callback: StepCallback | None, i: int, n: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
     if callback:
-        callback(StepState(i, n, x, sigma, denoised))
+        callback(SamplerStep(i, n, x, sigma, denoised))
 
 
 def _churn(x: torch.Tensor, sigma: float, n: int, noise: NoiseFn, s_churn: float, s_tmin: float, s_tmax: float,

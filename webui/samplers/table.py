@@ -95,7 +95,24 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
 
 # Legacy combined names: "<sampler> <schedule label>"; longest labels first ("SGM Uniform"
 # before "Uniform").
-_LEGACY_SCHEDULE_SUFFIXES = tuple(sorted((s for s in SCHEDULES if s != "Automatic"), key=len, reverse=True))
+# Schedule types older A1111 versions folded into the sampler name ("DPM++ 2M Karras"), by the
+# spelling found there (lower case), longest first; "SGMUniform" is an old spelling.
+_LEGACY_SUFFIXES = dict(sorted({**{s.lower(): s for s in SCHEDULES if s != "Automatic"},
+                                "sgmuniform": "SGM Uniform"}.items(), key=lambda kv: -len(kv[0])))
+
+
+def split_sampler_name(name: str) -> tuple[str, str | None]:
+    """`"DPM++ 2M Karras"` -> `("DPM++ 2M", "Karras")`; a name without a schedule suffix comes back
+    unchanged with None. Works on any name, known to the sampler table or not (the one splitter:
+    requests, settings and infotext all use it)."""
+    name = name.strip()
+    lowered = name.lower()
+    for suffix, schedule in _LEGACY_SUFFIXES.items():
+        if lowered.endswith(" " + suffix):
+            base = name[: -len(suffix) - 1].rstrip()
+            if base:
+                return base, schedule
+    return name, None
 
 
 def sampler_names() -> list[str]:
@@ -131,13 +148,9 @@ def resolve(sampler_name: str, schedule: str = "Automatic", extra: Sequence[Samp
     name = sampler_name.strip()
     spec = find_sampler(name, extra)
     if spec is None:
-        lowered = name.lower()
-        for suffix in _LEGACY_SCHEDULE_SUFFIXES:
-            if lowered.endswith(" " + suffix.lower()):
-                spec = find_sampler(name[: -len(suffix) - 1], extra)
-                if spec is not None:
-                    schedule = suffix
-                    break
+        base, suffix = split_sampler_name(name)
+        if suffix is not None and (spec := find_sampler(base, extra)) is not None:
+            schedule = suffix
     if spec is None:
         names = [*sampler_names(), *(e.name for e in extra)]
         raise ValueError(f"unknown sampler {sampler_name!r} (available: {', '.join(names)})")

@@ -45,8 +45,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
             extension_tabs(engine)
             build_settings_tab(engine.settings, engine.describe_runtime)
-            if engine.extensions is not None:
-                build_extensions_tab(engine.extensions, engine.config)
+            build_extensions_tab(engine.extensions, engine.config)
         targets = {"img2img": (img2img["init_image"], "img2img"), "inpaint": (img2img["inpaint_editor"], "img2img"),
                    "extras": (extras_image, "extras")}
         for panel in (txt2img, img2img):
@@ -73,8 +72,6 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
 def extension_tabs(engine: Engine) -> None:
     """Tabs that extensions contribute (`UiSection(tabs=("tab",))`)."""
-    if engine.extensions is None:
-        return
     for e in engine.extensions.sections("tab"):
         with gr.Tab(e.ui.title, elem_id=f"tab_ext_{e.name}"):
             try:

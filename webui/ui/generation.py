@@ -13,6 +13,7 @@ import gradio as gr
 from pydantic import ValidationError
 
 from webui.app import Engine
+from webui.models.errors import ModelError
 from webui.pipeline.request import GenerationRequest, validation_message
 from webui.samplers.table import SCHEDULES, sampler_names
 from webui.settings import Settings
@@ -99,8 +100,6 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
 def extension_sections(engine: Engine, panel: Panel, tab: str) -> None:
     """One accordion per extension that contributes to this tab; its controls are registered as
     `ext_<n>_<field>` and their values reach the extension by field name."""
-    if engine.extensions is None:
-        return
     for n, e in enumerate(engine.extensions.sections(tab)):
         with gr.Accordion(e.ui.title, open=False, elem_id=f"{panel.prefix}_ext_{e.name}"):
             try:
@@ -174,9 +173,12 @@ def make_handler(
             fields = prepare(given) if prepare else given
             folder = fields.pop("batch_folder", None)
             job = _to_request(fields, {}, ext_fields)
+            engine.check(job)  # what the API and the CLI check too, with the same messages
+            if unknown := engine.extensions.unknown_args(job.extensions):
+                gr.Warning(f"Ignored (no such argument): {', '.join(unknown)}")
         except ValidationError as e:
             raise user_error(validation_message(e)) from None
-        except ValueError as e:
+        except (ValueError, ModelError) as e:
             raise user_error(str(e)) from None
         yield from run_streaming(board, job, session_of(request), progress, folder)
 

@@ -17,15 +17,9 @@ where T is the `threshold` (in latent units: about standard deviations, the same
 and SDXL) and p the `percentile`. An estimate already within +-T of its channel mean keeps its
 values, except its outliers beyond T (the top 1 - p), which are clipped to T.
 
-Why not CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
-Flawed", §3.4)? It rescales the guided prediction g = u + s(c - u) so that its standard deviation
-matches the *conditional* prediction c's, then mixes with a factor phi. The denoiser a
-`setup_denoiser` hook wraps is a black box `(x, sigma) -> guided x0`: one call gives one
-combination of u and c, and nothing in the public API hands out c. Getting it would take a second
-model call per step (patching the CFG scale to 1: twice the cost) or reading the private
-internals of the built-in denoiser (how it lays out the UNet batch), which the extension API's
-stability promise does not cover and a later version may change. Dynamic thresholding needs only
-the guided estimate, so it works exactly, through the public API, at no extra model cost.
+Dynamic thresholding needs only the guided estimate, so it wraps the denoiser as a black box
+`(x, sigma) -> guided x0`. CFG rescale, which needs the conditional and unconditional predictions
+apart, uses the combining-guidance seam instead: see the `cfg-rescale` extension.
 
 How it plugs in -- the parts an extension author copies:
 

@@ -1,0 +1,71 @@
+"""Combining guidance as an extension seam (`DenoiserStage.combine`, API 1.1), and the shipped
+`cfg-rescale` extension written on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_extensions import write_extension
+from tests.test_shipped_prompt_extensions import engine_for, infos, load_module, pixels, req
+from webui.extensions.api import Guidance
+
+
+def test_cfg_rescale_formula() -> None:
+    rescale = load_module("cfg-rescale")
+    gen = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(4, 8, 8, generator=gen) * 3, torch.tensor(2.5)
+    cond, uncond = torch.randn(4, 8, 8, generator=gen), torch.randn(4, 8, 8, generator=gen)
+    g = Guidance(cond, uncond, 9.0, x, sigma)
+    guided = g.cfg()
+    assert torch.allclose(rescale.rescaled(guided, g, 0.0), guided, atol=1e-5)  # phi 0: plain CFG
+
+    def v(x0: torch.Tensor) -> torch.Tensor:  # the paper's space, written out independently
+        return (x / (sigma**2 + 1) - x0) * (sigma**2 + 1) ** 0.5 / sigma
+
+    full = rescale.rescaled(guided, g, 1.0)
+    assert torch.isclose(v(full).std(), v(cond).std(), rtol=1e-4)  # phi 1: the conditional spread
+    assert v(guided).std() > 2 * v(cond).std()  # (which plain CFG at scale 9 overshoots)
+    half = rescale.rescaled(guided, g, 0.5)
+    assert torch.allclose(half, (full + guided) / 2, atol=1e-5)  # a straight mix
+
+
+def test_cfg_rescale_off_by_default_on_changes_the_image(data_dir: Path) -> None:
+    engine = engine_for(data_dir)
+    clean = engine_for(data_dir, disable_all_extensions=True).runner.generate(req(cfg_scale=12))
+    default = engine.runner.generate(req(cfg_scale=12))
+    assert np.array_equal(pixels(default.images[0]), pixels(clean.images[0]))
+    assert "CFG Rescale φ" not in infos(default)[0]
+    on = engine.runner.generate(req(cfg_scale=12, extensions={"cfg-rescale": {"args": [1.0]}}))
+    assert not np.array_equal(pixels(on.images[0]), pixels(clean.images[0]))
+    assert infos(on)[0]["CFG Rescale φ"] == "1"
+    after = engine.runner.generate(req(cfg_scale=12))  # the next job is untouched
+    assert np.array_equal(pixels(after.images[0]), pixels(clean.images[0]))
+    with pytest.raises(ValueError, match="cfg-rescale.*phi"):
+        engine.runner.generate(req(extensions={"cfg-rescale": {"phi": 3}}))
+
+
+def test_an_extension_sees_cond_and_uncond_apart(data_dir: Path) -> None:
+    """An extension combining guidance itself: returning `cond` alone is guidance off (the image of
+    CFG scale 1), whatever the request's scale, and `Guidance.cfg` reproduces the built-in one."""
+    write_extension(data_dir, "cond-only", '''
+        from webui.extensions.api import hookimpl
+
+        @hookimpl
+        def setup_denoiser(stage):
+            mode = (stage.request.prompt or "").split()[-1]
+            if mode == "condonly":
+                stage.combine = lambda g: g.cond
+            elif mode == "cfg":
+                stage.combine = lambda g: g.cfg()
+    ''')
+    engine = engine_for(data_dir)
+    cond_only = engine.runner.generate(req(prompt="a red cube condonly", cfg_scale=9))
+    scale_one = engine.runner.generate(req(prompt="a red cube condonly", cfg_scale=1))  # no uncond rows at 1
+    assert np.abs(pixels(cond_only.images[0]) - pixels(scale_one.images[0])).max() <= 1
+    via_seam = engine.runner.generate(req(prompt="a red cube cfg", cfg_scale=9))
+    plain = engine_for(data_dir, disable_all_extensions=True).runner.generate(req(prompt="a red cube cfg", cfg_scale=9))
+    assert np.abs(pixels(via_seam.images[0]) - pixels(plain.images[0])).max() <= 1
