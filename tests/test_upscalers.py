@@ -392,6 +392,10 @@ def test_official_realesrgan_pth_nesting_under_params_ema(tmp_path: Path) -> Non
 
 
 def test_upscale_folder_writes_pngs_with_the_same_names_and_keeps_parameters(models: Path, tmp_path: Path) -> None:
+    from webui.extensions.manager import ExtensionManager
+    from webui.outputs import OutputWriter
+    from webui.settings import Settings
+
     src, dst = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     info = PngImagePlugin.PngInfo()
@@ -401,7 +405,8 @@ def test_upscale_folder_writes_pngs_with_the_same_names_and_keeps_parameters(mod
     noise_image(5, 5).save(src / "b.webp")  # same stem as b.jpg: must not overwrite it
     (src / "c.txt").write_text("not an image")
     (src / "d.png").write_bytes(b"broken")
-    written = UpscalerRegistry(models).upscale_folder(src, dst, "tiny-x4", scale=2)
+    save = OutputWriter(tmp_path, tmp_path / "outputs", Settings, ExtensionManager.empty()).save_as
+    written = UpscalerRegistry(models).upscale_folder(src, dst, "tiny-x4", save=save, scale=2)
     assert [p.name for p in written] == ["a.png", "b.png", "b_2.png"]
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "b.png", "b_2.png"]
     with Image.open(dst / "a.png") as a:
@@ -410,9 +415,9 @@ def test_upscale_folder_writes_pngs_with_the_same_names_and_keeps_parameters(mod
     with Image.open(dst / "b.png") as b:
         assert b.size == (10, 10) and "parameters" not in b.info
     with pytest.raises(ValueError, match="must differ"):
-        UpscalerRegistry(models).upscale_folder(src, src, "Lanczos", scale=2)
+        UpscalerRegistry(models).upscale_folder(src, src, "Lanczos", save=save, scale=2)
     with pytest.raises(ModelError, match="unknown upscaler"):
-        UpscalerRegistry(models).upscale_folder(src, tmp_path / "never", "nope", scale=2)
+        UpscalerRegistry(models).upscale_folder(src, tmp_path / "never", "nope", save=save, scale=2)
     assert not (tmp_path / "never").exists()
 
 

@@ -21,6 +21,7 @@ from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 from webui.models.registry import CheckpointInfo, ModelRegistry
 from webui.networks.registry import NetworkRegistry
+from webui.outputs import OutputWriter
 from webui.prompts.styles import StyleStore
 from webui.samplers.table import resolve
 from webui.settings import Settings, SettingsStore
@@ -60,6 +61,7 @@ class Engine:
         self.styles = styles
         current = self.settings.get()
         self.cache: ModelCache[ModelBundle] = ModelCache(park=self._park, unpark=self._unpark)
+        self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
         self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,
                              max_bytes=config.job_retention_mb * 2**20)
         self._apply_settings(current)
@@ -117,7 +119,7 @@ class Engine:
                     return upscalers.upscale(image, name, size=size, device=runtime.device)
 
                 runner = Runner(self.bundle, self.config.outputs_path, library, upscale, self.config.models_path,
-                                self.extensions, self.settings.get, self.config.data_dir)
+                                self.extensions, self.settings.get, self.config.data_dir, writer=self.writer)
                 self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
             return self._side
 

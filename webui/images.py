@@ -241,12 +241,14 @@ def read_infotext(image: Image.Image) -> str | None:
 # --- saving --------------------------------------------------------------------------------------
 
 
-def _encode(image: Image.Image, fmt: str, infotext: str, quality: int) -> bytes:
+def image_file_bytes(image: Image.Image, fmt: str, infotext: str, quality: int = 95) -> bytes:
+    """The image as file bytes in `fmt` (png, jpeg, webp), the infotext as its metadata."""
     pil_format = FORMATS[fmt][0]
     buf = io.BytesIO()
     if pil_format == "PNG":
         meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", infotext)
+        if infotext:
+            meta.add_text("parameters", infotext)
         image.save(buf, format="PNG", pnginfo=meta)
         return buf.getvalue()
     exif = exif_with_user_comment(infotext) if infotext else b""
@@ -279,7 +281,7 @@ def save_image(image: Image.Image, folder: Path, seed: int, infotext: str, fmt: 
         raise ValueError(f"unknown image format {fmt!r} (available: png, jpeg, webp)")
     ext = FORMATS[key][1]
     stem = filename_stem(pattern, seed, values)
-    data = _encode(image, key, infotext, quality)
+    data = image_file_bytes(image, key, infotext, quality)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=f".{ext}")
@@ -324,7 +326,7 @@ def save_png(image: Image.Image, target: Path, infotext: str | None) -> Path:
 def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
     """The image as PNG bytes, with the infotext in its `parameters` chunk when given."""
     if infotext:
-        return _encode(image, "png", infotext, 0)
+        return image_file_bytes(image, "png", infotext, 0)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

@@ -30,6 +30,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 
 import webui
+from webui import extras
 from webui.api.a1111 import option_defaults
 from webui.api.models import (
     ExtrasBatchImagesBody,
@@ -146,44 +147,21 @@ class Api:
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
 
-    def upscale(self, images: list[Image.Image], body: ExtrasOptions) -> tuple[list[Image.Image], str]:
-        """`images` through the Extras upscale (upscaler_1, then upscaler_2 blended over it by
-        extras_upscaler_2_visibility) as one job on the queue; the images and the info line."""
-        e = self.engine
-        self._check_upscaler(body.upscaler_1, "upscaler_1")
+    def upscale(self, images: list[Image.Image], body: ExtrasOptions) -> tuple[list[Image.Image], list[str], str]:
+        """`images` through the Extras stage (a job on the queue): the images, each one's infotext,
+        and the info line (with the notes)."""
         second = body.upscaler_2 if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0 else None
-        if second:
-            self._check_upscaler(second, "upscaler_2")
-        if body.resize_mode == 1:
-            options: dict[str, Any] = {"size": (body.upscaling_resize_w, body.upscaling_resize_h)}
-        else:
-            options = {"scale": body.upscaling_resize}
-
-        def work(progress, cancel, every) -> list[Image.Image]:
-            out = []
-            for image in images:
-                def run(name: str) -> Image.Image:
-                    return e.upscalers.upscale(image, name, device=e.runtime.device,
-                                               cancel=lambda: cancel.interrupted, **options)
-                first = run(body.upscaler_1).convert("RGB")
-                if second:
-                    first = Image.blend(first, run(second).convert("RGB").resize(first.size, Image.LANCZOS),
-                                        body.extras_upscaler_2_visibility)
-                out.append(first)
-            return out
-
-        job = e.jobs.submit("extras", work, owner="api")
-        job.done.wait()
-        if job.error:
-            raise HTTPException(422 if job.bad_input else 500, job.error)
-        result: list[Image.Image] = job.result
-        info = f"Postprocess upscaler: {body.upscaler_1}"
-        if second:
-            info += f", Postprocess upscaler 2: {second}, Postprocess upscaler 2 visibility: " \
-                    f"{body.extras_upscaler_2_visibility:g}"
-        if result:
-            info += f", Postprocess upscale to: {result[0].width}x{result[0].height}"
-        return result, "; ".join([info, *body.notes])
+        how = extras.Upscale(body.upscaler_1, scale=body.upscaling_resize,
+                             size=(body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None,
+                             second=second, visibility=body.extras_upscaler_2_visibility)
+        try:
+            result = extras.run(self.engine, images, how, save=False, owner="api")
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+        except RuntimeError as err:
+            raise HTTPException(500, str(err)) from None
+        info = how.infotext(result.images[0]) if result.images else ""
+        return result.images, result.infotexts, "; ".join([info, *body.notes])
 
     def options(self) -> dict[str, Any]:
         """GET /options: every key A1111's has (its default where we have no such setting, the value
@@ -416,19 +394,13 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     def extra_single_image(body: ExtrasSingleImageBody) -> ExtrasSingleImageResponse:
-        (out,), note = api.upscale([body.image], body)
-        source = read_infotext(body.image)
-        return ExtrasSingleImageResponse(html_info=note, image=_b64(out, f"{source}\n{note}" if source else note))
+        (out,), (text,), note = api.upscale([body.image], body)
+        return ExtrasSingleImageResponse(html_info=note, image=_b64(out, text))
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
     def extra_batch_images(body: ExtrasBatchImagesBody) -> ExtrasBatchImagesResponse:
-        sources = [item.data for item in body.imageList]
-        out, note = api.upscale(sources, body)
-        images = []
-        for source, image in zip(sources, out):
-            text = read_infotext(source)
-            images.append(_b64(image, f"{text}\n{note}" if text else note))
-        return ExtrasBatchImagesResponse(html_info=note, images=images)
+        out, texts, note = api.upscale([item.data for item in body.imageList], body)
+        return ExtrasBatchImagesResponse(html_info=note, images=[_b64(im, t) for im, t in zip(out, texts)])
 
     @router.post("/png-info", response_model=PngInfoResponse)
     def png_info(body: PngInfoBody) -> PngInfoResponse:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from webui.images import IMAGE_SUFFIXES, list_images, open_image, save_png
+from webui.images import IMAGE_SUFFIXES, list_images, open_image
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import GenerationRequest
 
@@ -94,7 +94,7 @@ def img2img_folder(
         paths = result.paths
         if batch.output_dir is not None and request.save_images:
             names = [path.stem] + [f"{path.stem}-{i}" for i in range(1, len(result.images))]
-            paths = [save_png(im, batch.output_dir / f"{name}.png", text)
+            paths = [runner.writer.save_as(im, batch.output_dir, name, text)
                      for im, name, text in zip(result.images, names, result.infotexts)]
         total.images += result.images
         total.seeds += result.seeds

@@ -11,7 +11,6 @@ will hook.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import random
 import threading
@@ -28,7 +27,6 @@ from PIL import Image
 import webui
 from webui.extensions import api as ext
 from webui.extensions.manager import ExtensionManager
-from webui.images import save_image
 from webui.infotext import format_infotext
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
@@ -36,6 +34,7 @@ from webui.models.load import ModelBundle
 from webui.networks.embeddings import Embedding, EmbeddingLibrary
 from webui.networks.lora import LoraWeights, apply_loras, load_lora
 from webui.networks.registry import NetworkFile, NetworkRegistry
+from webui.outputs import OutputWriter
 from webui.pipeline import init_image as pix
 from webui.pipeline import latents as lat
 from webui.pipeline.conditioning import ScheduledConditioning, plan_prompts
@@ -179,6 +178,7 @@ class Runner:
         extensions: ExtensionManager | None = None,
         settings: Callable[[], Settings] | None = None,  # the current Settings (read at each save)
         data_dir: Path | None = None,  # relative output folders in the settings start here
+        writer: OutputWriter | None = None,  # saves the images (default: one over the arguments above)
     ) -> None:
         self.settings = settings or Settings
         self.data_dir = data_dir or Path(".")
@@ -189,6 +189,7 @@ class Runner:
         self.outputs_dir = Path(outputs_dir)
         self.library = library
         self.upscale = upscale
+        self.writer = writer or OutputWriter(self.data_dir, self.outputs_dir, self.settings, self.extensions)
         self._lock = threading.Lock()
         self._lora_cache: dict[Path, tuple[int, LoraWeights]] = {}  # path -> (mtime_ns, weights)
 
@@ -667,22 +668,16 @@ class Runner:
     def stage_save(self, job: Job) -> None:
         if not job.request.save_images:
             return
-        r, settings = job.request, self.settings()
+        r = job.request
         kind = "img2img" if r.is_img2img else "txt2img"
-        folder = settings.samples_dir(kind, self.data_dir, self.outputs_dir) / dt.date.today().isoformat()
         first = len(job.images) - len(job.batch_images)
         bundle = job.base or job.bundle
         for i in range(len(job.batch_images)):
             values = {"steps": r.steps, "cfg": f"{r.cfg_scale:g}", "sampler": r.sampler_name, "width": r.width,
                       "height": r.height, "model_name": bundle.model_name, "model_hash": bundle.hash10 or "",
                       "prompt": job.prompts[i]}
-            path = save_image(job.images[first + i], folder, job.seeds[i], job.infotexts[first + i],
-                              fmt=settings.samples_format, quality=settings.jpeg_quality,
-                              pattern=settings.filename_pattern, values=values)
-            job.paths.append(path)
-            if self.extensions.has("image_saved"):
-                self.extensions.call("image_saved", ext.SavedImage(path, job.images[first + i],
-                                                                   job.infotexts[first + i]), job.ext)
+            job.paths.append(self.writer.save(job.images[first + i], kind, job.infotexts[first + i],
+                                              seed=job.seeds[i], values=values, job=job.ext))
 
     # --- helpers ------------------------------------------------------------------------------
 

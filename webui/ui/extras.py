@@ -7,13 +7,19 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from webui import extras
 from webui.app import Engine
-from webui.images import check_pixels, dated_dir, read_infotext, save_image
 from webui.models.errors import ModelError
 from webui.ui.img2img import FOLDERS_REFUSED
 from webui.ui.messages import user_error
 
 BUILTIN = ["Lanczos", "Nearest"]
+
+
+def _how(name: str, how: str, scale: float, w: float, h: float) -> extras.Upscale:
+    if how == "Scale to":
+        return extras.Upscale(name, scale=None, size=(int(w), int(h)))
+    return extras.Upscale(name, scale=float(scale))
 
 
 def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
@@ -44,17 +50,11 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
     def upscale(image: Image.Image | None, name: str, how: str, scale: float, w: float, h: float):
         if image is None:
             raise user_error("Put an image in the Extras tab first.")
-        size = (int(w), int(h)) if how == "Scale to" else None
         try:
-            check_pixels(image)
-            out = engine.upscalers.upscale(image, name, scale=None if size else float(scale), size=size,
-                                           device=engine.runtime.device)
-        except (ModelError, ValueError) as e:
+            result = extras.run(engine, [image], _how(name, how, scale, w, h), save=True)
+        except (ModelError, ValueError, RuntimeError) as e:
             raise user_error(str(e)) from None
-        source_text = read_infotext(image) or ""
-        note = f"Postprocess upscaler: {name}, Postprocess upscale to: {out.width}x{out.height}"
-        text = f"{source_text}\n{note}".strip() if source_text else note
-        path = save_image(out, dated_dir(engine.config.outputs_path, "extras"), 0, text)
+        out, path = result.images[0], result.paths[0]
         return out, f"{out.width}x{out.height}, saved as {path.name}"
 
     run.click(upscale, inputs=[source, upscaler, mode, factor, width, height], outputs=[result, info],
@@ -65,11 +65,9 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
             raise user_error(FOLDERS_REFUSED)
         if not (src or "").strip() or not (dst or "").strip():
             raise user_error("Type the input and the output folder first.")
-        options = {"size": (int(w), int(h))} if how == "Scale to" else {"scale": float(scale)}
         try:
-            written = engine.upscalers.upscale_folder(Path(src.strip()), Path(dst.strip()), name,
-                                                      device=engine.runtime.device, **options)
-        except (ModelError, ValueError) as e:
+            written = extras.run_folder(engine, Path(src.strip()), Path(dst.strip()), _how(name, how, scale, w, h))
+        except (ModelError, ValueError, RuntimeError) as e:
             raise user_error(str(e)) from None
         last = Image.open(written[-1]) if written else None
         return last, f"{len(written)} image(s) written to {dst.strip()}"

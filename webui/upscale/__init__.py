@@ -5,7 +5,7 @@ model files (RRDBNet in the ESRGAN and Real-ESRGAN layouts, SRVGGNetCompact) fro
     registry = UpscalerRegistry(config.models_path)
     registry.names()                      # ["None", "Lanczos", "Nearest", "4x-UltraSharp", ...]
     big = registry.upscale(image, "4x-UltraSharp", scale=2.5)           # or size=(w, h)
-    registry.upscale_folder(src_dir, dst_dir, "Lanczos", size=(1024, 1024))
+    registry.upscale_folder(src_dir, dst_dir, "Lanczos", save=writer.save_as, size=(1024, 1024))  # webui.outputs
 
 The networks are implemented here, with torch alone. The `spandrel` library would cover more
 architectures, but it imports torchvision for every architecture at `import spandrel`, and

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from webui.images import list_images, open_image, save_png
+from webui.images import list_images, open_image
 from webui.models.errors import ModelError
 from webui.models.readers import read_state_dict
+from webui.outputs import unique_stems
 from webui.upscale.arch import Network, build_network
 from webui.upscale.tiles import Cancelled, upscale_tensor
 
@@ -258,14 +259,15 @@ class UpscalerRegistry:
         dst: Path,
         name: str,
         *,
+        save: Callable[[Image.Image, Path, str, str], Path],
         cancel: Callable[[], bool] | None = None,
         **options,
     ) -> list[Path]:
-        """Upscale every image directly in `src` into `dst` as `<stem>.png`, keeping the infotext
-        (PNG `parameters`, or a JPEG/WebP EXIF comment) as the PNG `parameters` chunk. Files that
-        are not readable images are skipped with a warning. `options` are those of `upscale`;
-        `cancel` is also polled between images (raises `Cancelled`; what is written stays).
-        Returns the written paths, in source-name order."""
+        """Upscale every image directly in `src` into `dst` under its own name, keeping its infotext
+        (PNG `parameters`, or a JPEG/WebP EXIF comment): `save(image, dst, stem, infotext)` writes
+        each (the app's output writer). Files that are not readable images are skipped with a
+        warning. `options` are those of `upscale`; `cancel` is also polled between images (raises
+        `Cancelled`; what is written stays). Returns the written paths, in source-name order."""
         src, dst = Path(src), Path(dst)
         if not src.is_dir():
             raise ValueError(f"input folder {src} does not exist")
@@ -276,8 +278,7 @@ class UpscalerRegistry:
         files = list_images(src)
         dst.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
-        used: set[str] = set()
-        for path in files:
+        for path, stem in zip(files, unique_stems([f.stem for f in files])):
             if cancel is not None and cancel():
                 raise Cancelled()
             opened = open_image(path)
@@ -285,10 +286,5 @@ class UpscalerRegistry:
                 continue
             image, infotext = opened
             result = self.upscale(image, name, cancel=cancel, **options)
-            stem, n = path.stem, 1
-            while f"{stem}.png".lower() in used:
-                n += 1
-                stem = f"{path.stem}_{n}"
-            used.add(f"{stem}.png".lower())
-            written.append(save_png(result, dst / f"{stem}.png", infotext))
+            written.append(save(result, dst, stem, infotext or ""))
         return written
