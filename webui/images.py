@@ -142,11 +142,6 @@ def filename_stem(pattern: str, seed: int, values: Mapping[str, object] | None =
     return sanitize_filename_part(_TOKEN.sub(fill, pattern), fallback=str(seed))
 
 
-def dated_dir(root: Path, kind: str, today: dt.date | None = None) -> Path:
-    """`<root>/<kind>-images/YYYY-MM-DD`."""
-    return Path(root) / f"{kind}-images" / (today or dt.date.today()).isoformat()
-
-
 def next_number(folder: Path) -> int:
     numbers = [int(m.group(1)) for p in folder.glob("*") if (m := _NUMBERED.match(p.name))] if folder.is_dir() else []
     return max(numbers, default=-1) + 1
