@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from webui.config import Config, parse_auth
+from webui.pipeline.request import MaskedContent, ResizeMode, labelled
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
@@ -101,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--init-image", type=Path, required=True, action="append", dest="init_images")
     i.add_argument("--mask", type=Path, help="white = repaint")
     i.add_argument("--denoising-strength", type=float, default=0.75)
-    i.add_argument("--resize-mode", type=int, default=0, choices=range(4), help="0 resize, 1 crop, 2 fill, 3 latent")
+    i.add_argument("--resize-mode", type=int, default=0, choices=range(4), help=labelled(ResizeMode))
     i.add_argument("--mask-blur", type=int, default=4)
-    i.add_argument("--inpainting-fill", type=int, default=1, choices=range(4), help="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    i.add_argument("--inpainting-fill", type=int, default=1, choices=range(4), help=labelled(MaskedContent))
     i.add_argument("--inpaint-full-res", action="store_true", help="only the masked area, at full resolution")
     i.add_argument("--inpaint-full-res-padding", type=int, default=32)
     i.add_argument("--inpainting-mask-invert", type=int, default=0, choices=(0, 1))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from webui.api.a1111 import drop_nulls, generation_fields
-from webui.pipeline.request import GenerationRequest, ImageInput
+from webui.pipeline.request import GenerationRequest, ImageInput, MaskedContent
 
 # override_settings keys that map onto request fields (others are reported as ignored)
 OVERRIDE_FIELDS = {
@@ -45,7 +45,7 @@ class GenerationBody(GenerationRequest):
     sampler_index: str | None = None  # legacy name of sampler_name
     include_init_images: bool = False
     # A1111's API defaults for inpainting (its page, like ours, starts from "original", whole picture, 32)
-    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpainting_fill: MaskedContent = MaskedContent.FILL
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = Field(0, ge=0, le=256)
     notes: SkipJsonSchema[tuple[str, ...]] = ()  # what was adjusted or ignored (filled by the validator)

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from webui.pipeline.request import ResizeMode
+
 if TYPE_CHECKING:
     from webui.pipeline.request import GenerationRequest
 
-JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL, LATENT_UPSCALE = range(4)
+JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL, LATENT_UPSCALE = ResizeMode  # the one definition is the request's
 
 
 def resize_image(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:

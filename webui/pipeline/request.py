@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from enum import IntEnum
 from typing import Annotated, Any
 
 from PIL import Image
@@ -28,6 +29,37 @@ MAX_SEED = 2**32 - 1
 
 
 MAX_OUTPAINT = 2048
+
+
+class ResizeMode(IntEnum):
+    """How an init image is brought to the request's size (A1111's numbers and labels)."""
+
+    JUST_RESIZE = 0
+    CROP_AND_RESIZE = 1
+    RESIZE_AND_FILL = 2
+    LATENT_UPSCALE = 3  # resized as latents, after encoding at the image's own size
+
+    @property
+    def label(self) -> str:
+        return ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")[self]
+
+
+class MaskedContent(IntEnum):
+    """What the masked area starts from when inpainting (A1111's `inpainting_fill`)."""
+
+    FILL = 0  # the surrounding colours, blurred in
+    ORIGINAL = 1
+    LATENT_NOISE = 2
+    LATENT_NOTHING = 3
+
+    @property
+    def label(self) -> str:
+        return ("fill", "original", "latent noise", "latent nothing")[self]
+
+
+def labelled(enum: type[IntEnum]) -> str:
+    """`0 just resize, 1 crop and resize, ...`: an enum's numbers and labels, for help texts."""
+    return ", ".join(f"{m.value} {m.label}" for m in enum)  # type: ignore[attr-defined]
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -111,10 +143,10 @@ class GenerationRequest(BaseModel):
 
     # img2img and inpainting
     init_images: tuple[ImageInput, ...] = ()
-    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
+    resize_mode: ResizeMode = ResizeMode.JUST_RESIZE
     mask: ImageInput | None = None
     mask_blur: int = Field(4, ge=0, le=64)
-    inpainting_fill: int = Field(1, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_fill: MaskedContent = MaskedContent.ORIGINAL
     inpaint_full_res: bool = False  # True: only the masked area, at full resolution
     inpaint_full_res_padding: int = Field(32, ge=0, le=256)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)

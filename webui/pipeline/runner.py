@@ -42,7 +42,7 @@ from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.noise import image_noise
 from webui.pipeline.preview import approximate_rgb
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
-from webui.pipeline.request import MAX_SEED, GenerationRequest
+from webui.pipeline.request import MAX_SEED, GenerationRequest, MaskedContent, ResizeMode
 from webui.pipeline.taesd import TaesdPreviewer, find_taesd, load_taesd
 from webui.prompts.encode import TextConditioner
 from webui.prompts.parser import extract_extra_networks, lora_weight
@@ -380,11 +380,11 @@ class Runner:
                 small_mask = pix.resize_image(mask, r.resize_mode, r.width, r.height)
                 job.areas[i] = pix.InpaintArea(image, pix.blur_mask(small_mask, r.mask_blur), None)
             blurred = pix.blur_mask(small_mask, r.mask_blur)
-            if r.inpainting_fill == 0:
+            if r.inpainting_fill == MaskedContent.FILL:
                 image = pix.fill_masked(image, blurred)
             job.init_pixels.append(image)
             latent_masks.append(lat.latent_mask(blurred, r.width, r.height))
-        if r.resize_mode == pix.LATENT_UPSCALE and r.mask is None:
+        if r.resize_mode == ResizeMode.LATENT_UPSCALE and r.mask is None:
             sources = [r.init_images[(len(job.images) + i) % len(r.init_images)].convert("RGB") for i in range(len(job.seeds))]
             w8, h8 = (max(64, sources[0].width // 8 * 8), max(64, sources[0].height // 8 * 8))
             small = lat.encode(bundle, [s.resize((w8, h8), Image.Resampling.LANCZOS) for s in sources])
@@ -436,8 +436,10 @@ class Runner:
         ]
         job.noise = torch.cat([n for n, _ in made])
         job.generators = [g for _, g in made]
-        if job.init_latents is not None and job.keep is not None and r.inpainting_fill in (2, 3):
-            masked_content = job.noise.to(job.init_latents.device) if r.inpainting_fill == 2 else 0.0
+        if job.init_latents is not None and job.keep is not None and \
+                r.inpainting_fill in (MaskedContent.LATENT_NOISE, MaskedContent.LATENT_NOTHING):
+            masked_content = job.noise.to(job.init_latents.device) if r.inpainting_fill == MaskedContent.LATENT_NOISE \
+                else 0.0
             job.init_latents = job.init_latents * job.keep + masked_content * (1.0 - job.keep)
 
     # --- sampling -----------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from webui.app import Engine
 from webui.images import check_pixels
 from webui.pipeline.batch import FolderBatch
 from webui.pipeline.init_image import Outpaint
+from webui.pipeline.request import MaskedContent, ResizeMode
 from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 
-RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
-MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
+RESIZE_MODES = [m.label for m in ResizeMode]
+MASKED_CONTENT = [m.label for m in MaskedContent]
 SOURCES = ("img2img", "sketch", "inpaint", "inpaint_upload", "batch")
 FOLDERS_REFUSED = ("Batch from a folder reads and writes folders on the server, so it is off while the server "
                    "listens beyond this computer (--listen) or shares a public link (--share).")
@@ -79,7 +80,7 @@ def prepare(given: dict[str, Any], allow_folders: bool = True) -> dict[str, Any]
     fields["init_images"] = (image,)
     fields["mask"] = mask
     fields["resize_mode"] = RESIZE_MODES.index(fields.get("resize_mode") or RESIZE_MODES[0])
-    fields["inpainting_fill"] = MASKED_CONTENT.index(fields.get("inpainting_fill") or "original")
+    fields["inpainting_fill"] = MASKED_CONTENT.index(fields.get("inpainting_fill") or MaskedContent.ORIGINAL.label)
     fields["inpainting_mask_invert"] = int(fields.get("inpainting_mask_invert") == "Inpaint not masked")
     fields["inpaint_full_res"] = fields.get("inpaint_full_res") == "Only masked"
     return fields
@@ -136,7 +137,8 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                         panel.add("inpainting_mask_invert", gr.Radio(["Inpaint masked", "Inpaint not masked"],
                                                                      value="Inpaint masked", label="Mask mode",
                                                                      elem_id="img2img_mask_mode"))
-                    panel.add("inpainting_fill", gr.Radio(MASKED_CONTENT, value="original", label="Masked content",
+                    panel.add("inpainting_fill", gr.Radio(MASKED_CONTENT, value=MaskedContent.ORIGINAL.label,
+                                                          label="Masked content",
                                                           elem_id="img2img_inpainting_fill"))
                     with gr.Row():
                         panel.add("inpaint_full_res", gr.Radio(["Whole picture", "Only masked"], value="Whole picture",
