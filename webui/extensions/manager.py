@@ -25,6 +25,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
+from webui.errors import ExtensionError
 from webui.extensions import api
 from webui.extensions.api import JobRejected, SettingsRegistry, UiSection
 from webui.extensions.hookspecs import Hooks
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "webui.extensions"
 MANIFEST = "extension.toml"
-
-
-class ExtensionError(RuntimeError):
-    """A hook raised during a job; the message names the extension and the hook."""
 
 
 @dataclass

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from webui.extensions.manager import ExtensionError
-from webui.models.errors import ModelError
+from webui.errors import classify
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -159,14 +158,11 @@ class JobQueue:
         try:
             job.result = job.work(report, job.token, self.preview_every)
             state: State = "done"
-        except (ModelError, ValueError) as e:
-            job.error, job.bad_input, state = str(e), True, "failed"
-        except ExtensionError as e:  # its message names the extension and the hook
-            log.error("job %s: %s", job.id, e, exc_info=e.__cause__ or e)  # where in the extension
-            job.error, state = str(e), "failed"
         except Exception as e:  # noqa: BLE001  a failed job must not stop the worker
-            log.exception("job %s failed", job.id)
-            job.error, state = f"generation failed: {type(e).__name__}: {e}", "failed"
+            failure = classify(e)
+            if failure.log_traceback:  # an extension's: where in it (the cause); the app's: where in it
+                log.error("job %s: %s", job.id, failure.message, exc_info=e.__cause__ or e)
+            job.error, job.bad_input, state = failure.message, failure.bad_input, "failed"
         with self._lock:
             self._finish(job, state)
 
