@@ -17,6 +17,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,13 @@ ENTRY_POINT_GROUP = "webui.extensions"
 MANIFEST = "extension.toml"
 
 
+class Status(StrEnum):
+    NOT_LOADED = "not loaded"
+    LOADED = "loaded"
+    DISABLED = "disabled"
+    ERROR = "error"
+
+
 @dataclass
 class Extension:
     name: str
@@ -49,7 +57,8 @@ class Extension:
     load_after: tuple[str, ...] = ()
     load_before: tuple[str, ...] = ()
     enabled: bool = True  # the user's choice
-    status: str = "not loaded"  # "loaded", "disabled", or "error: <reason>"
+    state: Status = Status.NOT_LOADED
+    reason: str = ""  # why it is disabled (when not by the user) or failed
     module: ModuleType | None = None
     ui: UiSection | None = None
     samplers: list[Any] = field(default_factory=list)  # SamplerSpec of the samplers it adds
@@ -58,7 +67,14 @@ class Extension:
 
     @property
     def active(self) -> bool:
-        return self.status == "loaded"
+        return self.state is Status.LOADED
+
+    @property
+    def status(self) -> str:
+        """The Extensions tab's words: "loaded", "disabled", "disabled (<why>)", "error: <why>"."""
+        if self.state is Status.ERROR:
+            return f"error: {self.reason}"
+        return f"{self.state} ({self.reason})" if self.reason else str(self.state)
 
     def assets(self) -> tuple[list[Path], list[Path]]:
         """(javascript files, css files) the page adds."""
@@ -141,7 +157,8 @@ def order(extensions: list[Extension]) -> list[Extension]:
         ready = sorted(n for n in by_name if n not in placed and after[n] <= placed)
         if not ready:
             for n in sorted(set(by_name) - placed):
-                by_name[n].status = "error: load order cycle between " + ", ".join(sorted(set(by_name) - placed))
+                by_name[n].state = Status.ERROR
+                by_name[n].reason = "load order cycle between " + ", ".join(sorted(set(by_name) - placed))
             break
         result.append(by_name[ready[0]])
         placed.add(ready[0])
@@ -202,9 +219,9 @@ class ExtensionManager:
                 try:
                     ext = read_manifest(folder)
                 except ValueError as e:
-                    ext = Extension(name=folder.name, path=folder, status=f"error: {e}")
+                    ext = Extension(name=folder.name, path=folder, state=Status.ERROR, reason=str(e))
                 if any(other.name == ext.name for other in found):
-                    ext.status = f"error: another extension is already named {ext.name!r}"
+                    ext.state, ext.reason = Status.ERROR, f"another extension is already named {ext.name!r}"
                     ext.name = f"{ext.name} ({folder})"
                 found.append(ext)
         if self.packages:
@@ -224,18 +241,18 @@ class ExtensionManager:
         exts = self.discover()
         for e in exts:
             e.enabled = e.name not in disabled
-        self.extensions = order([e for e in exts if not e.status.startswith("error")]) + [
-            e for e in exts if e.status.startswith("error")]
+        self.extensions = order([e for e in exts if e.state is not Status.ERROR]) + [
+            e for e in exts if e.state is Status.ERROR]
         names = {e.name for e in self.extensions if e.enabled}
         modules: list[Extension] = []
         for e in self.extensions:
-            if e.status.startswith("error"):
+            if e.state is Status.ERROR:
                 continue
             if not self.enabled:
-                e.status = "disabled (--disable-all-extensions)"
+                e.state, e.reason = Status.DISABLED, "--disable-all-extensions"
                 continue
             if not e.enabled:
-                e.status = "disabled"
+                e.state = Status.DISABLED
                 continue
             missing = [r for r in e.requires if r not in names]
             if missing:
@@ -262,7 +279,7 @@ class ExtensionManager:
                 self._unregister(e)
                 self._fail(e, f"{type(err).__name__}: {err}")
                 continue
-            e.status = "loaded"
+            e.state = Status.LOADED
         for e in self.active():
             self._start(e)
         return self.extensions
@@ -325,7 +342,7 @@ class ExtensionManager:
 
     @staticmethod
     def _fail(e: Extension, reason: str) -> None:
-        e.status = f"error: {reason}"
+        e.state, e.reason = Status.ERROR, reason
         log.error("extension %s disabled: %s", e.name, reason)
 
     def status_line(self, e: Extension) -> str:

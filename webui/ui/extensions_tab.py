@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from webui.extensions import install
+from webui.extensions.manager import Status
 from webui.guard import same_origin
 from webui.ui.messages import user_error
 
@@ -37,7 +38,7 @@ def _rows(manager: ExtensionManager, updates: dict[str, str], installed: list[st
 
 
 def _status(e: Extension, manager: ExtensionManager) -> str:
-    if e.enabled and e.status == "disabled":
+    if e.enabled and e.state is Status.DISABLED and not e.reason:  # disabled by the user, enabled again
         return "disabled: enabled again, restart to load it"
     if not e.enabled and e.active:
         return "loaded: disabled, restart to unload it"
