@@ -99,3 +99,19 @@ def test_unrecognised_files_say_what_they_are(checkpoint_store: Path) -> None:
     broken = {k: v for k, v in sd.items() if "attn2.to_k" not in k}
     with pytest.raises(ModelError):
         detect(broken, Path("x.safetensors"))
+
+
+def test_the_pipeline_names_no_family() -> None:
+    """Families are data (webui.models.families): the pipeline reads a family's fields (time ids,
+    preview factors, TAESD stem, schedule list) and never tests its name, so a new family is a new
+    spec plus detection."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "webui"
+    offenders = []
+    for folder in ("pipeline", "samplers", "prompts", "networks"):
+        for path in (root / folder).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r'family\.name|startswith\("sd|== "sd(1|2|xl)"', line):
+                    offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

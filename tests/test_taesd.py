@@ -111,25 +111,27 @@ def _touch(path: Path) -> Path:
 
 
 def test_find_taesd_per_family(tmp_path: Path):
+    from webui.models.families import FAMILIES
+
     models = tmp_path / "models"
     for family in ("sd1", "sd2", "sdxl"):
-        assert find_taesd(models, family) is None
+        assert find_taesd(models, FAMILIES[family].taesd_stem) is None
     folder = models / "VAE-approx"
     _touch(folder / "taesd_encoder.safetensors")  # encoders are not decoders
     (folder / "taesdxl_decoder.pth").mkdir()  # nor are folders
-    assert find_taesd(models, "sd1") is None
-    assert find_taesd(models, "sdxl") is None
+    assert find_taesd(models, FAMILIES["sd1"].taesd_stem) is None
+    assert find_taesd(models, FAMILIES["sdxl"].taesd_stem) is None
 
     sd_pth = _touch(folder / "taesd_decoder.pth")
-    assert find_taesd(models, "sd1") == sd_pth
-    assert find_taesd(models, "sd2") == sd_pth
-    assert find_taesd(models, "sdxl") is None  # an SD1 decoder is no use for SDXL latents
+    assert find_taesd(models, FAMILIES["sd1"].taesd_stem) == sd_pth
+    assert find_taesd(models, FAMILIES["sd2"].taesd_stem) == sd_pth
+    assert find_taesd(models, FAMILIES["sdxl"].taesd_stem) is None  # an SD1 decoder is no use for SDXL latents
 
     sd_st = _touch(folder / "taesd_decoder.safetensors")
     xl_st = _touch(folder / "taesdxl_decoder.safetensors")
-    assert find_taesd(models, "sd1") == sd_st  # safetensors preferred
-    assert find_taesd(models, "sd2") == sd_st
-    assert find_taesd(models, "sdxl") == xl_st
+    assert find_taesd(models, FAMILIES["sd1"].taesd_stem) == sd_st  # safetensors preferred
+    assert find_taesd(models, FAMILIES["sd2"].taesd_stem) == sd_st
+    assert find_taesd(models, FAMILIES["sdxl"].taesd_stem) == xl_st
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -12,6 +12,12 @@ from typing import Literal
 
 TextEncoderKind = Literal["clip", "openclip"]
 
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's defaults
+# Least-squares fits of RGB on the 4 latent channels, per VAE latent space (community-measured).
+SD_PREVIEW = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
+SDXL_PREVIEW = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+                (-0.3165, -0.2492, -0.2188))
+
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
@@ -47,9 +53,23 @@ class FamilySpec:
     # SDXL refiner: 5 = [orig_h, orig_w, crop_top, crop_left, aesthetic_score].
     num_time_ids: int = 0
     aesthetic_score: bool = False  # the last time id is an aesthetic score (6.0 positive, 2.5 negative)
-    # Which latent space the VAE encodes to ("sd" or "sdxl"): previews, TAESD and schedules that
-    # depend on the latent space rather than the UNet should key on this, not on `name`.
+    # Which latent space the VAE encodes to ("sd" or "sdxl"): a refiner must share it. What
+    # depends on the latent space is data here, so no code tests a family's name:
     latent_space: str = "sd"
+    latent_channels: int = 4
+    preview_factors: tuple[tuple[float, float, float], ...] = SD_PREVIEW  # RGB per latent channel (linear)
+    taesd_stem: str = "taesd_decoder"  # models/VAE-approx/<stem>.safetensors|.pth
+    ays_sigmas: str = "sd1"  # which published Align Your Steps list (webui.samplers.schedules.AYS_SIGMAS)
+
+    def time_ids(self, width: int, height: int) -> tuple[list[float] | None, list[float] | None]:
+        """The size conditioning rows (positive, negative) for an image of this size: original size,
+        crop top-left at 0, then the target size (SDXL) or the aesthetic score (refiner); None when
+        the family takes none, and a None negative when it is the positive one."""
+        if self.aesthetic_score:
+            return ([height, width, 0, 0, AESTHETIC_SCORE], [height, width, 0, 0, NEGATIVE_AESTHETIC_SCORE])
+        if self.num_time_ids == 6:
+            return [height, width, 0, 0, height, width], None
+        return None, None
 
 
 CLIP_L = TextEncoderSpec(
@@ -121,6 +141,9 @@ SDXL = FamilySpec(
     upcast_attention=False,
     num_time_ids=6,
     latent_space="sdxl",
+    preview_factors=SDXL_PREVIEW,
+    taesd_stem="taesdxl_decoder",
+    ays_sigmas="sdxl",
 )
 
 # The SDXL refiner: one text encoder, OpenCLIP bigG at `conditioner.embedders.0.model.`, used as
@@ -149,6 +172,9 @@ SDXL_REFINER = FamilySpec(
     num_time_ids=5,
     aesthetic_score=True,
     latent_space="sdxl",
+    preview_factors=SDXL_PREVIEW,
+    taesd_stem="taesdxl_decoder",
+    ays_sigmas="sdxl",
 )
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}

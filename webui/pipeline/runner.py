@@ -54,7 +54,6 @@ from webui.settings import Settings
 
 log = logging.getLogger(__name__)
 
-AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's defaults
 
 STAGES = ("model", "prompt", "networks", "conditioning", "init", "noise", "sample", "hires", "decode",
           "postprocess", "save")
@@ -453,12 +452,9 @@ class Runner:
         assert job.conditioning is not None
         w, h = job.size
         n = len(job.seeds)
-        time_ids = uncond_time_ids = None
-        if bundle.family.name == "sdxl":  # original size, crop top-left, target size
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(n, 1)
-        elif bundle.family.aesthetic_score:  # the refiner: original size, crop top-left, aesthetic score
-            time_ids = torch.tensor([[h, w, 0, 0, AESTHETIC_SCORE]], dtype=torch.float32).repeat(n, 1)
-            uncond_time_ids = torch.tensor([[h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE]], dtype=torch.float32).repeat(n, 1)
+        rows = bundle.family.time_ids(w, h)  # the family's size conditioning, if it has one
+        time_ids, uncond_time_ids = (torch.tensor([row], dtype=torch.float32).repeat(n, 1) if row else None
+                                     for row in rows)
         denoiser = CFGDenoiser(
             bundle, DiscreteSchedule(bundle.alphas_cumprod), job.conditioning, r.cfg_scale,
             image_cond=job.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
@@ -613,9 +609,9 @@ class Runner:
 
     def previewer(self, bundle: ModelBundle) -> Callable[[torch.Tensor], list[Image.Image]]:
         """TAESD when models/VAE-approx has the family's decoder, else the linear approximation."""
-        family = bundle.family.name
+        family = bundle.family
         use_taesd = self.models_path and self.settings().live_preview_method == "TAESD"
-        path = find_taesd(self.models_path, family) if use_taesd else None
+        path = find_taesd(self.models_path, family.taesd_stem) if use_taesd else None
         if path is not None:
             rt = bundle.runtime
             key = (path, path.stat().st_mtime_ns, str(rt.device), rt.vae_dtype)
@@ -628,7 +624,7 @@ class Runner:
                     self._taesd[key] = None
             if (previewer := self._taesd[key]) is not None:
                 return previewer
-        return lambda latents: approximate_rgb(latents, family)
+        return lambda latents: approximate_rgb(latents, family.preview_factors)
 
     def resolve(self, sampler_name: str, scheduler: str) -> tuple[Any, str]:
         """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
@@ -638,7 +634,7 @@ class Runner:
         """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
         spec, schedule = self.resolve(sampler_name, job.request.scheduler)
         return sampler_sigmas(DiscreteSchedule(job.bundle.alphas_cumprod), spec, schedule, steps,
-                              family=job.bundle.family.name)
+                              family=job.bundle.family.ays_sigmas)
 
     # --- output -------------------------------------------------------------------------------
 

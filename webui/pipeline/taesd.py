@@ -68,10 +68,9 @@ class TAESDDecoder(nn.Sequential):
         super().__init__(*layers)
 
 
-def find_taesd(models_path: Path, family: str) -> Path | None:
-    """The TAESD decoder file for a model family ("sd1", "sd2", "sdxl") under
-    `models_path/VAE-approx/`, `.safetensors` preferred over `.pth`; None when there is none."""
-    stem = "taesdxl_decoder" if family.startswith("sdxl") else "taesd_decoder"
+def find_taesd(models_path: Path, stem: str) -> Path | None:
+    """The TAESD decoder file `stem` (a family's `taesd_stem`) under `models_path/VAE-approx/`,
+    `.safetensors` preferred over `.pth`; None when there is none."""
     folder = Path(models_path) / TAESD_FOLDER
     for suffix in (".safetensors", ".pth"):
         candidate = folder / f"{stem}{suffix}"

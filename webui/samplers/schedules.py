@@ -118,7 +118,7 @@ def _kl_optimal(s: DiscreteSchedule, n: int) -> torch.Tensor:
 
 
 def _align_your_steps(s: DiscreteSchedule, n: int, family: str) -> torch.Tensor:
-    published = np.array(AYS_SIGMAS["sdxl" if family.startswith("sdxl") else "sd1"])
+    published = np.array(AYS_SIGMAS.get(family, AYS_SIGMAS["sd1"]))
     # log-linear interpolation of the published list onto n points
     log_sigmas = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(published)), np.log(published[::-1]))
     sigmas = np.exp(log_sigmas)[::-1]
@@ -144,8 +144,8 @@ def _beta(s: DiscreteSchedule, n: int, alpha: float = 0.6, beta: float = 0.6) ->
 
 
 def make_sigmas(schedule: DiscreteSchedule, name: str, steps: int, family: str = "sd1") -> torch.Tensor:
-    """`steps` sigmas of schedule type `name` for the model, then 0. `family` ("sd1", "sd2",
-    "sdxl") picks the Align Your Steps list."""
+    """`steps` sigmas of schedule type `name` for the model, then 0. `family` names the Align
+    Your Steps list (a family's `ays_sigmas`: "sd1" or "sdxl"; any other name takes "sd1")."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1 (got {steps})")
     if name in ("Automatic", "Uniform", "Normal"):
