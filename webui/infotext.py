@@ -85,6 +85,59 @@ def _parse_params(line: str) -> dict[str, str] | None:
     return params
 
 
+def generation_infotext(r: Any, *, prompt: str, negative_prompt: str, seed: int, subseed: int, model: Any,
+                        refiner: Any = None, hires_size: tuple[int, int] | None = None,
+                        sampler_takes_eta: bool = False, lora_hashes: str | None = None,
+                        ti_hashes: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
+    """The infotext of one generated image: `r` its GenerationRequest, `model` / `refiner` the
+    loaded models (`model_name`, `hash10`, `vae_name`), the rest what the run decided. Keys in
+    A1111's order and spelling (compat-facts §5); `extra` (extensions' fields) before `Version`."""
+    from webui import __version__
+
+    variation = r.subseed_strength > 0
+    hires = r.enable_hr and not r.is_img2img
+    resized = bool(r.hr_resize_x or r.hr_resize_y)
+    masked_area = r.mask is not None and r.inpaint_full_res
+    params = {
+        "Steps": r.steps,
+        "Sampler": r.sampler_name,
+        "Schedule type": r.scheduler,
+        "CFG scale": f"{r.cfg_scale:g}",
+        "Seed": seed,
+        "Size": f"{r.width}x{r.height}",
+        "Model hash": model.hash10,
+        "Model": model.model_name,
+        "VAE": model.vae_name.rsplit(".", 1)[0] if model.vae_name else None,
+        "Variation seed": subseed if variation else None,
+        "Variation seed strength": f"{r.subseed_strength:g}" if variation else None,
+        "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if r.seed_resize_from_w else None,
+        "Denoising strength": f"{r.denoising_strength:g}" if (r.is_img2img or hires) else None,
+        "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+        "Mask blur": r.mask_blur if r.mask is not None else None,
+        "Inpaint area": "Only masked" if masked_area else None,
+        "Masked area padding": r.inpaint_full_res_padding if masked_area else None,
+        "Tiling": True if r.tiling else None,
+        "Refiner": (f"{refiner.model_name} [{refiner.hash10}]" if refiner.hash10 else refiner.model_name)
+                   if refiner else None,
+        "Refiner switch at": f"{r.refiner_switch_at:g}" if refiner else None,
+        "Eta": f"{r.eta:g}" if r.eta is not None and sampler_takes_eta else None,
+        "Sigma churn": f"{r.s_churn:g}" if r.s_churn else None,
+        "Sigma noise": f"{r.s_noise:g}" if r.s_noise is not None and r.s_noise != 1.0 else None,
+        "Hires upscale": f"{r.hr_scale:g}" if hires and not resized else None,
+        "Hires resize": f"{hires_size[0]}x{hires_size[1]}" if hires and hires_size and resized else None,
+        "Hires steps": r.hr_second_pass_steps if hires and r.hr_second_pass_steps else None,
+        "Hires upscaler": r.hr_upscaler if hires else None,
+        "Hires prompt": r.hr_prompt if hires and r.hr_prompt else None,
+        "Hires negative prompt": r.hr_negative_prompt if hires and r.hr_negative_prompt else None,
+        "Hires sampler": r.hr_sampler_name if hires and r.hr_sampler_name else None,
+        "Lora hashes": lora_hashes,
+        "TI hashes": ti_hashes,
+        **(extra or {}),
+        "Version": f"v{__version__}",
+    }
+    return format_infotext(prompt, negative_prompt, params)
+
+
 def as_written(params: dict[str, str]) -> dict[str, str]:
     """`params` without the `Key-1`/`Key-2` halves derived from a `WxH` value: the fields as the
     infotext writes them (what a person reading it should see)."""

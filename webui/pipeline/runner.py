@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-import webui
 from webui.extensions import api as ext
 from webui.extensions.manager import ExtensionManager
-from webui.infotext import format_infotext
+from webui.infotext import generation_infotext
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 from webui.models.load import ModelBundle
@@ -687,46 +686,12 @@ class Runner:
         return file.short_hash(self.library.hashes) if file else "unknown"
 
     def infotext(self, job: Job, index: int, extra: dict[str, Any] | None = None) -> str:
-        r, bundle = job.request, job.base or job.bundle
-        refiner = job.refiner
-        variation = r.subseed_strength > 0
-        hires = r.enable_hr and not r.is_img2img
-        params = {
-            "Steps": r.steps,
-            "Sampler": r.sampler_name,
-            "Schedule type": r.scheduler,
-            "CFG scale": f"{r.cfg_scale:g}",
-            "Seed": job.seeds[index],
-            "Size": f"{r.width}x{r.height}",
-            "Model hash": bundle.hash10,
-            "Model": bundle.model_name,
-            "VAE": bundle.vae_name.rsplit(".", 1)[0] if bundle.vae_name else None,
-            "Variation seed": job.subseeds[index] if variation else None,
-            "Variation seed strength": f"{r.subseed_strength:g}" if variation else None,
-            "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if r.seed_resize_from_w else None,
-            "Denoising strength": f"{r.denoising_strength:g}" if (r.is_img2img or hires) else None,
-            "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
-            "Mask blur": r.mask_blur if r.mask is not None else None,
-            "Inpaint area": "Only masked" if (r.mask is not None and r.inpaint_full_res) else None,
-            "Masked area padding": r.inpaint_full_res_padding if (r.mask is not None and r.inpaint_full_res) else None,
-            "Tiling": True if r.tiling else None,
-            "Refiner": f"{refiner.model_name} [{refiner.hash10}]" if refiner and refiner.hash10 else
-                       (refiner.model_name if refiner else None),
-            "Refiner switch at": f"{r.refiner_switch_at:g}" if refiner else None,
-            "Eta": f"{r.eta:g}" if r.eta is not None and "eta" in self.resolve(r.sampler_name, r.scheduler)[0].options else None,
-            "Sigma churn": f"{r.s_churn:g}" if r.s_churn else None,
-            "Sigma noise": f"{r.s_noise:g}" if r.s_noise is not None and r.s_noise != 1.0 else None,
-            "Hires upscale": f"{r.hr_scale:g}" if hires and not (r.hr_resize_x or r.hr_resize_y) else None,
-            "Hires resize": f"{job.hires_size[0]}x{job.hires_size[1]}" if hires and job.hires_size and (r.hr_resize_x or r.hr_resize_y) else None,
-            "Hires steps": r.hr_second_pass_steps if hires and r.hr_second_pass_steps else None,
-            "Hires upscaler": r.hr_upscaler if hires else None,
-            "Hires prompt": r.hr_prompt if hires and r.hr_prompt else None,
-            "Hires negative prompt": r.hr_negative_prompt if hires and r.hr_negative_prompt else None,
-            "Hires sampler": r.hr_sampler_name if hires and r.hr_sampler_name else None,
-            "Lora hashes": self._hashes(job.loras) if job.loras else None,
-            "TI hashes": ", ".join(f"{e.name}: {self._embedding_hash(e)}" for e in job.embeddings) or None,
-            **job.ext_infotext,
-            **(extra or {}),
-            "Version": f"v{webui.__version__}",
-        }
-        return format_infotext(job.prompts[index], job.negative_prompts[index], params)
+        """Image `index` of the batch's infotext (written by webui.infotext, beside its reader)."""
+        r = job.request
+        return generation_infotext(
+            r, prompt=job.prompts[index], negative_prompt=job.negative_prompts[index], seed=job.seeds[index],
+            subseed=job.subseeds[index], model=job.base or job.bundle, refiner=job.refiner, hires_size=job.hires_size,
+            sampler_takes_eta="eta" in self.resolve(r.sampler_name, r.scheduler)[0].options,
+            lora_hashes=self._hashes(job.loras) if job.loras else None,
+            ti_hashes=", ".join(f"{e.name}: {self._embedding_hash(e)}" for e in job.embeddings) or None,
+            extra={**job.ext_infotext, **(extra or {})})
