@@ -318,3 +318,22 @@ def apply_loras(bundle: ModelBundle, loras: list[tuple[LoraWeights, float]]) -> 
         with torch.no_grad():
             for weight, original in reversed(backups):
                 weight.copy_(original)
+
+
+class LoraCache:
+    """Parsed LoRA files by path, read again when the file changes; the `size` most recent kept."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: dict[Path, tuple[int, LoraWeights]] = {}  # path -> (mtime_ns, weights)
+
+    def get(self, path: Path) -> LoraWeights:
+        stamp = path.stat().st_mtime_ns
+        hit = self._items.get(path)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        weights = load_lora(path)
+        if len(self._items) >= self.size:
+            self._items.pop(next(iter(self._items)))
+        self._items[path] = (stamp, weights)
+        return weights

@@ -31,7 +31,7 @@ from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 from webui.models.load import ModelBundle
 from webui.networks.embeddings import Embedding, EmbeddingLibrary
-from webui.networks.lora import LoraWeights, apply_loras, load_lora
+from webui.networks.lora import LoraCache, apply_loras
 from webui.networks.registry import NetworkFile, NetworkRegistry
 from webui.outputs import OutputWriter
 from webui.pipeline import init_image as pix
@@ -39,10 +39,9 @@ from webui.pipeline import latents as lat
 from webui.pipeline.conditioning import ScheduledConditioning, plan_prompts
 from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.noise import image_noise
-from webui.pipeline.preview import approximate_rgb
+from webui.pipeline.preview import Previewers
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.pipeline.request import MAX_SEED, GenerationRequest, MaskedContent, ResizeMode
-from webui.pipeline.taesd import TaesdPreviewer, find_taesd, load_taesd
 from webui.prompts.encode import TextConditioner
 from webui.prompts.parser import extract_extra_networks, lora_weight
 from webui.prompts.styles import StyleStore, apply_styles
@@ -183,13 +182,13 @@ class Runner:
         self.get_bundle = get_bundle
         self.models_path = models_path
         self.extensions = extensions if extensions is not None else ExtensionManager.empty()
-        self._taesd: dict[tuple, TaesdPreviewer | None] = {}  # (file, mtime, device, dtype) -> decoder
+        self.previews = Previewers(models_path)
         self.outputs_dir = Path(outputs_dir)
         self.library = library
         self.upscale = upscale
         self.writer = writer or OutputWriter(self.data_dir, self.outputs_dir, self.settings, self.extensions)
         self._lock = threading.Lock()
-        self._lora_cache: dict[Path, tuple[int, LoraWeights]] = {}  # path -> (mtime_ns, weights)
+        self.loras = LoraCache()
 
     def generate(
         self,
@@ -310,21 +309,10 @@ class Runner:
     def _merge_loras(self, job: Job, bundle: ModelBundle) -> None:
         if not job.loras or job.batch_stack is None:
             return
-        loras = [(self._load_lora(f), weight) for f, weight in job.loras]
+        loras = [(self.loras.get(f.path), weight) for f, weight in job.loras]
         for res in job.batch_stack.enter_context(apply_loras(bundle, loras)):
             for warning in res.warnings():
                 log.warning("%s", warning)
-
-    def _load_lora(self, file: NetworkFile) -> LoraWeights:
-        stamp = file.path.stat().st_mtime_ns
-        hit = self._lora_cache.get(file.path)
-        if hit and hit[0] == stamp:
-            return hit[1]
-        weights = load_lora(file.path)
-        if len(self._lora_cache) >= 8:
-            self._lora_cache.pop(next(iter(self._lora_cache)))
-        self._lora_cache[file.path] = (stamp, weights)
-        return weights
 
     @contextlib.contextmanager
     def _undo_patches(self, job: Job) -> Iterator[None]:
@@ -607,23 +595,7 @@ class Runner:
                                                 steps)
 
     def previewer(self, bundle: ModelBundle) -> Callable[[torch.Tensor], list[Image.Image]]:
-        """TAESD when models/VAE-approx has the family's decoder, else the linear approximation."""
-        family = bundle.family
-        use_taesd = self.models_path and self.settings().live_preview_method == "TAESD"
-        path = find_taesd(self.models_path, family.taesd_stem) if use_taesd else None
-        if path is not None:
-            rt = bundle.runtime
-            key = (path, path.stat().st_mtime_ns, str(rt.device), rt.vae_dtype)
-            if key not in self._taesd:
-                try:
-                    self._taesd[key] = TaesdPreviewer(load_taesd(path, rt.device, rt.vae_dtype))
-                    log.info("live previews: TAESD from %s", path.name)
-                except ModelError as e:
-                    log.warning("live previews: %s; using the approximation", e)
-                    self._taesd[key] = None
-            if (previewer := self._taesd[key]) is not None:
-                return previewer
-        return lambda latents: approximate_rgb(latents, family.preview_factors)
+        return self.previews.for_model(bundle, self.settings().live_preview_method)
 
     def resolve(self, sampler_name: str, scheduler: str) -> tuple[Any, str]:
         """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
