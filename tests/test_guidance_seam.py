@@ -69,3 +69,47 @@ def test_an_extension_sees_cond_and_uncond_apart(data_dir: Path) -> None:
     via_seam = engine.runner.generate(req(prompt="a red cube cfg", cfg_scale=9))
     plain = engine_for(data_dir, disable_all_extensions=True).runner.generate(req(prompt="a red cube cfg", cfg_scale=9))
     assert np.abs(pixels(via_seam.images[0]) - pixels(plain.images[0])).max() <= 1
+
+
+def test_model_inputs_reach_every_model_call(data_dir: Path) -> None:
+    """`DenoiserStage.model_inputs`: an extension sees each model call (step, rows, input shape)
+    and adds UNet inputs; a zero mid-block residual changes nothing, a non-zero one the image, and
+    the next job without it is untouched (what ControlNet will use)."""
+    write_extension(data_dir, "residual", '''
+        import torch
+        from webui.extensions.api import hookimpl
+
+        @hookimpl
+        def setup_denoiser(stage):
+            strength = {"zero": 0.0, "push": 5.0}.get((stage.request.prompt or "").split()[-1])
+            if strength is None:
+                return
+            cfg = stage.unet.config
+            seen = stage.scratch.setdefault("calls", [])
+
+            def add(call):
+                rows, _, h, w = call.x.shape
+                down = 2 ** (len(cfg.block_out_channels) - 1)
+                shape = (rows, cfg.block_out_channels[-1], h // down, w // down)
+                call.kwargs["mid_block_additional_residual"] = torch.full(shape, strength, dtype=call.x.dtype,
+                                                                          device=call.x.device)
+                seen.append((call.step, rows, len(call.row_image), call.uncond_rows is not None))
+
+            stage.model_inputs.append(add)
+
+        @hookimpl
+        def step_end(stage):  # the same scratch as setup_denoiser's, for this job
+            if "calls" in stage.scratch:
+                stage.infotext["Model calls"] = len(stage.scratch["calls"])
+                stage.infotext["Last call"] = "step {} rows {} images {} guided {}".format(*stage.scratch["calls"][-1])
+    ''')
+    engine = engine_for(data_dir)
+    plain = engine_for(data_dir, disable_all_extensions=True).runner.generate(req(prompt="a red cube zero"))
+    zero = engine.runner.generate(req(prompt="a red cube zero"))
+    assert np.array_equal(pixels(zero.images[0]), pixels(plain.images[0]))
+    assert infos(zero)[0]["Model calls"] == "2"  # Euler, 2 steps: one call per step
+    assert infos(zero)[0]["Last call"] == "step 2 rows 2 images 2 guided True"  # cond + uncond row
+    pushed = engine.runner.generate(req(prompt="a red cube push"))
+    assert not np.array_equal(pixels(pushed.images[0]), pixels(plain.images[0]))
+    after = engine.runner.generate(req(prompt="a red cube zero"))
+    assert np.array_equal(pixels(after.images[0]), pixels(plain.images[0]))

@@ -75,10 +75,30 @@ class Guidance:
 
 
 @dataclass
+class ModelCall:
+    """One call of the denoising model, just before it runs (since 1.1): add keyword arguments the
+    diffusers UNet takes to `kwargs` -- `down_block_additional_residuals` and
+    `mid_block_additional_residual` (ControlNet, T2I-Adapter), `cross_attention_kwargs` -- for
+    this call. `x` is the scaled model input [rows, C, H, W] (the first `C` channels are the
+    latents), `context` the text conditioning per row; row `i` belongs to image `row_image[i]`,
+    and `uncond_rows` lists the rows of the negative prompt (None without guidance)."""
+
+    x: Any
+    timestep: Any
+    sigma: Any
+    context: Any
+    step: int  # 1-based over the request's steps
+    row_image: list[int]
+    uncond_rows: list[int] | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DenoiserStage:
     """Where the sampler is set up, per sampling pass. Wrap `denoiser` (a callable
     `(x, sigma) -> denoised`) by assigning a new callable; change the model only through `patch`
-    (restored after the job, whatever happens). Set `combine` (a callable `Guidance -> tensor`) to
+    (restored after the job, whatever happens). Append to `model_inputs` to give the model more
+    inputs at each call (see `ModelCall`). Set `combine` (a callable `Guidance -> tensor`) to
     change how the conditional and unconditional predictions are combined (CFG rescale, say);
     to compose with an extension before you, call the `combine` you found (or `Guidance.cfg`)."""
 
@@ -92,6 +112,8 @@ class DenoiserStage:
     infotext: dict[str, Any] = field(default_factory=dict)
     request: Any = None
     combine: Callable[[Guidance], Any] | None = None  # since 1.1; None: Guidance.cfg
+    # since 1.1: called before each model call of this pass, in order, to add model inputs
+    model_inputs: list[Callable[[ModelCall], None]] = field(default_factory=list)
     job_id: str = ""  # since 1.1
     scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
     _patch: Callable[[Any, str, Any], None] | None = None
@@ -216,6 +238,6 @@ class SettingsRegistry:
 
 
 __all__ = [
-    "API_VERSION", "DenoiserStage", "ExtensionSampler", "Guidance", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
+    "API_VERSION", "DenoiserStage", "ExtensionSampler", "Guidance", "ModelCall", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
     "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "hookimpl",
 ]

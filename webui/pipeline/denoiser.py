@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from webui.extensions.api import Guidance
+from webui.extensions.api import Guidance, ModelCall
 from webui.models.load import ModelBundle
 from webui.pipeline.conditioning import ScheduledConditioning
 from webui.samplers.schedules import DiscreteSchedule
@@ -50,6 +50,7 @@ class CFGDenoiser:
         self._indices: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}  # row lists, on the device
         # how cond and uncond predictions combine (an extension's, via DenoiserStage.combine); None: CFG
         self.combine: Callable[[Guidance], torch.Tensor] | None = None
+        self.model_inputs: list[Callable[[ModelCall], None]] = []  # extensions' per-call model inputs
         self.step = 1  # 1-based step being computed; the runner advances it after each step
 
     @torch.no_grad()
@@ -72,13 +73,17 @@ class CFGDenoiser:
             if self.uncond_time_ids is not None and sc.uncond_rows is not None:
                 time_ids[self._index("uncond", sc.uncond_rows, x.device)] = self.uncond_time_ids
             added = {"text_embeds": sc.pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
-        out = self.unet(
-            unet_in,
-            t.expand(unet_in.shape[0]),  # float32: bf16 cannot hold t near 999 exactly
-            encoder_hidden_states=sc.context.to(self.dtype),
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0].float()
+        context = sc.context.to(self.dtype)
+        timestep = t.expand(unet_in.shape[0])  # float32: bf16 cannot hold t near 999 exactly
+        extra: dict = {}
+        if self.model_inputs:
+            call = ModelCall(unet_in, timestep, sigma, context, self.step, sc.row_image.tolist(),
+                             list(sc.uncond_rows) if sc.uncond_rows is not None else None)
+            for add in self.model_inputs:
+                add(call)
+            extra = call.kwargs
+        out = self.unet(unet_in, timestep, encoder_hidden_states=context, added_cond_kwargs=added,
+                        return_dict=False, **extra)[0].float()
         if self.v_prediction:
             denoised = x_in / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5
         else:

@@ -520,6 +520,7 @@ class Runner:
         job.ext_infotext.update(stage.infotext)
         if stage.combine is not None:
             denoiser.combine = stage.combine
+        denoiser.model_inputs = list(stage.model_inputs)
         return stage.denoiser
 
     def _sample_with_refiner(
