@@ -113,3 +113,34 @@ def test_model_inputs_reach_every_model_call(data_dir: Path) -> None:
     assert not np.array_equal(pixels(pushed.images[0]), pixels(plain.images[0]))
     after = engine.runner.generate(req(prompt="a red cube zero"))
     assert np.array_equal(pixels(after.images[0]), pixels(plain.images[0]))
+
+
+def test_a_nested_generation_from_postprocess_repaints_a_region(data_dir: Path) -> None:
+    """`ImageStage.generate`: a detailer-style pass, run through the engine from inside the job on
+    the same model: img2img of the image with a mask over its top-left quarter changes that
+    quarter only, is recorded in the infotext, and runs no hooks itself (no endless recursion)."""
+    write_extension(data_dir, "detailer", '''
+        from PIL import Image
+        from webui.extensions.api import hookimpl
+
+        @hookimpl
+        def postprocess_image(stage):
+            if not stage.request.prompt.endswith("detail"):
+                return
+            w, h = stage.image.size
+            mask = Image.new("L", (w, h), 0)
+            mask.paste(255, (0, 0, w // 2, h // 2))
+            result = stage.generate(prompt="a shiny detail", init_images=(stage.image,), mask=mask,
+                                    mask_blur=0, denoising_strength=0.9, inpainting_fill=1, width=w, height=h)
+            stage.image = result.images[0]
+            stage.infotext["Detailer"] = "top-left"
+    ''')
+    engine = engine_for(data_dir)
+    plain = engine_for(data_dir, disable_all_extensions=True).runner.generate(req(prompt="a red cube detail"))
+    detailed = engine.runner.generate(req(prompt="a red cube detail"))
+    a, b = pixels(plain.images[0]), pixels(detailed.images[0])
+    changed = np.abs(a - b).sum(axis=2) > 0
+    assert changed[:32, :32].mean() > 0.5  # the masked quarter was repainted
+    assert not changed[:, 40:].any() and not changed[40:, :].any()  # away from it, the same pixels
+    assert infos(detailed)[0]["Detailer"] == "top-left"
+    assert len(detailed.images) == 1 and detailed.paths == []

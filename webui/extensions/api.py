@@ -166,6 +166,12 @@ class ImageStage:
     request: Any = None
     job_id: str = ""  # since 1.1
     scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
+    # since 1.1: a nested generation through the engine, from inside this job (a detailer pass on
+    # a region): `generate(**fields)` runs this job's request with those fields changed (say
+    # init_images, mask, denoising_strength, prompt) on the same model, saves nothing, runs no
+    # extension hooks (so a hook cannot call itself without end), and returns an object with
+    # `images` and `infotexts`
+    generate: Callable[..., Any] | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ will hook.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import threading
@@ -625,7 +626,8 @@ class Runner:
             extra: dict[str, Any] = {}
             if hooks:
                 stage = ext.ImageStage(image=image, index=len(job.images), seed=job.seeds[i], prompt=job.prompts[i],
-                                       request=job.request, data_dir=self.data_dir)
+                                       request=job.request, data_dir=self.data_dir,
+                                       generate=self._nested_generation(job, i))
                 self.extensions.call("postprocess_image", stage, job.ext)
                 if not isinstance(stage.image, Image.Image):
                     raise ValueError("an extension's postprocess_image left something that is not an image")
@@ -634,6 +636,22 @@ class Runner:
             job.all_seeds.append(job.seeds[i])
             job.all_subseeds.append(job.subseeds[i])
             job.infotexts.append(self.infotext(job, i, extra))
+
+    def _nested_generation(self, job: Job, index: int) -> Callable[..., GenerationResult]:
+        """`generate(**fields)` for image `index`'s postprocess stage: the job's request (this image's
+        seed, one image, no hires, nothing saved) with `fields` changed, run now on this thread by a
+        runner without extension hooks, over the same models."""
+
+        def generate(**fields: Any) -> GenerationResult:
+            base = job.request.model_dump(exclude={"init_images", "mask"})
+            base.update(seed=job.seeds[index], subseed=job.subseeds[index], batch_size=1, n_iter=1,
+                        enable_hr=False, outpaint=None, init_images=job.request.init_images, mask=job.request.mask)
+            request = GenerationRequest.model_validate({**base, **fields, "save_images": False, "extensions": {}})
+            nested = copy.copy(self)
+            nested.extensions = ExtensionManager.empty()
+            return nested._generate(pix.apply_outpaint(request), None, CancelToken(), 0)
+
+        return generate
 
     def stage_save(self, job: Job) -> None:
         if not job.request.save_images:
