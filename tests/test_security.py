@@ -307,3 +307,33 @@ def test_json_bodies_decode_once(served: Server) -> None:
                       headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500
     assert json.loads(requests.get(served.url + API + "/progress", timeout=30).text)["progress"] >= 0
+
+
+def test_no_reference_cycle_keeps_a_finished_jobs_inputs(tmp_path: Path, checkpoint_store: Path) -> None:
+    """Freed by reference counting as soon as the job ends, not at some later garbage collection
+    (a cycle through the job's closures kept 100 MB uploads alive for minutes)."""
+    import gc
+
+    from webui.app import build_engine
+    from webui.config import Config
+    from webui.pipeline.request import GenerationRequest
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    engine = build_engine(Config(data_dir=tmp_path))
+
+    def run_one(seed: int) -> None:
+        job = engine.submit(GenerationRequest(prompt="x", steps=1, width=64, height=64, seed=seed, save_images=False,
+                                              init_images=(Image.new("RGB", (777, 555), (9, 9, 9)),)))
+        job.done.wait(300)
+        assert job.state == "done", job.error
+
+    run_one(0)  # warm-up: the model loads
+    gc.collect()
+    gc.disable()
+    try:
+        run_one(1)
+        run_one(2)
+        alive = [o for o in gc.get_objects() if isinstance(o, Image.Image) and o.size == (777, 555)]
+        assert alive == []
+    finally:
+        gc.enable()

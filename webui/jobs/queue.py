@@ -11,6 +11,7 @@ the callable given at construction (the engine's runner) or one given with the j
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -179,6 +180,7 @@ class JobQueue:
         job.events.put(None)
         job.done.set()
         self._prune()
+        _return_freed_memory()
 
     def _prune(self) -> None:
         """Forget finished jobs past their retention time, then the oldest while over the caps."""
@@ -200,6 +202,15 @@ class JobQueue:
             self._prune()
             kept = [j for j in self._jobs.values() if j.finished is not None]
             return len(kept), sum(retained_bytes(j) for j in kept)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory a finished job freed (its decoded inputs) back to the system: glibc keeps
+    freed large blocks in its arenas otherwise, and the process stays as big as its largest job."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
 
 
 def _finished(progress: ProgressFn, cancel: CancelToken, preview_every: int) -> Any:

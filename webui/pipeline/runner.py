@@ -201,10 +201,13 @@ class Runner:
         cancel = cancel or CancelToken()
         request = pix.apply_outpaint(request)  # stage: canvas (outpainting grows the init image first)
         with self._lock:
-            info = ext.JobInfo(request=request, kind="img2img" if request.is_img2img else "txt2img",
-                               id=uuid.uuid4().hex)
-            return self.extensions.run_job(info, lambda: self._generate(request, progress, cancel, preview_every,
-                                                                        info.id))
+            job_id = uuid.uuid4().hex
+            info = ext.JobInfo(request=request, kind="img2img" if request.is_img2img else "txt2img", id=job_id)
+            try:
+                return self.extensions.run_job(info, lambda: self._generate(request, progress, cancel,
+                                                                            preview_every, job_id))
+            finally:
+                info._run = None  # the closure holds the request (and its images): no cycle keeps it alive
 
     def _generate(self, r: GenerationRequest, progress: ProgressFn | None, cancel: CancelToken,
                   preview_every: int, job_id: str = "") -> GenerationResult:
