@@ -63,21 +63,29 @@ def in_process(root: Path, n: int) -> tuple[float, float]:
     return times[queued], times[direct]
 
 
-def over_http(root: Path, n: int, total: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+def start_api_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A `--nowebui` server over `root` on a free port, once it answers: (process, base URL of the API)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "webui", "--nowebui", "--port", str(port), "--data-dir", str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
-    url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+    base = f"http://127.0.0.1:{port}/sdapi/v1"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            requests.get(base + "/samplers", timeout=5).raise_for_status()
+            return proc, base
+        except requests.RequestException:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.terminate()
+                raise
+            time.sleep(0.3)
+
+
+def over_http(root: Path, n: int, total: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    proc, base = start_api_server(root)
+    url = base + "/txt2img"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.post(url, json=BODY, timeout=60).status_code == 200:
-                    break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+        requests.post(url, json=BODY, timeout=60).raise_for_status()
         session = requests.Session()
         for _ in range(4):  # 5 warm-up requests in all, as in process
             session.post(url, json=BODY, timeout=60).raise_for_status()

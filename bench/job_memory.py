@@ -14,7 +14,6 @@ import argparse
 import base64
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import requests
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api import free_port, rss_kib  # noqa: E402  bench/ is not a package
+from api import rss_kib, start_api_server  # noqa: E402  bench/ is not a package
 
 
 def main() -> None:
@@ -42,21 +41,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_checkpoint(root / "models" / "Stable-diffusion" / "tiny.safetensors", "sd1", seed=1)
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "webui", "--nowebui", "--port", str(port), "--data-dir",
-                                 str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
-        base = f"http://127.0.0.1:{port}/sdapi/v1"
+        proc, base = start_api_server(root)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    requests.get(base + "/samplers", timeout=5).raise_for_status()
-                    break
-                except requests.RequestException:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
-
             def run_job() -> None:
                 job = requests.post(base + "/jobs", json=body, timeout=300).json()
                 while requests.get(f"{base}/jobs/{job['id']}", timeout=60).json()["state"] in ("queued", "running"):

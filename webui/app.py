@@ -179,9 +179,7 @@ class Engine:
                 except ModelError as err:
                     raise ModelError(f"{field}: {err}") from None
         if request.enable_hr and not request.is_img2img and not request.hr_upscaler.lower().startswith("latent"):
-            if request.hr_upscaler not in (names := self.upscalers.names()):
-                raise ValueError(f"hr_upscaler: unknown upscaler {request.hr_upscaler!r} (available: "
-                                 f"{', '.join(names)})")
+            self.check_upscaler(request.hr_upscaler, "hr_upscaler")
         extra = self.extensions.sampler_specs()
         for field, name in (("sampler_name", request.sampler_name), ("hr_sampler_name", request.hr_sampler_name)):
             if name:
@@ -264,6 +262,11 @@ class Engine:
             return bundle
 
         return self.cache.get(key, load)
+
+    def check_upscaler(self, name: str, field: str) -> None:
+        """ValueError naming `field` when no upscaler is called `name` here."""
+        if name not in (names := self.upscalers.names()):
+            raise ValueError(f"{field}: unknown upscaler {name!r} (available: {', '.join(names)})")
 
     def load_checkpoint(self, query: str | None) -> str:
         """Make `query` the model for requests that name none, and load it now, on the device's

@@ -43,10 +43,9 @@ class ExtrasResult:
 
 def check(engine: Engine, how: Upscale) -> None:
     """Names that must exist here, before a job is queued (ValueError naming the field)."""
-    names = engine.upscalers.names()
     for field, name in (("upscaler_1", how.upscaler), ("upscaler_2", how.second)):
-        if name is not None and name not in names:
-            raise ValueError(f"{field}: unknown upscaler {name!r} (available: {', '.join(names)})")
+        if name is not None:
+            engine.check_upscaler(name, field)
 
 
 def run(engine: Engine, images: list[Image.Image], how: Upscale, *, save: bool, owner: str | None = None) -> ExtrasResult:

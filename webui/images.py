@@ -36,8 +36,6 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
-from webui.files import write_atomic
-
 log = logging.getLogger(__name__)
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
@@ -311,11 +309,6 @@ def _publish(tmp: Path, target: Path) -> None:
         with open(target, "xb"):
             pass
         os.replace(tmp, target)
-
-
-def save_png(image: Image.Image, target: Path, infotext: str | None) -> Path:
-    """Write `target` (a chosen name, replaced if it exists) atomically, with the infotext."""
-    return write_atomic(target, png_bytes(image, infotext))
 
 
 def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:

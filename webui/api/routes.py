@@ -235,11 +235,6 @@ class Api:
             notes.append(f"model: {title}")
         return {"notes": notes, "not_applied": not_applied}
 
-    def _check_upscaler(self, name: str, field: str) -> None:
-        names = self.engine.upscalers.names()
-        if name not in names:
-            raise HTTPException(422, f"{field}: unknown upscaler {name!r} (available: {', '.join(names)})")
-
     # --- generation ---------------------------------------------------------------------------
 
     def submit(self, body: GenerationBody, kind: str) -> tuple[Job, list[str]]:

@@ -12,6 +12,7 @@ the callable given at construction (the engine's runner) or one given with the j
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import queue
 import threading
@@ -204,13 +205,19 @@ class JobQueue:
             return len(kept), sum(retained_bytes(j) for j in kept)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
 def _return_freed_memory() -> None:
     """Give the memory a finished job freed (its decoded inputs) back to the system: glibc keeps
     freed large blocks in its arenas otherwise, and the process stays as big as its largest job."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        pass
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def _finished(progress: ProgressFn, cancel: CancelToken, preview_every: int) -> Any:

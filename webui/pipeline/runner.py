@@ -190,6 +190,7 @@ class Runner:
         self.writer = writer or OutputWriter(self.data_dir, self.outputs_dir, self.settings, self.extensions)
         self._lock = threading.Lock()
         self.loras = LoraCache()
+        self._nested: Runner | None = None  # see _without_hooks
 
     def generate(
         self,
@@ -650,11 +651,16 @@ class Runner:
             base.update(seed=job.seeds[index], subseed=job.subseeds[index], batch_size=1, n_iter=1,
                         enable_hr=False, outpaint=None, init_images=job.request.init_images, mask=job.request.mask)
             request = GenerationRequest.model_validate({**base, **fields, "save_images": False, "extensions": {}})
-            nested = copy.copy(self)
-            nested.extensions = ExtensionManager.empty()
-            return nested._generate(pix.apply_outpaint(request), None, CancelToken(), 0)
+            return self._without_hooks()._generate(pix.apply_outpaint(request), None, CancelToken(), 0)
 
         return generate
+
+    def _without_hooks(self) -> Runner:
+        """This runner (same models, caches and writer) with no extension hooks, made once."""
+        if self._nested is None:
+            self._nested = copy.copy(self)
+            self._nested.extensions = ExtensionManager.empty()
+        return self._nested
 
     def stage_save(self, job: Job) -> None:
         if not job.request.save_images:
