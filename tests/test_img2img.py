@@ -187,6 +187,19 @@ def test_interrupt_stops_within_one_step_and_keeps_the_image(engine: Engine) -> 
     assert result.interrupted and len(result.images) == 1
 
 
+def test_interrupt_in_the_hires_pass_keeps_the_hires_image(engine: Engine) -> None:
+    token = CancelToken()
+
+    def progress(p: Progress) -> None:
+        if p.step == 5:  # the first pass has 4 steps: this is the second pass's first
+            token.interrupt()
+
+    result = engine.runner.generate(req(steps=4, enable_hr=True, hr_scale=1.5, denoising_strength=0.5),
+                                    progress=progress, cancel=token)
+    assert result.interrupted and [im.size for im in result.images] == [(96, 96)]
+    assert "Hires upscale: 1.5" in result.infotexts[0]
+
+
 def test_skip_ends_the_batch_and_goes_on(engine: Engine) -> None:
     token = CancelToken()
 

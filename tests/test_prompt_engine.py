@@ -173,3 +173,28 @@ def test_embedding_in_the_prompt_changes_the_conditioning(data_dir: Path) -> Non
     assert [len(c.tokens) for c in chunks] == [74, 3]
     assert engine.count_tokens("a shiny-style") == (4, 75)
     assert parse_infotext(used.infotexts[0])["TI hashes"].startswith("shiny-style: ")
+
+
+def test_an_embedding_only_a_later_batch_uses_is_applied_there(data_dir: Path) -> None:
+    """Prompts may change per batch (wildcards): the second batch's embedding is looked up and
+    used for it, not only the first batch's."""
+    from safetensors.torch import save_file
+
+    from tests.test_extensions import write_extension
+
+    emb_dir = data_dir / "models" / "embeddings"
+    emb_dir.mkdir(parents=True)
+    save_file({"emb_params": torch.randn(3, 32)}, emb_dir / "shiny-style.safetensors")
+    write_extension(data_dir, "later", '''
+        @hookimpl
+        def process_prompt(stage):
+            if stage.batch_index == 1:
+                stage.prompts = [p + ", shiny-style" for p in stage.prompts]
+    ''')
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    both = engine.runner.generate(req(prompt="a cube", n_iter=2))
+    assert "TI hashes" not in parse_infotext(both.infotexts[0])
+    assert parse_infotext(both.infotexts[1])["TI hashes"].startswith("shiny-style: ")
+    alone = engine.runner.generate(req(prompt="a cube, shiny-style", seed=both.seeds[1],
+                                       extensions={"later": {}}))  # batch 0 here: the prompt is as given
+    assert np.array_equal(pixels(both.images[1]), pixels(alone.images[0]))

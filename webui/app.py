@@ -118,8 +118,8 @@ class Engine:
                 def upscale(image, name: str, size: tuple[int, int]):
                     return upscalers.upscale(image, name, size=size, device=runtime.device)
 
-                runner = Runner(self.bundle, self.config.outputs_path, library, upscale, self.config.models_path,
-                                self.extensions, self.settings.get, self.config.data_dir, writer=self.writer)
+                runner = Runner(self.bundle, library, self.writer, upscale=upscale, models_path=self.config.models_path,
+                                extensions=self.extensions, settings=self.settings.get, data_dir=self.config.data_dir)
                 self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
             return self._side
 

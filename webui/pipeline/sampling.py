@@ -1,0 +1,123 @@
+"""One run of a sampler over part of a pass: the denoiser with its extension seams, the noise
+the sampler asks for, and after each step the `step_end` hooks, progress, previews and the
+interrupt check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+
+from webui.extensions import api as ext
+from webui.extensions.manager import ExtensionManager
+from webui.models.load import ModelBundle
+from webui.pipeline.denoiser import CFGDenoiser
+from webui.pipeline.progress import Progress
+from webui.pipeline.state import BatchState, Interrupted, JobState, PassState
+from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
+from webui.samplers.table import resolve
+
+Previewer = Callable[[torch.Tensor], list[Image.Image]]
+
+
+def fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """The next noise of each image's seeded generator, shaped like one image of `like`.
+
+    Drawn on the CPU (the same seed gives the same image on any device); on CUDA it goes over
+    from pinned memory without the host waiting, since ancestral samplers ask for it every step."""
+    noise = torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators])
+    if like.device.type == "cuda":
+        return noise.pin_memory().to(like.device, non_blocking=True)
+    return noise.to(like.device)
+
+
+class Sampling:
+    """Runs samplers for the runner: knows the samplers (built-in and extensions') and the hooks."""
+
+    def __init__(self, extensions: ExtensionManager, previewer: Callable[[ModelBundle], Previewer]) -> None:
+        self.extensions = extensions
+        self.previewer = previewer
+
+    def resolve(self, sampler_name: str, scheduler: str) -> tuple[Any, str]:
+        """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
+        return resolve(sampler_name, scheduler, self.extensions.sampler_specs())
+
+    def sigmas(self, bundle: ModelBundle, sampler_name: str, scheduler: str, steps: int) -> torch.Tensor:
+        """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
+        spec, schedule = self.resolve(sampler_name, scheduler)
+        return sampler_sigmas(DiscreteSchedule(bundle.alphas_cumprod), spec, schedule, steps,
+                              family=bundle.family.ays_sigmas)
+
+    def run(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str, sigmas: torch.Tensor,
+            x: torch.Tensor, first_step: int = 1) -> torch.Tensor:
+        """Sample from `x` over `sigmas` (steps `first_step`... of the request's schedule); on an
+        interrupt `p.latents` holds the last step's latents and `Interrupted` goes on up."""
+        r, bundle, control = job.request, batch.bundle, job.control
+        spec, _ = self.resolve(sampler_name, r.scheduler)
+        assert p.conditioning is not None
+        rows = bundle.family.time_ids(*p.size)  # the family's size conditioning, if it has one
+        time_ids, uncond_time_ids = (torch.tensor([row], dtype=torch.float32).repeat(len(batch), 1) if row else None
+                                     for row in rows)
+        denoiser = CFGDenoiser(
+            bundle, DiscreteSchedule(bundle.alphas_cumprod), p.conditioning, r.cfg_scale,
+            image_cond=p.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
+            keep=p.keep, init_latents=p.init_latents,
+        )
+        denoiser.step = first_step
+        p.conditioning.prepare(range(first_step, first_step + len(sigmas) - 1))  # the steps this run samples
+        make_preview = self.previewer(bundle)
+        model_fn = self._setup_denoiser(job, bundle, denoiser, sampler_name, len(sigmas) - 1)
+        step_hooks = self.extensions.has("step_end")
+
+        def noise(like: torch.Tensor) -> torch.Tensor:
+            return fresh_noise(batch.generators, like)
+
+        def on_step(state: ext.SamplerStep) -> None:
+            job.steps_done += 1
+            if step_hooks:
+                stage = ext.StepStage(step=state.step + 1, steps=state.total, sigma=state.sigma,
+                                      denoised=state.denoised, x=state.x, request=r)
+                self.extensions.call("step_end", stage, job.ext)
+                job.ext_infotext.update(stage.infotext)
+                if stage.replaced:
+                    state.x.copy_(stage.x)  # the sampler goes on from this tensor
+            p.latents = state.x
+            denoiser.step = state.step + 2  # the 1-based number of the next step
+            if control.progress:
+                every = control.preview_every
+                preview = make_preview(state.denoised) if every and job.steps_done % every == 0 else None
+                control.progress(Progress(job.steps_done, job.total_steps, batch.index, r.n_iter,
+                                          time.perf_counter() - job.started, preview))
+            if control.cancel.interrupted or control.cancel.skipped:
+                raise Interrupted
+
+        options = {k: getattr(r, k) for k in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+                   if k in spec.options and getattr(r, k) is not None}
+        try:
+            x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
+        except Interrupted:
+            p.latents = denoiser.blend(p.latents)
+            raise
+        return denoiser.blend(x)
+
+    def _setup_denoiser(self, job: JobState, bundle: ModelBundle, denoiser: CFGDenoiser, sampler_name: str,
+                        steps: int) -> Any:
+        """Extensions may wrap the denoiser and patch the model (undone after the job)."""
+        if not self.extensions.has("setup_denoiser"):
+            return denoiser
+
+        def patch(obj: Any, attribute: str, value: Any) -> None:
+            job.patches.append((obj, attribute, getattr(obj, attribute)))
+            setattr(obj, attribute, value)
+
+        stage = ext.DenoiserStage(denoiser=denoiser, unet=bundle.unet, cfg_scale=job.request.cfg_scale,
+                                  sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch)
+        self.extensions.call("setup_denoiser", stage, job.ext)
+        job.ext_infotext.update(stage.infotext)
+        if stage.combine is not None:
+            denoiser.combine = stage.combine
+        denoiser.model_inputs = list(stage.model_inputs)
+        return stage.denoiser
