@@ -117,6 +117,7 @@ def test_shipped_extensions_are_package_data() -> None:
     shipped = ROOT / "webui" / "builtin_extensions"
     files = [p.relative_to(ROOT / "webui").as_posix() for p in shipped.rglob("*")
              if p.is_file() and "__pycache__" not in p.parts]
-    assert len({f.split("/")[1] for f in files}) == 6
+    assert {f.split("/")[1] for f in files} == {p.name for p in shipped.iterdir() if (p / "extension.toml").is_file()}
+    assert len({f.split("/")[1] for f in files}) >= 7
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert not missing, f"not carried by a non-editable install: {missing}"

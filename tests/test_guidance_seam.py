@@ -1,5 +1,6 @@
 """Combining guidance as an extension seam (`DenoiserStage.combine`, API 1.1), and the shipped
-`cfg-rescale` extension written on it."""
+`cfg-rescale` extension written on it; the other denoiser seams (model inputs, attention
+processors, nested generations)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,57 @@ def test_model_inputs_reach_every_model_call(data_dir: Path) -> None:
     assert not np.array_equal(pixels(pushed.images[0]), pixels(plain.images[0]))
     after = engine.runner.generate(req(prompt="a red cube zero"))
     assert np.array_equal(pixels(after.images[0]), pixels(plain.images[0]))
+
+
+def test_attention_processors_for_one_job_only(data_dir: Path) -> None:
+    """`DenoiserStage.set_attn_processor` (API 1.2): an extension wraps the app's processors
+    (same image, every layer called) or replaces them (another image, and with cross-attention
+    kwargs from `model_inputs`); after the job the app's own processors are back."""
+    write_extension(data_dir, "attn", '''
+        from webui.extensions.api import hookimpl
+
+        class Counting:
+            def __init__(self, inner, seen):
+                self.inner, self.seen = inner, seen
+
+            # diffusers passes a cross-attention kwarg only to a processor that names it
+            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, strength=1.0):
+                self.seen.append(strength)
+                return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask) * strength
+
+        @hookimpl
+        def setup_denoiser(stage):
+            mode = (stage.request.prompt or "").split()[-1]
+            if mode not in ("wrap", "scale"):
+                return
+            seen = stage.scratch.setdefault("seen", [])
+            stage.set_attn_processor({name: Counting(p, seen) for name, p in stage.unet.attn_processors.items()})
+            if mode == "scale":
+                stage.model_inputs.append(lambda call: call.kwargs.update(cross_attention_kwargs={"strength": 0.5}))
+
+        @hookimpl
+        def step_end(stage):
+            if "seen" in stage.scratch:
+                stage.infotext["Attention calls"] = len(stage.scratch["seen"])
+                stage.infotext["Strengths"] = " ".join(sorted({str(s) for s in stage.scratch["seen"]}))
+    ''')
+    engine = engine_for(data_dir)
+    unet = engine.bundle(None).unet
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    clean = engine_for(data_dir, disable_all_extensions=True).runner
+    wrapped = engine.runner.generate(req(prompt="a red cube wrap"))
+    assert np.array_equal(pixels(wrapped.images[0]), pixels(clean.generate(req(prompt="a red cube wrap")).images[0]))
+    assert int(infos(wrapped)[0]["Attention calls"]) == 2 * len(before)  # 2 steps, every layer once each
+    assert infos(wrapped)[0]["Strengths"] == "1.0"
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+    scaled = engine.runner.generate(req(prompt="a red cube scale"))
+    assert infos(scaled)[0]["Strengths"] == "0.5"
+    assert not np.array_equal(pixels(scaled.images[0]),
+                              pixels(clean.generate(req(prompt="a red cube scale")).images[0]))
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+    after = engine.runner.generate(req(prompt="a red cube"))  # the extension leaves this job alone
+    assert "Attention calls" not in infos(after)[0]
+    assert np.array_equal(pixels(after.images[0]), pixels(clean.generate(req(prompt="a red cube")).images[0]))
 
 
 def test_a_nested_generation_from_postprocess_repaints_a_region(data_dir: Path) -> None:

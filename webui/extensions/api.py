@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-API_VERSION = "1.1"  # 1.1: DenoiserStage.combine and Guidance (combining guidance)
+API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next
 PROJECT = "webui"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -100,7 +100,8 @@ class DenoiserStage:
     (restored after the job, whatever happens). Append to `model_inputs` to give the model more
     inputs at each call (see `ModelCall`). Set `combine` (a callable `Guidance -> tensor`) to
     change how the conditional and unconditional predictions are combined (CFG rescale, say);
-    to compose with an extension before you, call the `combine` you found (or `Guidance.cfg`)."""
+    to compose with an extension before you, call the `combine` you found (or `Guidance.cfg`).
+    Replace the model's attention processors with `set_attn_processor` (IP-Adapter does)."""
 
     denoiser: Denoiser
     unet: Any  # the diffusers UNet of this job (read it; change it only through `patch`)
@@ -117,12 +118,22 @@ class DenoiserStage:
     job_id: str = ""  # since 1.1
     scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
     _patch: Callable[[Any, str, Any], None] | None = None
+    _set_processors: Callable[[Any], None] | None = None
 
     def patch(self, obj: Any, attribute: str, value: Any) -> None:
         """Set `obj.attribute = value` for this job only; the old value comes back afterwards."""
         if self._patch is None:
             raise RuntimeError("patch is only available while the job runs")
         self._patch(obj, attribute, value)
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Since 1.2: give the UNet's attention layers `processor` (one diffusers attention
+        processor for every layer, or a dict by layer name as `unet.attn_processors` lists them)
+        for this job only; the processors the app chose (SDPA, xformers, sliced) come back after.
+        Read `unet.attn_processors` first to wrap the current ones rather than replace them."""
+        if self._set_processors is None:
+            raise RuntimeError("set_attn_processor is only available while the job runs")
+        self._set_processors(processor)
 
 
 @dataclass
@@ -144,6 +155,10 @@ class StepStage:
     job_id: str = ""  # since 1.1
     scratch: dict[str, Any] = field(default_factory=dict)  # since 1.1: this extension's, for this job
     infotext: dict[str, Any] = field(default_factory=dict)  # since 1.1
+    # since 1.2: the noise level the next step starts from; 0 after a pass's last step when it
+    # ends at the clean image (a pass handing over to a refiner ends above 0); None where a
+    # sampler that does not step along the schedule (adaptive, restart) cannot say
+    sigma_next: Any = None
 
     def replace(self, latents: Any) -> None:
         """Make `latents` (same shape as `x`) the latents the next step starts from."""

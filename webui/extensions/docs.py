@@ -216,8 +216,15 @@ stays `{_MAJOR}`,
 A change that breaks this promise comes with a new major version. An extension declares the major
 version it was written for (`api` in its manifest, or `WEBUI_API` in a package); one written for a
 different major version is not loaded, and the Extensions tab says why. Only
-`webui.extensions.api` is covered: importing anything else from `webui` works today and may break
-with any release.
+`webui.extensions.api` is covered (and `webui.testing.harness` for your tests): importing
+anything else from `webui` works today and may break with any release.
+
+What each minor version added (fields say `since 1.x` where they are documented):
+
+- 1.1: `DenoiserStage.combine` and `Guidance` (combining guidance), `DenoiserStage.model_inputs` and
+  `ModelCall` (extra model inputs per call), `ImageStage.generate` (nested generations), `job_id`
+  and `scratch` on every stage, `StepStage.request` and `StepStage.infotext`.
+- 1.2: `DenoiserStage.set_attn_processor` (attention processors for one job), `StepStage.sigma_next`.
 """
 
 BROKEN = """
@@ -231,7 +238,8 @@ The app always starts, whatever an extension does; a broken extension is switche
   the app and the other extensions run on.
 - **During a job**: a hook that raises fails that job with a message naming the extension and the
   hook (`extension 'name' failed in postprocess_image: KeyError: ...`); the next job runs
-  normally, and patches made through `DenoiserStage.patch` are undone either way. To refuse a job
+  normally, and changes made through `DenoiserStage.patch` and `set_attn_processor` are undone either
+  way. To refuse a job
   on purpose, raise `JobRejected("why")`: the user sees your message as it is (the HTTP API
   answers 422).
 - **`model_loaded`** only reads the model: an exception there is logged, and loading goes on.

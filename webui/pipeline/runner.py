@@ -176,13 +176,13 @@ class Runner:
 
     @contextlib.contextmanager
     def _undo_patches(self, job: JobState) -> Iterator[None]:
-        """Whatever extensions patched through `DenoiserStage.patch` comes back after the job."""
+        """What extensions changed on the model (`DenoiserStage.patch`, `set_attn_processor`)
+        comes back after the job, last change first."""
         try:
             yield
         finally:
-            for obj, attribute, old in reversed(job.patches):
-                setattr(obj, attribute, old)
-            job.patches.clear()
+            while job.undo:
+                job.undo.pop()()
 
     def stage_conditioning(self, job: JobState, batch: BatchState, prompts: list[str], negatives: list[str],
                            steps: int) -> ScheduledConditioning:

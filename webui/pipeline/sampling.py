@@ -34,6 +34,14 @@ def fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.
     return noise.to(like.device)
 
 
+def _sigma_next(sigmas: torch.Tensor, state: ext.SamplerStep) -> torch.Tensor | None:
+    """The noise level after step `state.step`: from the list when the sampler takes one step per
+    entry; for samplers that step otherwise (adaptive, restart) only the last step's is known."""
+    if state.total == len(sigmas) - 1:
+        return sigmas[state.step + 1]
+    return sigmas[-1] if state.step + 1 == state.total else None
+
+
 class Sampling:
     """Runs samplers for the runner: knows the samplers (built-in and extensions') and the hooks."""
 
@@ -79,7 +87,8 @@ class Sampling:
             job.steps_done += 1
             if step_hooks:
                 stage = ext.StepStage(step=state.step + 1, steps=state.total, sigma=state.sigma,
-                                      denoised=state.denoised, x=state.x, request=r)
+                                      denoised=state.denoised, x=state.x, request=r,
+                                      sigma_next=_sigma_next(sigmas, state))
                 self.extensions.call("step_end", stage, job.ext)
                 job.ext_infotext.update(stage.infotext)
                 if stage.replaced:
@@ -105,16 +114,24 @@ class Sampling:
 
     def _setup_denoiser(self, job: JobState, bundle: ModelBundle, denoiser: CFGDenoiser, sampler_name: str,
                         steps: int) -> Any:
-        """Extensions may wrap the denoiser and patch the model (undone after the job)."""
+        """Extensions may wrap the denoiser and change the model (undone after the job)."""
         if not self.extensions.has("setup_denoiser"):
             return denoiser
+        unet = bundle.unet
 
         def patch(obj: Any, attribute: str, value: Any) -> None:
-            job.patches.append((obj, attribute, getattr(obj, attribute)))
+            old = getattr(obj, attribute)
+            job.undo.append(lambda: setattr(obj, attribute, old))
             setattr(obj, attribute, value)
 
-        stage = ext.DenoiserStage(denoiser=denoiser, unet=bundle.unet, cfg_scale=job.request.cfg_scale,
-                                  sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch)
+        def set_processors(processor: Any) -> None:
+            old = unet.attn_processors  # a new dict, by layer name
+            job.undo.append(lambda: unet.set_attn_processor(old))
+            unet.set_attn_processor(processor)
+
+        stage = ext.DenoiserStage(denoiser=denoiser, unet=unet, cfg_scale=job.request.cfg_scale,
+                                  sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch,
+                                  _set_processors=set_processors)
         self.extensions.call("setup_denoiser", stage, job.ext)
         job.ext_infotext.update(stage.infotext)
         if stage.combine is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ class JobState:
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0
     ext_infotext: dict[str, Any] = field(default_factory=dict)  # fields extensions add for every image
-    patches: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, old value)
+    undo: list[Callable[[], None]] = field(default_factory=list)  # extensions' model changes, undone after the job
     hires_size: tuple[int, int] | None = None
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], [], [], [], []))
     # one per (model, embeddings): each caches the encoding of every distinct text it met
