@@ -335,3 +335,37 @@ def test_extension_settings_and_arguments_through_the_api(api: Server) -> None:
     assert r.status_code == 200, r.text
     notes = json.loads(r.json()["info"])["notes"]
     assert any("dynamic-thresholding.treshold" in n for n in notes), notes
+
+
+def test_scripts_through_the_api_as_a1111_clients_call_them(api: Server) -> None:
+    """`script_name`/`script_args` in A1111's positional form, through the published client; the
+    grid comes first; scripts are listed with their arguments; a script we lack, or a bad cell,
+    is a 422 naming the reason (never a silent 200)."""
+    import webuiapi
+
+    host, port = api.url.removeprefix("http://").split(":")
+    client = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler", steps=2)
+    xyz_args = [4, "1, 2", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    result = client.txt2img(prompt="a lighthouse", width=64, height=64, seed=11, script_name="x/y/z plot",
+                            script_args=xyz_args)
+    assert len(result.images) == 3 and result.image.width == 128 and result.image.height > 64  # labels on top
+    assert [im.size for im in result.images[1:]] == [(64, 64)] * 2
+    assert "Script: X/Y/Z plot" in result.info["infotexts"][0] and "Steps: 2" in result.info["infotexts"][2]
+    init = init_image().resize((32, 32))
+    upscaled = client.img2img(images=[init], prompt="a harbour", width=64, height=64, seed=12, denoising_strength=0.4,
+                              script_name="SD upscale", script_args=[None, 16, "Lanczos", 2.0])
+    assert upscaled.image.size == (64, 64)
+    scripts = get(api, "/scripts").json()
+    assert "x/y/z plot" in scripts["txt2img"] and "sd upscale" in scripts["img2img"]
+    assert "sd upscale" not in scripts["txt2img"] and "loopback" in scripts["img2img"]
+    info = {(s["name"], s["is_img2img"]): s for s in get(api, "/script-info").json()}
+    assert [a["label"] for a in info[("x/y/z plot", False)]["args"]][:3] == ["x_type", "x_values", "x_values_dropdown"]
+    assert info[("x/y/z plot", False)]["is_alwayson"] is False
+    missing = post(api, "/txt2img", {**FAST, "script_name": "ultimate sd upscale"})
+    assert missing.status_code == 422 and "no script 'ultimate sd upscale'" in missing.text
+    assert "x/y/z plot" in missing.text
+    bad = post(api, "/txt2img", {**FAST, "script_name": "x/y/z plot", "script_args": [9, "Euler, Nope", []]})
+    assert bad.status_code == 422 and "image 2 of 2" in bad.text and "Nope" in bad.text
+    wrong = post(api, "/txt2img", {**FAST, "script_name": "x/y/z plot", "script_args": {"margin_size": "wide"}})
+    assert wrong.status_code == 422 and "margin_size" in wrong.text
+    assert post(api, "/txt2img", {**FAST, "script_name": None, "script_args": None}).status_code == 200

@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from webui.config import Config
 from webui.extensions.manager import ExtensionManager
@@ -30,10 +30,13 @@ if TYPE_CHECKING:
     from webui.models.load import ModelBundle
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
+    from webui.pipeline.progress import CancelToken, ProgressFn
     from webui.pipeline.request import GenerationRequest
     from webui.pipeline.runner import Runner
+    from webui.pipeline.state import GenerationResult
     from webui.prompts.tokenizer import TokenizerFactory
     from webui.runtime.devices import Runtime
+    from webui.scripts import Script, ScriptEnv
     from webui.upscale import UpscalerRegistry
 
 log = logging.getLogger("webui")
@@ -192,6 +195,53 @@ class Engine:
                 self.extensions.validate_args(request.extensions)
             except ValueError as err:
                 raise ValueError(f"alwayson_scripts: {err}") from None
+        if request.script_name:
+            self._check_script(request)
+
+    # --- scripts (the Script dropdown) ----------------------------------------------------------
+
+    def script_env(self) -> ScriptEnv:
+        from webui.scripts import ScriptEnv
+
+        return ScriptEnv(checkpoints=lambda: [c.title for c in self.registry.checkpoints()],
+                         upscalers=lambda: self.upscalers.names(), styles=lambda: [s.name for s in self.styles.list()],
+                         axes=self.extensions.xyz_axes)
+
+    def _script(self, request: GenerationRequest) -> tuple[Script, Any]:
+        from webui.scripts import find_script
+
+        script = find_script(request.script_name, "img2img" if request.is_img2img else "txt2img")
+        return script, script.parse(request.script_args)
+
+    def _check_script(self, request: GenerationRequest) -> None:
+        """Every generation the script will run is checked like a request of its own, so a bad
+        cell (a sampler name in an X/Y/Z list) is reported before any image is made."""
+        script, args = self._script(request)
+        planned = script.plan(request, args, self.script_env())
+        for i, sub in enumerate(planned, 1):
+            try:
+                self.check(sub)
+            except (ValueError, ModelError) as err:
+                raise type(err)(f"{script.title}, image {i} of {len(planned)}: {err}") from None
+
+    def run(self, request: GenerationRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+            preview_every: int = 0) -> GenerationResult:
+        """Generate now, on this thread: the request, or the script it names."""
+        if not request.script_name:
+            return self.runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
+        from webui.pipeline.progress import CancelToken
+        from webui.scripts import ScriptContext
+
+        script, args = self._script(request)
+        env = self.script_env()
+        runtime = self.runtime
+        ctx = ScriptContext(
+            generate_fn=self.runner.generate, cancel=cancel or CancelToken(), progress=progress,
+            preview_every=preview_every, total_steps=sum(r.total_steps() for r in script.plan(request, args, env)),
+            save_fn=lambda image, kind, info, seed: self.writer.save(image, kind, info, seed=seed),
+            upscale_fn=lambda image, name, size: self.upscalers.upscale(image, name, size=size, device=runtime.device),
+            settings=self.settings.get())
+        return script.run(ctx, request, args, env)
 
     def submit(self, request: GenerationRequest, *, owner: str | None = None,
                folder: FolderBatch | None = None) -> Job:
@@ -203,7 +253,7 @@ class Engine:
                 from webui.pipeline.batch import img2img_folder
 
                 return img2img_folder(self.runner, request, folder, progress, cancel, preview_every)
-            return self.runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
+            return self.run(request, progress, cancel, preview_every)
 
         def release(job: Job) -> None:  # a finished job keeps its request's text, not its images
             job.request = job.request.without_inputs()

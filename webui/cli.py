@@ -221,7 +221,7 @@ def _generate(a: argparse.Namespace, config: Config) -> int:
     request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)
     engine = build_engine(config)
     engine.check(request)  # what the page and the API check too, with the same messages
-    result = engine.runner.generate(request)
+    result = engine.run(request)
     for p in result.paths:
         print(p)
     return 0

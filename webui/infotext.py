@@ -68,6 +68,13 @@ def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]
     return f"{prompt}{negative}\n{line}"
 
 
+def add_fields(infotext: str, fields: Mapping[str, Any]) -> str:
+    """`infotext` with `fields` added to (or replacing those of) its parameter line."""
+    parsed = parse_infotext(infotext)
+    prompt, negative = parsed.pop("Prompt"), parsed.pop("Negative prompt")
+    return format_infotext(prompt, negative, {**as_written(parsed), **fields})
+
+
 def _parse_params(line: str) -> dict[str, str] | None:
     """The pairs of a parameter line, or None when it holds fewer than 3."""
     pairs = _PAIR.findall(line.strip())

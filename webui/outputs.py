@@ -27,14 +27,15 @@ class OutputWriter:
         self.extensions = extensions
 
     def folder(self, kind: str) -> Path:
-        """Today's folder for images of `kind` (txt2img, img2img, extras)."""
+        """Today's folder for images of `kind` (txt2img, img2img, extras, and the grids')."""
         return self.settings().samples_dir(kind, self.data_dir, self.outputs_dir) / dt.date.today().isoformat()
 
     def save(self, image: Image.Image, kind: str, infotext: str, *, seed: int = 0,
              values: Mapping[str, object] | None = None, job: JobExtensions | None = None) -> Path:
         """A numbered file (`NNNNN-<pattern>.<ext>`) in the kind's folder for today."""
         s = self.settings()
-        path = save_image(image, self.folder(kind), seed, infotext, fmt=s.samples_format, quality=s.jpeg_quality,
+        fmt = s.grid_format if kind.endswith("-grids") else s.samples_format
+        path = save_image(image, self.folder(kind), seed, infotext, fmt=fmt, quality=s.jpeg_quality,
                           pattern=s.filename_pattern, values=values)
         return self._saved(path, image, infotext, job)
 

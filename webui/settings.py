@@ -40,7 +40,7 @@ from webui.samplers.table import SCHEDULES, find_sampler, resolve, sampler_names
 log = logging.getLogger(__name__)
 ANY_SAMPLER = frozenset({"*"})  # validation context: a stored sampler name may be an extension's
 
-OUTPUT_KINDS = ("txt2img", "img2img", "extras")
+OUTPUT_KINDS = ("txt2img", "img2img", "extras", "txt2img-grids", "img2img-grids")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 SAVING = "Saving images"
@@ -82,6 +82,14 @@ class Settings(BaseModel):
         "", "Output folder for img2img images", _OUTDIR_HELP.format(default="outputs/img2img-images"), SAVING)
     outdir_extras_samples: str = _setting(
         "", "Output folder for extras images", _OUTDIR_HELP.format(default="outputs/extras-images"), SAVING)
+    grid_save: bool = _setting(
+        True, "Save grids", "Save the grid a script makes (X/Y/Z plot, prompt matrix) beside its images.", SAVING)
+    grid_format: Literal["png", "jpeg", "webp"] = _setting(
+        "png", "File format for grids", "Grids can be large: JPEG or WebP keeps them small.", SAVING)
+    outdir_txt2img_grids: str = _setting(
+        "", "Output folder for txt2img grids", _OUTDIR_HELP.format(default="outputs/txt2img-grids"), SAVING)
+    outdir_img2img_grids: str = _setting(
+        "", "Output folder for img2img grids", _OUTDIR_HELP.format(default="outputs/img2img-grids"), SAVING)
 
     # --- generation defaults ---
     default_sampler: str = _setting(
@@ -177,7 +185,8 @@ class Settings(BaseModel):
             raise ValueError("must not contain / or \\ or control characters")
         return v
 
-    @field_validator("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_extras_samples")
+    @field_validator("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_extras_samples",
+                     "outdir_txt2img_grids", "outdir_img2img_grids")
     @classmethod
     def _folder(cls, v: str, info: ValidationInfo) -> str:
         if _CONTROL_CHARS.search(v):
@@ -195,13 +204,15 @@ class Settings(BaseModel):
         return v
 
     def samples_dir(self, kind: str, data_dir: Path, outputs: Path) -> Path:
-        """Where images of `kind` (txt2img, img2img, extras) go, before the dated folder:
-        the setting when set (relative to `data_dir`), else `<outputs>/<kind>-images`."""
+        """Where images of `kind` (txt2img, img2img, extras, txt2img-grids, img2img-grids) go,
+        before the dated folder: the setting when set (relative to `data_dir`), else
+        `<outputs>/<kind>-images` (`<outputs>/<kind>` for grids)."""
         if kind not in OUTPUT_KINDS:
             raise ValueError(f"unknown output kind {kind!r} (available: {', '.join(OUTPUT_KINDS)})")
-        configured = getattr(self, f"outdir_{kind}_samples")
+        grids = kind.endswith("-grids")
+        configured = getattr(self, f"outdir_{kind.removesuffix('-grids')}_{'grids' if grids else 'samples'}")
         if not configured:
-            return Path(outputs) / f"{kind}-images"
+            return Path(outputs) / (kind if grids else f"{kind}-images")
         path = Path(configured).expanduser()
         return path if path.is_absolute() else Path(data_dir) / path
 

@@ -40,8 +40,6 @@ class GenerationBody(GenerationRequest):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True  # always true here: overrides are per request
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    script_name: str | None = None
-    script_args: list[Any] = Field(default_factory=list)
     sampler_index: str | None = None  # legacy name of sampler_name
     include_init_images: bool = False
     # A1111's API defaults for inpainting (its page, like ours, starts from "original", whole picture, 32)
@@ -86,9 +84,6 @@ class GenerationBody(GenerationRequest):
             notes.append(f"override_settings ignored (not supported): {', '.join(sorted(ignored_overrides))}")
         if self.model_extra:
             notes.append(f"fields ignored (not supported): {', '.join(sorted(self.model_extra))}")
-        if self.script_name:
-            notes.append(f"script {self.script_name!r} ignored: scripts are not supported, extensions use "
-                         "alwayson_scripts")
         return GenerationRequest.model_validate(fields), notes
 
 

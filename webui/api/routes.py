@@ -500,8 +500,12 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/scripts")
     def scripts() -> dict:
-        """Extensions that take values in `alwayson_scripts`, per tab."""
-        return {tab: [e.name for e in engine.extensions.sections(tab)] for tab in ("txt2img", "img2img")}
+        """Per tab: the scripts `script_name` selects, then the extensions that take values in
+        `alwayson_scripts` (A1111 lists both in one list)."""
+        from webui.scripts import all_scripts
+
+        return {tab: [*(s.name for s in all_scripts() if tab in s.tabs),
+                      *(e.name for e in engine.extensions.sections(tab))] for tab in ("txt2img", "img2img")}
 
     @router.get("/extensions")
     def extensions() -> list[dict]:
@@ -549,12 +553,23 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/script-info")
     def script_info() -> list[dict]:
-        """The extensions that take values (`alwayson_scripts`), in the shape of A1111's scripts."""
+        """The scripts (`script_name`, their arguments in `script_args` order) and the extensions
+        that take values (`alwayson_scripts`), in the shape of A1111's script info."""
         from webui.settings import describe
+
+        from webui.scripts import all_scripts
 
         ext = engine.extensions
         out = []
         for tab in ("txt2img", "img2img"):
+            for script in all_scripts():
+                if tab in script.tabs:
+                    model = script.args_model
+                    args = [{"label": f.name, "value": getattr(model(), f.name, None), "minimum": f.minimum,
+                             "maximum": f.maximum, "step": f.step, "choices": list(f.choices) or None}
+                            for f in describe(model)]
+                    out.append({"name": script.name, "is_alwayson": False, "is_img2img": tab == "img2img",
+                                "args": args})
             for e in ext.sections(tab):
                 args = [{"label": f.title, "value": getattr(e.ui.args_model(), f.name, None) if e.ui.args_model
                          else None, "minimum": f.minimum, "maximum": f.maximum, "step": f.step,

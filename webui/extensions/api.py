@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next
+API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next, X/Y/Z axes
 PROJECT = "webui"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -231,6 +231,19 @@ class ExtensionSampler:
     stochastic: bool = False
 
 
+@dataclass(frozen=True)
+class XyzAxis:
+    """An axis an extension adds to the X/Y/Z plot (returned by the `xyz_axes` hook; since 1.2),
+    listed after the built-in ones under `label`. `kind` is int, float or str: values are parsed
+    with A1111's syntax for it (lists, `1-5`, `1-5 (+2)`, `1-10 [5]`). `apply(fields, value)`
+    changes the request's fields (a dict, `GenerationRequest`'s names) for a cell -- usually this
+    extension's own values, `fields["extensions"]["<name>"] = {...}`."""
+
+    label: str
+    kind: type
+    apply: Callable[[dict[str, Any], Any], None]
+
+
 @dataclass
 class UiSection:
     """A section an extension adds to the page. `build()` is called inside a Gradio context
@@ -260,5 +273,5 @@ class SettingsRegistry:
 
 __all__ = [
     "API_VERSION", "DenoiserStage", "ExtensionSampler", "Guidance", "ModelCall", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
-    "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "hookimpl",
+    "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "XyzAxis", "hookimpl",
 ]

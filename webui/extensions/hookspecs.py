@@ -19,6 +19,7 @@ from webui.extensions.api import (
     SettingsRegistry,
     StepStage,
     UiSection,
+    XyzAxis,
     hookspec,
 )
 
@@ -57,6 +58,11 @@ class Hooks:
         """Start-up. Extra samplers to list beside the built-in ones (page, `/sdapi/v1/samplers`,
         requests' `sampler_name`, the Settings default sampler). A name that is already taken is
         refused with a reason."""
+
+    @hookspec
+    def xyz_axes(self) -> list[XyzAxis] | None:
+        """Start-up (since 1.2). Axes to add to the X/Y/Z plot script, after the built-in ones
+        (a label that is already taken is refused with a reason)."""
 
     # --- models -------------------------------------------------------------------------------
 

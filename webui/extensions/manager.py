@@ -62,6 +62,7 @@ class Extension:
     module: ModuleType | None = None
     ui: UiSection | None = None
     samplers: list[Any] = field(default_factory=list)  # SamplerSpec of the samplers it adds
+    axes: list[api.XyzAxis] = field(default_factory=list)  # X/Y/Z plot axes it adds
     settings_model: type[BaseModel] | None = None
     loader: Callable[[], ModuleType] | None = field(default=None, repr=False)
 
@@ -292,12 +293,16 @@ class ExtensionManager:
 
         if not self._call_startup(e, "register_settings", settings=SettingsRegistry(add)):
             return
+        hook = "samplers"
         try:
-            e.samplers = self._sampler_specs(e, self._call_one(e, "samplers") or [])
-            e.ui = self._call_one(e, "ui_contribution")
+            e.samplers = self._sampler_specs(e, self._call_one(e, hook) or [])
+            hook = "xyz_axes"
+            e.axes = self._axes(e, self._call_one(e, hook) or [])
+            hook = "ui_contribution"
+            e.ui = self._call_one(e, hook)
         except Exception as err:  # noqa: BLE001
             self._unregister(e)
-            self._fail(e, f"ui_contribution raised {type(err).__name__}: {err}")
+            self._fail(e, f"{hook} raised {type(err).__name__}: {err}")
 
     def _sampler_specs(self, e: Extension, given: list[Any]) -> list[Any]:
         from webui.samplers.table import SamplerSpec, find_sampler
@@ -312,6 +317,22 @@ class ExtensionManager:
             specs.append(SamplerSpec(sampler.name, f"extension:{e.name}", stochastic=sampler.stochastic,
                                      options=tuple(sampler.options), implementation=sampler.fn))
         return specs
+
+    def _axes(self, e: Extension, given: list[Any]) -> list[api.XyzAxis]:
+        from webui.scripts.xyz import AXES
+
+        taken = {a.label.lower() for a in AXES} | {a.label.lower() for o in self.active() if o is not e for a in o.axes}
+        for axis in given:
+            if not isinstance(axis, api.XyzAxis) or axis.kind not in (int, float, str) or not callable(axis.apply):
+                raise TypeError("xyz_axes must return XyzAxis objects with kind int, float or str")
+            if axis.label.lower() in taken:
+                raise ValueError(f"X/Y/Z axis label {axis.label!r} is already taken")
+            taken.add(axis.label.lower())
+        return list(given)
+
+    def xyz_axes(self) -> list[api.XyzAxis]:
+        """Every active extension's X/Y/Z plot axes, in load order."""
+        return [a for e in self.active() for a in e.axes]
 
     def sampler_specs(self) -> list[Any]:
         """Every active extension's samplers (webui.samplers.table.SamplerSpec)."""

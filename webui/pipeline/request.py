@@ -154,6 +154,11 @@ class GenerationRequest(BaseModel):
     # the init image plus these, rounded up to multiples of 8, and width/height are not used
     outpaint: tuple[int, int, int, int] | None = None
 
+    # a script (the Script dropdown, A1111's `script_name`) runs this request as its template;
+    # its arguments: A1111's positional list, or a dict by name (see webui.scripts)
+    script_name: str = ""
+    script_args: list[Any] | dict[str, Any] = Field(default_factory=list)
+
     @property
     def is_img2img(self) -> bool:
         return bool(self.init_images)
@@ -187,6 +192,25 @@ class GenerationRequest(BaseModel):
                 raise ValueError("outpaint: needs exactly one init image")
         return self
 
+    def derive(self, **changes: Any) -> GenerationRequest:
+        """This request with `changes`, validated again (a script's cells, a nested generation);
+        the images are carried over as they are, not encoded and decoded. ValueError with
+        `validation_message`'s text."""
+        fields = self.model_dump(exclude={"init_images", "mask"})
+        fields.update(init_images=self.init_images, mask=self.mask)
+        try:
+            return GenerationRequest.model_validate({**fields, **changes})
+        except ValidationError as err:
+            raise ValueError(validation_message(err)) from None
+
+    def total_steps(self) -> int:
+        """Sampling steps the whole request takes (for progress): img2img and the hires pass run
+        the last `denoising_strength` of theirs."""
+        per_batch = denoise_steps(self.steps, self.denoising_strength) if self.is_img2img else self.steps
+        if self.enable_hr and not self.is_img2img:
+            per_batch += denoise_steps(self.hr_second_pass_steps or self.steps, self.denoising_strength)
+        return per_batch * self.n_iter
+
     def without_inputs(self) -> "GenerationRequest":
         """This request without its decoded images (what a finished job keeps)."""
         return self.model_copy(update={"init_images": (), "mask": None})
@@ -210,6 +234,11 @@ class GenerationRequest(BaseModel):
         left, top, right, bottom = self.outpaint
         w, h = self.init_images[0].size
         return -(-(w + left + right) // 8) * 8, -(-(h + top + bottom) // 8) * 8
+
+
+def denoise_steps(steps: int, strength: float) -> int:
+    """img2img runs the last int(strength * steps) steps of a `steps`-step schedule."""
+    return int(min(strength, 0.999) * steps)
 
 
 def validation_message(error: ValidationError) -> str:

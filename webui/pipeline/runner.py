@@ -40,7 +40,7 @@ from webui.pipeline.init_stage import stage_init, stage_noise, txt2img_image_con
 from webui.pipeline.preview import Previewers
 from webui.pipeline.progress import CancelToken, ProgressFn
 from webui.pipeline.prompt_stage import Library, fits, stage_prompt
-from webui.pipeline.request import MAX_SEED, GenerationRequest
+from webui.pipeline.request import MAX_SEED, GenerationRequest, denoise_steps
 from webui.pipeline.sampling import Sampling, fresh_noise
 from webui.pipeline.state import BatchState, Control, GenerationResult, Interrupted, JobState, PassState
 from webui.prompts.parser import extract_extra_networks
@@ -67,11 +67,6 @@ def _circular(bundle: ModelBundle) -> Iterator[None]:
     finally:
         for m, mode in zip(convs, saved):
             m.padding_mode = mode
-
-
-def _denoise_steps(steps: int, strength: float) -> int:
-    """img2img runs the last int(strength * steps) steps of a `steps`-step schedule."""
-    return int(min(strength, 0.999) * steps)
 
 
 class Runner:
@@ -119,12 +114,9 @@ class Runner:
         for name in (r.sampler_name, r.hr_sampler_name):
             if name:
                 self.resolve(name, r.scheduler)  # an unknown sampler fails before any work
-        per_batch = _denoise_steps(r.steps, r.denoising_strength) if r.is_img2img else r.steps
-        if r.enable_hr and not r.is_img2img:
-            per_batch += _denoise_steps(r.hr_second_pass_steps or r.steps, r.denoising_strength)
         job = JobState(r, job_id, control, seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
                        subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
-                       total_steps=per_batch * r.n_iter, ext=self.extensions.job_context(r.extensions, job_id))
+                       total_steps=r.total_steps(), ext=self.extensions.job_context(r.extensions, job_id))
         with torch.inference_mode(), offloaded_after(bundle.runtime.memory), self._undo_patches(job):
             for index in range(r.n_iter):
                 if control.cancel.interrupted:
@@ -202,7 +194,7 @@ class Runner:
         if p.init_latents is None:
             x = noise * sigmas[0]
         else:
-            t_enc = _denoise_steps(r.steps, r.denoising_strength)
+            t_enc = denoise_steps(r.steps, r.denoising_strength)
             if t_enc == 0:  # nothing to denoise: the init image is the result
                 return
             sigmas = sigmas[len(sigmas) - t_enc - 1 :]  # the last t_enc steps
@@ -255,7 +247,7 @@ class Runner:
         r, start = job.request, p.init_latents
         assert start is not None
         steps = r.hr_second_pass_steps or r.steps
-        t_enc = _denoise_steps(steps, r.denoising_strength)
+        t_enc = denoise_steps(steps, r.denoising_strength)
         if t_enc == 0:
             return
         if r.hr_prompt or r.hr_negative_prompt:
@@ -314,11 +306,9 @@ class Runner:
         runner without extension hooks, over the same models."""
 
         def generate(**fields: Any) -> GenerationResult:
-            r = job.request
-            base = r.model_dump(exclude={"init_images", "mask"})
-            base.update(seed=batch.seeds[index], subseed=batch.subseeds[index], batch_size=1, n_iter=1,
-                        enable_hr=False, outpaint=None, init_images=r.init_images, mask=r.mask)
-            request = GenerationRequest.model_validate({**base, **fields, "save_images": False, "extensions": {}})
+            request = job.request.derive(**{"seed": batch.seeds[index], "subseed": batch.subseeds[index],
+                                            "batch_size": 1, "n_iter": 1, "enable_hr": False, "outpaint": None,
+                                            **fields, "save_images": False, "extensions": {}, "script_name": ""})
             return self._without_hooks()._generate(pix.apply_outpaint(request), Control(), job.id)
 
         return generate

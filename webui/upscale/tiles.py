@@ -40,6 +40,13 @@ def _ramp(n: int, overlap: int, lead: bool, trail: bool) -> torch.Tensor:
     return w
 
 
+def tile_weight(height: int, width: int, overlap: int, *, top: bool, bottom: bool, left: bool,
+                right: bool) -> torch.Tensor:
+    """(height, width) blending weight of one tile: ramps across `overlap` on the edges that have
+    a neighbour (True), full weight elsewhere."""
+    return _ramp(height, overlap, top, bottom)[:, None] * _ramp(width, overlap, left, right)[None, :]
+
+
 def run_network(net: Network, x: torch.Tensor) -> torch.Tensor:
     """(1, C, h, w) float in [0, 1] on the net's device/dtype -> (1, C, h*s, w*s) float32 on CPU,
     padding to the net's required multiple and cropping the result back."""
@@ -87,14 +94,13 @@ def _upscale_tensor(net, x, tile, overlap, device, dtype, cancel, progress) -> t
     th, tw = min(tile, h), min(tile, w)
     done = 0
     for y0 in ys:
-        wy = _ramp(th * s, overlap * s, y0 > 0, y0 + th < h)
         for x0 in xs:
             if cancel is not None and cancel():
                 raise Cancelled()
             piece = x[..., y0:y0 + th, x0:x0 + tw].to(device=device, dtype=dtype)
             result = run_network(net, piece)
-            wx = _ramp(tw * s, overlap * s, x0 > 0, x0 + tw < w)
-            mask = (wy[:, None] * wx[None, :])[None, None]
+            mask = tile_weight(th * s, tw * s, overlap * s, top=y0 > 0, bottom=y0 + th < h, left=x0 > 0,
+                               right=x0 + tw < w)[None, None]
             oy, ox = y0 * s, x0 * s
             out[..., oy:oy + th * s, ox:ox + tw * s] += result * mask
             weight[..., oy:oy + th * s, ox:ox + tw * s] += mask
