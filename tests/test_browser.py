@@ -436,3 +436,36 @@ def test_login_page_logs_in_without_revealing_the_app(browser, tmp_path: Path, c
     finally:
         page.close()
         stop_server(s)
+
+
+def test_xyz_plot_from_the_script_dropdown(server: Server, browser, tmp_path: Path) -> None:
+    """Pick X/Y/Z plot in the Script dropdown, Steps on X with two values: the gallery shows the
+    labelled grid first and the info box names the script and its axis."""
+    page = browser.new_page()
+    try:
+        open_page(page, server.url)
+        page.locator("#txt2img_prompt textarea").fill("a windmill")
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        page.locator("#txt2img_script_section").get_by_text("Script").first.click()
+        page.locator("#txt2img_script input").click()
+        page.get_by_role("option", name="X/Y/Z plot").click()
+        group = page.locator("[id^=txt2img_script_][id$=_x_type]").first
+        group.wait_for(state="visible", timeout=30_000)
+        assert not page.locator("[id^=txt2img_script_][id$=_loops]").is_visible()
+        group.locator("input").click()
+        page.get_by_role("option", name="Steps", exact=True).click()
+        values = page.locator("[id^=txt2img_script_][id$=_x_values] textarea, [id^=txt2img_script_][id$=_x_values] input")
+        values.first.fill("1, 2")
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('X Type: Steps')", timeout=120_000)
+        image = page.locator("#txt2img_gallery img").first
+        image.wait_for(state="visible", timeout=30_000)
+        width = page.evaluate("el => el.naturalWidth", image.element_handle())
+        height = page.evaluate("el => el.naturalHeight", image.element_handle())
+        assert width == 128 and height > 64  # two 64-px cells side by side, labels above
+        assert "Script: X/Y/Z plot" in page.locator("#txt2img_info textarea").input_value()
+        page.screenshot(path=str(tmp_path / "xyz.png"), full_page=True)
+    finally:
+        page.close()

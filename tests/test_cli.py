@@ -134,3 +134,24 @@ def test_launch_xformers_flag_never_replaces_a_cpu_torch(tmp_path: Path) -> None
     version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                              text=True).stdout.strip()
     assert version == before
+
+
+def test_xyz_plot_from_the_command_line(data_dir: Path) -> None:
+    common = ["--ckpt", "sd1", "--prompt", "a house", "--steps", "2", "--width", "64", "--height", "64", "--seed", "3",
+              "--sampler", "Euler", "--data-dir", str(data_dir)]
+    r = run(sys.executable, "-m", "webui", "txt2img", *common, "--script", "x/y/z plot", "--x-type", "Steps",
+            "--x-values", "1,2", "--y-type", "CFG Scale", "--y-values", "5, 9", cwd=data_dir)
+    assert r.returncode == 0, r.stderr
+    paths = [Path(line) for line in r.stdout.split()]
+    grids = [p for p in paths if "txt2img-grids" in p.parts]
+    assert len(grids) == 1 and len(paths) == 5  # the grid, then the four cells
+    fields = parse_infotext(Image.open(data_dir / grids[0]).info["parameters"])
+    assert (fields["Script"], fields["X Type"], fields["Y Values"]) == ("X/Y/Z plot", "Steps", "5, 9")
+    for args, expected in [(["--script", "x/y/z plot", "--x-type", "Steps", "--x-values", "1, nope"], "'nope'"),
+                           (["--x-type", "Steps"], "need --script"),
+                           (["--script", "loopback"], "no script 'loopback' on txt2img"),
+                           (["--script", "prompt matrix", "--script-args", "[1"], "not JSON")]:
+        bad = run(sys.executable, "-m", "webui", "txt2img", *common, *args, cwd=data_dir)
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
+        assert len(errors) == 1 and expected in errors[0], bad.stderr

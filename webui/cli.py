@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -137,6 +139,14 @@ def _generation_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--eta", type=float, help="noise multiplier of ancestral samplers and DDIM")
     t.add_argument("--s-churn", type=float)
     t.add_argument("--s-noise", type=float)
+    sc = t.add_argument_group("scripts")
+    sc.add_argument("--script", dest="script_name", default="",
+                    help='run a script with this request as its template: "x/y/z plot", "prompt matrix", '
+                         '"prompts from file or textbox", and on img2img "sd upscale", "loopback"')
+    sc.add_argument("--script-args", metavar="JSON", help='the script\'s arguments, e.g. \'{"loops": 3}\'')
+    for axis in "xyz":
+        sc.add_argument(f"--{axis}-type", help=f"X/Y/Z plot: the {axis.upper()} axis (e.g. Steps, CFG Scale, Sampler)")
+        sc.add_argument(f"--{axis}-values", help=f'X/Y/Z plot: the {axis.upper()} values (e.g. "10,20" or "1-5")')
 
 
 # argparse destinations that are GenerationRequest fields of the same name
@@ -218,6 +228,7 @@ def _generate(a: argparse.Namespace, config: Config) -> int:
             from webui.pipeline.init_image import Outpaint
 
             fields["outpaint"] = Outpaint.parse(a.outpaint).sizes()
+    fields["script_name"], fields["script_args"] = a.script_name, _script_args(a)
     request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)
     engine = build_engine(config)
     engine.check(request)  # what the page and the API check too, with the same messages
@@ -225,6 +236,25 @@ def _generate(a: argparse.Namespace, config: Config) -> int:
     for p in result.paths:
         print(p)
     return 0
+
+
+def _script_args(a: argparse.Namespace) -> dict[str, Any]:
+    """--script-args (JSON object) with the X/Y/Z axis flags on top."""
+    args: dict[str, Any] = {}
+    if a.script_args:
+        try:
+            args = json.loads(a.script_args)
+        except ValueError as err:
+            raise ValueError(f"--script-args: not JSON ({err})") from None
+        if not isinstance(args, dict):
+            raise ValueError('--script-args: a JSON object of argument names, e.g. {"loops": 3}')
+    for axis in "xyz":
+        for part in ("type", "values"):
+            if (value := getattr(a, f"{axis}_{part}", None)) is not None:
+                args[f"{axis}_{part}"] = value
+    if args and not a.script_name:
+        raise ValueError("--script-args and --x-type/--x-values need --script")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

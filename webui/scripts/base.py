@@ -91,6 +91,12 @@ class Script(ABC):
     positional: ClassVar[tuple[str, ...]] = ()
     tabs: ClassVar[tuple[str, ...]] = ("txt2img", "img2img")
 
+    hidden: ClassVar[tuple[str, ...]] = ()  # arguments the page does not show (API-only forms)
+
+    def choices(self, tab: str, env: ScriptEnv) -> dict[str, list[str]]:
+        """Arguments the page offers as a dropdown of these values (the rest by their type)."""
+        return {}
+
     @property
     def name(self) -> str:
         """A1111's `script_name`: the title in lower case."""

@@ -52,6 +52,11 @@ class SdUpscale(Script):
     positional = ("info", "overlap", "upscaler_index", "scale_factor")
     tabs = ("img2img",)
 
+    hidden = ("info",)
+
+    def choices(self, tab: str, env: ScriptEnv) -> dict[str, list[str]]:
+        return {"upscaler_index": ["None", *env.upscalers()]}
+
     def _upscaler(self, args: SdUpscaleArgs, env: ScriptEnv) -> str:
         names = ["None", *env.upscalers()]  # A1111's list starts with "None"
         if isinstance(args.upscaler_index, int):

@@ -127,13 +127,13 @@ def axes_for(tab: str, extension_axes: list[Any] = ()) -> list[Axis]:  # type: i
 
 
 class XyzArgs(BaseModel):
-    x_type: int | str = 1
+    x_type: int | str = "Seed"  # A1111's index into its axis list for the tab, or the label
     x_values: str = ""
     x_values_dropdown: list[Any] = Field(default_factory=list)
-    y_type: int | str = 0
+    y_type: int | str = "Nothing"
     y_values: str = ""
     y_values_dropdown: list[Any] = Field(default_factory=list)
-    z_type: int | str = 0
+    z_type: int | str = "Nothing"
     z_values: str = ""
     z_values_dropdown: list[Any] = Field(default_factory=list)
     draw_legend: bool = True
@@ -205,6 +205,12 @@ class XyzPlot(Script):
     title = "X/Y/Z plot"
     args_model = XyzArgs
     positional = tuple(XyzArgs.model_fields)
+
+    hidden = ("x_values_dropdown", "y_values_dropdown", "z_values_dropdown", "csv_mode")
+
+    def choices(self, tab: str, env: ScriptEnv) -> dict[str, list[str]]:
+        labels = [a.label for a in axes_for(tab, env.axes()) if a.apply is not None or a.label in PROMPT_AXES]
+        return {"x_type": labels, "y_type": labels, "z_type": labels}
 
     def _axes(self, request: GenerationRequest, args: XyzArgs, env: ScriptEnv) -> list[AxisValues]:
         available = axes_for(kind_of(request), env.axes())
