@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next, X/Y/Z axes
+API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next, X/Y/Z axes, Guidance.parts
 PROJECT = "webui"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -68,6 +68,9 @@ class Guidance:
     scale: float
     x: Any
     sigma: Any
+    # since 1.2: each AND sub-prompt's own prediction and weight, in the prompt's order (`cond` is
+    # `uncond + sum(w * (p - uncond))` over them); regional prompting weights them by area
+    parts: list[tuple[Any, float]] = field(default_factory=list)
 
     def cfg(self) -> Any:
         """`uncond + scale * (cond - uncond)`: what the denoiser returns when nobody changes it."""

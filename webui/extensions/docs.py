@@ -224,7 +224,8 @@ What each minor version added (fields say `since 1.x` where they are documented)
 - 1.1: `DenoiserStage.combine` and `Guidance` (combining guidance), `DenoiserStage.model_inputs` and
   `ModelCall` (extra model inputs per call), `ImageStage.generate` (nested generations), `job_id`
   and `scratch` on every stage, `StepStage.request` and `StepStage.infotext`.
-- 1.2: `DenoiserStage.set_attn_processor` (attention processors for one job), `StepStage.sigma_next`.
+- 1.2: `DenoiserStage.set_attn_processor` (attention processors for one job), `StepStage.sigma_next`, `Guidance.parts`, the `xyz_axes` hook and
+  `XyzAxis`.
 """
 
 BROKEN = """

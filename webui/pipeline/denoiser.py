@@ -98,7 +98,8 @@ class CFGDenoiser:
                 result[image] = uncond + self.cfg_scale * sum(w * (denoised[r] - uncond) for r, w in conds)
             else:  # the weighted AND parts as one conditional prediction, so that cfg() is the line above
                 cond = uncond + sum(w * (denoised[r] - uncond) for r, w in conds)
-                result[image] = self.combine(Guidance(cond, uncond, self.cfg_scale, x[image], sigma))
+                parts = [(denoised[r], w) for r, w in conds]
+                result[image] = self.combine(Guidance(cond, uncond, self.cfg_scale, x[image], sigma, parts))
         return self.blend(result)
 
     def blend(self, x: torch.Tensor) -> torch.Tensor:
