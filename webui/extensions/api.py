@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next, X/Y/Z axes, Guidance.parts
+API_VERSION = "1.2"  # 1.1: combining guidance, model inputs, nested generations; 1.2: attention processors, sigma_next, X/Y/Z axes, Guidance.parts, detectors
 PROJECT = "webui"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -190,6 +190,7 @@ class ImageStage:
     # extension hooks (so a hook cannot call itself without end), and returns an object with
     # `images` and `infotexts`
     generate: Callable[..., Any] | None = None
+    detectors: dict[str, Detector] = field(default_factory=dict)  # since 1.2: the `detectors` hook's, by name
 
 
 @dataclass
@@ -247,6 +248,26 @@ class XyzAxis:
     apply: Callable[[dict[str, Any], Any], None]
 
 
+@dataclass(frozen=True)
+class Detection:
+    """One thing a detector found: `box` (left, top, right, bottom) in the image's pixels, its
+    `confidence` (0-1), and a PIL "L" `mask` of the image's size when the model segments."""
+
+    box: tuple[float, float, float, float]
+    confidence: float
+    mask: Any = None
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A detector an extension adds (returned by the `detectors` hook; since 1.2), chosen by
+    `name` like the ONNX files in models/detailer: `detect(image, confidence)` returns the
+    `Detection`s in a PIL image at or above that confidence."""
+
+    name: str
+    detect: Callable[[Any, float], list[Detection]]
+
+
 @dataclass
 class UiSection:
     """A section an extension adds to the page. `build()` is called inside a Gradio context
@@ -276,5 +297,6 @@ class SettingsRegistry:
 
 __all__ = [
     "API_VERSION", "DenoiserStage", "ExtensionSampler", "Guidance", "ModelCall", "SamplerStep", "ImageStage", "JobInfo", "JobRejected", "PromptStage",
-    "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "XyzAxis", "hookimpl",
+    "SavedImage", "SettingsRegistry", "StepStage", "UiSection", "XyzAxis", "hookimpl", "Detection",
+    "Detector",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 
 from webui.extensions.api import (
     DenoiserStage,
+    Detector,
     ExtensionSampler,
     ImageStage,
     JobInfo,
@@ -58,6 +59,11 @@ class Hooks:
         """Start-up. Extra samplers to list beside the built-in ones (page, `/sdapi/v1/samplers`,
         requests' `sampler_name`, the Settings default sampler). A name that is already taken is
         refused with a reason."""
+
+    @hookspec
+    def detectors(self) -> list[Detector] | None:
+        """Start-up (since 1.2). Detectors (faces, hands, ...) the detailer can use by name, beside
+        the ONNX files in models/detailer; they reach image stages as `ImageStage.detectors`."""
 
     @hookspec
     def xyz_axes(self) -> list[XyzAxis] | None:

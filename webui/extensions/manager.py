@@ -63,6 +63,7 @@ class Extension:
     ui: UiSection | None = None
     samplers: list[Any] = field(default_factory=list)  # SamplerSpec of the samplers it adds
     axes: list[api.XyzAxis] = field(default_factory=list)  # X/Y/Z plot axes it adds
+    detectors: list[api.Detector] = field(default_factory=list)  # detectors it adds
     settings_model: type[BaseModel] | None = None
     loader: Callable[[], ModuleType] | None = field(default=None, repr=False)
 
@@ -298,6 +299,8 @@ class ExtensionManager:
             e.samplers = self._sampler_specs(e, self._call_one(e, hook) or [])
             hook = "xyz_axes"
             e.axes = self._axes(e, self._call_one(e, hook) or [])
+            hook = "detectors"
+            e.detectors = self._detectors(e, self._call_one(e, hook) or [])
             hook = "ui_contribution"
             e.ui = self._call_one(e, hook)
         except Exception as err:  # noqa: BLE001
@@ -329,6 +332,20 @@ class ExtensionManager:
                 raise ValueError(f"X/Y/Z axis label {axis.label!r} is already taken")
             taken.add(axis.label.lower())
         return list(given)
+
+    def _detectors(self, e: Extension, given: list[Any]) -> list[api.Detector]:
+        taken = {d.name.lower() for o in self.active() if o is not e for d in o.detectors}
+        for d in given:
+            if not isinstance(d, api.Detector) or not callable(d.detect):
+                raise TypeError("detectors must return Detector objects")
+            if d.name.lower() in taken:
+                raise ValueError(f"detector name {d.name!r} is already taken")
+            taken.add(d.name.lower())
+        return list(given)
+
+    def detectors(self) -> dict[str, api.Detector]:
+        """Every active extension's detectors, by name."""
+        return {d.name: d for e in self.active() for d in e.detectors}
 
     def xyz_axes(self) -> list[api.XyzAxis]:
         """Every active extension's X/Y/Z plot axes, in load order."""

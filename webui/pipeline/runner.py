@@ -288,7 +288,8 @@ class Runner:
             if hooks:
                 stage = ext.ImageStage(image=image, index=batch.first + i, seed=batch.seeds[i],
                                        prompt=batch.prompts[i], request=job.request, data_dir=self.data_dir,
-                                       generate=self._nested_generation(job, batch, i))
+                                       generate=self._nested_generation(job, batch, i),
+                                       detectors=self.extensions.detectors())
                 self.extensions.call("postprocess_image", stage, job.ext)
                 if not isinstance(stage.image, Image.Image):
                     raise ValueError("an extension's postprocess_image left something that is not an image")
