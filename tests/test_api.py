@@ -61,10 +61,14 @@ def test_txt2img_matches_the_command_line_and_its_info(api: Server) -> None:
     assert r.status_code == 200, r.text
     data = r.json()
     info = json.loads(data["info"])
-    assert info["all_seeds"] == [31, 32] and info["seed"] == 31 and len(info["infotexts"]) == 2
+    # as A1111 answers a batch: the grid first (return_grid), its infotext the first image's
+    assert info["all_seeds"] == [31, 32] and info["seed"] == 31 and len(info["infotexts"]) == 3
+    assert info["index_of_first_image"] == 1 and info["infotexts"][0] == info["infotexts"][1]
     assert data["parameters"]["prompt"] == "a lighthouse" and data["parameters"]["seed"] == 31
-    images = [decode(b) for b in data["images"]]
-    for image, text, seed in zip(images, info["infotexts"], info["all_seeds"]):
+    grid, *images = [decode(b) for b in data["images"]]
+    assert grid.size == (128, 64)
+    assert np.array_equal(np.asarray(grid.crop((64, 0, 128, 64))), np.asarray(images[1]))
+    for image, text, seed in zip(images, info["infotexts"][1:], info["all_seeds"]):
         fields = parse_infotext(text)
         assert image.info["parameters"] == text  # the PNG carries its infotext
         assert (fields["Seed"], fields["Negative prompt"], fields["CFG scale"]) == (str(seed), "fog", "6.5")
@@ -77,7 +81,10 @@ def test_txt2img_matches_the_command_line_and_its_info(api: Server) -> None:
         capture_output=True, text=True, timeout=300, cwd=api.data_dir,
     )
     assert cli.returncode == 0, cli.stderr
-    for line, image in zip(cli.stdout.split(), images):
+    grid_path, *paths = cli.stdout.split()
+    assert "txt2img-grids" in grid_path and np.array_equal(np.asarray(Image.open(api.data_dir / grid_path)),
+                                                           np.asarray(grid))
+    for line, image in zip(paths, images, strict=True):
         assert np.array_equal(np.asarray(Image.open(api.data_dir / line)), np.asarray(image))
 
 

@@ -27,9 +27,10 @@ def test_txt2img_prints_one_path_per_image(data_dir: Path) -> None:
             "--steps", "3", "--width", "64", "--height", "64", "--seed", "7", "--batch-size", "2",
             "--sampler", "Euler", "--outdir", str(data_dir / "out"), cwd=data_dir)
     assert r.returncode == 0, r.stderr
-    paths = [Path(line) for line in r.stdout.split()]
+    grid, *paths = [Path(line) for line in r.stdout.split()]
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"]
+    assert grid.parent.parent.name == "txt2img-grids" and Image.open(grid).size == (128, 64)  # the batch's grid
     fields = parse_infotext(Image.open(paths[0]).info["parameters"])
     assert (fields["Prompt"], fields["Seed"], fields["Steps"], fields["Sampler"]) == ("a house", "7", "3", "Euler")
 

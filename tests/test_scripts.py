@@ -288,3 +288,22 @@ def test_loopback_feeds_each_result_back(engine: Engine) -> None:
 def test_img2img_scripts_are_not_on_txt2img(engine: Engine) -> None:
     with pytest.raises(ValueError, match="no script 'sd upscale' on txt2img.*x/y/z plot"):
         engine.check(req(script_name="sd upscale"))
+
+
+# --- batch grids -------------------------------------------------------------------------------
+
+
+def test_a_batch_gets_a_grid_as_the_settings_say(engine: Engine, data_dir: Path) -> None:
+    """Several images: the grid first (return_grid) and saved to txt2img-grids (grid_save), laid
+    out by n_rows; one image, or both settings off: no grid."""
+    result = engine.run(req(batch_size=2, n_iter=2, save_images=True))
+    assert len(result.images) == 5 and result.grids == 1 and result.images[0].size == (128, 128)
+    assert result.paths[0].parent.parent.name == "txt2img-grids" and len(result.paths) == 5
+    assert np.array_equal(px(result.images[0].crop((64, 64, 128, 128))), px(result.images[4]))
+    engine.settings.update({"n_rows": 1, "grid_format": "jpeg"})
+    one_row = engine.run(req(batch_size=3, save_images=True))
+    assert one_row.images[0].size == (192, 64) and one_row.paths[0].suffix == ".jpg"
+    assert len(engine.run(req()).images) == 1
+    engine.settings.update({"return_grid": False, "grid_save": False})
+    plain = engine.run(req(batch_size=2, save_images=True))
+    assert len(plain.images) == 2 and plain.grids == 0 and len(plain.paths) == 2

@@ -33,8 +33,9 @@ def test_generate_through_gradio_client(server: Server) -> None:
         checkpoint="sd1.safetensors", prompt="a lighthouse", negative_prompt="fog", sampler_name="Euler a",
         steps=4, width=64, height=64, batch_size=2, cfg_scale=7, seed=21, api_name="/txt2img",
     )
-    assert len(gallery) == 2
-    image = Image.open(gallery[0]["image"])
+    assert len(gallery) == 3  # the batch's grid first, as A1111 shows it
+    assert Image.open(gallery[0]["image"]).size == (128, 64)
+    image = Image.open(gallery[1]["image"])
     assert image.size == (64, 64)
     fields = parse_infotext(image.info["parameters"])
     assert (fields["Prompt"], fields["Negative prompt"], fields["Seed"], fields["Size"]) == ("a lighthouse", "fog", "21", "64x64")

@@ -83,9 +83,17 @@ class Settings(BaseModel):
     outdir_extras_samples: str = _setting(
         "", "Output folder for extras images", _OUTDIR_HELP.format(default="outputs/extras-images"), SAVING)
     grid_save: bool = _setting(
-        True, "Save grids", "Save the grid a script makes (X/Y/Z plot, prompt matrix) beside its images.", SAVING)
+        True, "Save grids", "Save the grid of a batch, or of a script (X/Y/Z plot, prompt matrix), beside its "
+        "images (when the images are saved).", SAVING)
     grid_format: Literal["png", "jpeg", "webp"] = _setting(
         "png", "File format for grids", "Grids can be large: JPEG or WebP keeps them small.", SAVING)
+    return_grid: bool = _setting(
+        True, "Show grids in results",
+        "A batch of several images also gives a grid of them, first among the results (A1111's return_grid).",
+        SAVING)
+    n_rows: int = _setting(
+        -1, "Grid rows", "-1: as square as it gets; 0: one row per batch; more: that many rows.", SAVING,
+        ge=-1, le=64)
     outdir_txt2img_grids: str = _setting(
         "", "Output folder for txt2img grids", _OUTDIR_HELP.format(default="outputs/txt2img-grids"), SAVING)
     outdir_img2img_grids: str = _setting(

@@ -44,6 +44,7 @@ class GenerationResult:
     infotexts: list[str]
     paths: list[Path]
     interrupted: bool = False
+    grids: int = 0  # how many of the first images are grids (each with its first cell's seed and infotext)
 
 
 @dataclass

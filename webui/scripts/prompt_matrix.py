@@ -84,4 +84,4 @@ class PromptMatrix(Script):
         path = ctx.save_grid(grid, kind_of(request), info, results[0].seeds[0])
         return GenerationResult([grid, *made.images], [made.seeds[0], *made.seeds],
                                 [made.subseeds[0], *made.subseeds], [info, *made.infotexts],
-                                ([path] if path else []) + made.paths)
+                                ([path] if path else []) + made.paths, grids=1)

@@ -314,13 +314,15 @@ class XyzPlot(Script):
         info = self._grid_infotext(first.infotexts[0], axes, args)
         kind = kind_of(request)
         path = ctx.save_grid(grid, kind, info, first.seeds[0])
-        out = GenerationResult([grid], [first.seeds[0]], [first.subseeds[0]], [info], [path] if path else [])
+        out = GenerationResult([grid], [first.seeds[0]], [first.subseeds[0]], [info], [path] if path else [],
+                               grids=1)
         if args.include_sub_grids and len(sub_grids) > 1:
             for iz, sub in enumerate(sub_grids):
                 out.images.append(sub)
                 out.seeds.append(results[iz * per_grid].seeds[0])
                 out.subseeds.append(results[iz * per_grid].subseeds[0])
                 out.infotexts.append(self._grid_infotext(results[iz * per_grid].infotexts[0], axes[:2], args))
+                out.grids += 1
         if args.include_lone_images:
             out.images += made.images
             out.seeds += made.seeds
