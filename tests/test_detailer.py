@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.test_extensions import write_extension
 from tests.test_shipped_prompt_extensions import engine_for, infos, pixels, req

@@ -67,6 +67,15 @@ class ScriptContext:
         self.cancel.clear_skip()  # a skip ends the current image, not the script
         return result
 
+    def generate_all(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run `requests` in order (generation k of n each); stop after an interrupt."""
+        results = []
+        for i, request in enumerate(requests):
+            if self.interrupted:
+                break
+            results.append(self.generate(request, i, len(requests)))
+        return results
+
     def upscale(self, image: Image.Image, upscaler: str, size: tuple[int, int]) -> Image.Image:
         if self.upscale_fn is None:
             raise ValueError("no upscaler is available")

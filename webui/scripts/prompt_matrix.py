@@ -56,11 +56,7 @@ class PromptMatrix(Script):
     def run(self, ctx: ScriptContext, request: GenerationRequest, args: PromptMatrixArgs,
             env: ScriptEnv) -> GenerationResult:
         cells = self.plan(request, args, env)
-        results = []
-        for i, cell in enumerate(cells):
-            if ctx.interrupted:
-                break
-            results.append(ctx.generate(cell, i, len(cells)))
+        results = ctx.generate_all(cells)
         made = combine(results)
         firsts = [r.images[0] for r in results if r.images]
         if len(firsts) < len(cells):

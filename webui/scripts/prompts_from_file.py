@@ -120,11 +120,7 @@ class PromptsFromFile(Script):
     def run(self, ctx: ScriptContext, request: GenerationRequest, args: PromptsArgs,
             env: ScriptEnv) -> GenerationResult:
         planned = self.plan(request, args, env)
-        results = []
-        for i, line in enumerate(planned):
-            if ctx.interrupted:
-                break
-            results.append(ctx.generate(line, i, len(planned)))
+        results = ctx.generate_all(planned)
         out = combine(results)
         out.interrupted = out.interrupted or len(results) < len(planned)
         return out

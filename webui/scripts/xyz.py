@@ -286,11 +286,7 @@ class XyzPlot(Script):
         axes = self._axes(request, args, env)
         xs, ys, zs = axes
         cells = self._cells(request, args, axes)
-        results: list[GenerationResult] = []
-        for i, cell in enumerate(cells):
-            if ctx.interrupted:
-                break
-            results.append(ctx.generate(cell, i, len(cells)))
+        results = ctx.generate_all(cells)
         made = combine(results)
         firsts = [r.images[0] for r in results if r.images]  # a cell's first image is its grid cell
         if len(firsts) < len(cells):  # interrupted: what was made, no grid

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 from typing import Literal
 
 import torch
@@ -45,7 +46,7 @@ def split_masks(direction: str, ratios: list[float], height: int, width: int) ->
     length = width if direction == "columns" else height
     edges = [round(length * sum(ratios[:i]) / sum(ratios)) for i in range(len(ratios) + 1)]
     masks = []
-    for a, b in zip(edges, edges[1:]):
+    for a, b in itertools.pairwise(edges):
         m = torch.zeros(height, width)
         if direction == "columns":
             m[:, a:b] = 1
