@@ -200,27 +200,6 @@ class Engine:
 
     # --- scripts (the Script dropdown) ----------------------------------------------------------
 
-    def _batch_grid(self, request: GenerationRequest, result: GenerationResult) -> GenerationResult:
-        """Several images: their grid, saved to `<kind>-grids` (grid_save, when images are saved)
-        and put first among the results (return_grid), as A1111 does."""
-        s = self.settings.get()
-        if len(result.images) < 2 or not (s.return_grid or (s.grid_save and request.save_images)):
-            return result
-        from webui.scripts.grid import image_grid
-
-        rows = s.n_rows if s.n_rows > 0 else (request.batch_size if s.n_rows == 0 else None)
-        grid = image_grid(result.images, rows=rows)
-        kind = "img2img" if request.is_img2img else "txt2img"
-        if s.grid_save and request.save_images:
-            result.paths.insert(0, self.writer.save(grid, f"{kind}-grids", result.infotexts[0], seed=result.seeds[0]))
-        if s.return_grid:
-            result.images.insert(0, grid)
-            result.seeds.insert(0, result.seeds[0])
-            result.subseeds.insert(0, result.subseeds[0])
-            result.infotexts.insert(0, result.infotexts[0])
-            result.grids += 1
-        return result
-
     def script_env(self) -> ScriptEnv:
         from webui.scripts import ScriptEnv
 
@@ -250,7 +229,9 @@ class Engine:
         """Generate now, on this thread: the request, or the script it names."""
         if not request.script_name:
             result = self.runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
-            return self._batch_grid(request, result)
+            from webui.scripts.grid import add_batch_grid
+
+            return add_batch_grid(request, result, self.settings.get(), self.writer)
         from webui.pipeline.progress import CancelToken
         from webui.scripts import ScriptContext
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from webui.outputs import OutputWriter
+    from webui.pipeline.request import GenerationRequest
+    from webui.pipeline.state import GenerationResult
+    from webui.settings import Settings
 
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
@@ -88,3 +95,25 @@ def annotate(grid: Image.Image, cell_w: int, cell_h: int, columns: Sequence[str]
         for i, line in enumerate(lines):
             draw.text((row_w // 2, cy + i * line_h + line_h // 2), line, font=font, fill=INK, anchor="mm")
     return out
+
+
+def add_batch_grid(request: GenerationRequest, result: GenerationResult, settings: Settings,
+                   writer: OutputWriter) -> GenerationResult:
+    """Several images of one request (a GenerationResult): their grid, saved to `<kind>-grids`
+    (grid_save, when images are saved) and put first among the results (return_grid), laid out
+    by n_rows (-1 square, 0 a row per batch), as A1111 does."""
+    s = settings
+    if len(result.images) < 2 or not (s.return_grid or (s.grid_save and request.save_images)):
+        return result
+    rows = s.n_rows if s.n_rows > 0 else (request.batch_size if s.n_rows == 0 else None)
+    grid = image_grid(result.images, rows=rows)
+    kind = "img2img" if request.is_img2img else "txt2img"
+    if s.grid_save and request.save_images:
+        result.paths.insert(0, writer.save(grid, f"{kind}-grids", result.infotexts[0], seed=result.seeds[0]))
+    if s.return_grid:
+        result.images.insert(0, grid)
+        result.seeds.insert(0, result.seeds[0])
+        result.subseeds.insert(0, result.subseeds[0])
+        result.infotexts.insert(0, result.infotexts[0])
+        result.grids += 1
+    return result
