@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from webui.config import Config
+from webui.controlnet.models import ControlNetLibrary
 from webui.extensions.manager import ExtensionManager
 from webui.jobs.queue import Job, JobQueue
 from webui.models.cache import ModelCache
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from webui.models.load import ModelBundle
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
+    from webui.controlnet.units import ControlUnit
     from webui.pipeline.progress import CancelToken, ProgressFn
     from webui.pipeline.request import GenerationRequest
     from webui.pipeline.runner import Runner
@@ -65,6 +67,7 @@ class Engine:
         current = self.settings.get()
         self.cache: ModelCache[ModelBundle] = ModelCache(park=self._park, unpark=self._unpark)
         self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
+        self.controlnets = ControlNetLibrary(config.models_path / "ControlNet", registry.hashes)
         self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,
                              max_bytes=config.job_retention_mb * 2**20)
         self._apply_settings(current)
@@ -122,7 +125,8 @@ class Engine:
                     return upscalers.upscale(image, name, size=size, device=runtime.device)
 
                 runner = Runner(self.bundle, library, self.writer, upscale=upscale, models_path=self.config.models_path,
-                                extensions=self.extensions, settings=self.settings.get, data_dir=self.config.data_dir)
+                                extensions=self.extensions, settings=self.settings.get, data_dir=self.config.data_dir,
+                                controlnets=self.controlnets)
                 self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
             return self._side
 
@@ -195,8 +199,22 @@ class Engine:
                 self.extensions.validate_args(request.extensions)
             except ValueError as err:
                 raise ValueError(f"alwayson_scripts: {err}") from None
+        for i, unit in enumerate(request.controlnet):
+            if unit.active:
+                self._check_control_unit(i, unit, request)
         if request.script_name:
             self._check_script(request)
+
+    def _check_control_unit(self, i: int, unit: ControlUnit, request: GenerationRequest) -> None:
+        from webui.controlnet import preprocess
+
+        try:
+            preprocess.find(unit.module)
+            self.controlnets.find(unit.model)
+        except (ValueError, ModelError) as err:
+            raise type(err)(f"controlnet unit {i}: {err}") from None
+        if unit.image is None and not request.is_img2img:
+            raise ValueError(f"controlnet unit {i}: no image (give one, or use img2img, whose image it then takes)")
 
     # --- scripts (the Script dropdown) ----------------------------------------------------------
 

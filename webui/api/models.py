@@ -73,7 +73,12 @@ class GenerationBody(GenerationRequest):
         notes = list(self.notes) + (envelope_notes or [])
         fields = {name: getattr(self, name) for name in GenerationRequest.model_fields}
         if self.alwayson_scripts:  # A1111's shape {name: {"args": [...]}}; names are extension names
-            fields["extensions"] = {**self.alwayson_scripts, **self.extensions}
+            scripts = dict(self.alwayson_scripts)
+            for key in [k for k in scripts if k.lower() == "controlnet"]:  # the ControlNet extension's units
+                units = scripts.pop(key)
+                fields["controlnet"] = units.get("args", []) if isinstance(units, dict) else units
+            if scripts:
+                fields["extensions"] = {**scripts, **self.extensions}
         ignored_overrides = []
         for key, value in self.override_settings.items():
             if key in OVERRIDE_FIELDS:

@@ -648,12 +648,16 @@ def attach(app: FastAPI, engine: Engine) -> None:
     guard = [Depends(basic_auth(engine.config.api_auth or engine.config.gradio_auth))]
     router = build_router(engine)
     app.include_router(router, dependencies=guard)
+    from webui.api.controlnet import build_controlnet_router
+
+    controlnet = build_controlnet_router(engine, ApiRoute)
+    app.include_router(controlnet, dependencies=guard)
     schema: dict[str, Any] = {}
 
     def openapi() -> dict:
         if not schema:
             schema.update(get_openapi(title="Stable Diffusion web UI API", version=webui.__version__,
-                                      routes=router.routes))
+                                      routes=[*router.routes, *controlnet.routes]))
         return schema
 
     app.add_api_route("/openapi.json", openapi, methods=["GET"], include_in_schema=False, dependencies=guard)

@@ -78,7 +78,7 @@ class CFGDenoiser:
         extra: dict = {}
         if self.model_inputs:
             call = ModelCall(unet_in, timestep, sigma, context, self.step, sc.row_image.tolist(),
-                             list(sc.uncond_rows) if sc.uncond_rows is not None else None)
+                             list(sc.uncond_rows) if sc.uncond_rows is not None else None, added_cond_kwargs=added)
             for add in self.model_inputs:
                 add(call)
             extra = call.kwargs

@@ -154,6 +154,8 @@ class GenerationRequest(BaseModel):
     # the init image plus these, rounded up to multiples of 8, and width/height are not used
     outpaint: tuple[int, int, int, int] | None = None
 
+    # ControlNet units (A1111 extension's fields; the API's alwayson_scripts "controlnet" args)
+    controlnet: tuple[ControlUnit, ...] = ()
     # a script (the Script dropdown, A1111's `script_name`) runs this request as its template;
     # its arguments: A1111's positional list, or a dict by name (see webui.scripts)
     script_name: str = ""
@@ -236,6 +238,17 @@ class GenerationRequest(BaseModel):
         return -(-(w + left + right) // 8) * 8, -(-(h + top + bottom) // 8) * 8
 
 
+    @field_validator("controlnet")
+    @classmethod
+    def _unit_count(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        from webui.controlnet.units import MAX_UNITS
+
+        active = [u for u in v if u.active]
+        if len(active) > MAX_UNITS or len(v) > 16:
+            raise ValueError(f"at most {MAX_UNITS} enabled ControlNet units (got {len(active)} of {len(v)})")
+        return v
+
+
 def denoise_steps(steps: int, strength: float) -> int:
     """img2img runs the last int(strength * steps) steps of a `steps`-step schedule."""
     return int(min(strength, 0.999) * steps)
@@ -248,3 +261,8 @@ def validation_message(error: ValidationError) -> str:
         where = ".".join(str(x) for x in e.get("loc", ())) or "request"
         parts.append(f"{where}: {e.get('msg', 'invalid')}".replace("Value error, ", ""))
     return "; ".join(parts)
+
+
+from webui.controlnet.units import ControlUnit  # noqa: E402  (it uses ImageInput and ResizeMode above)
+
+GenerationRequest.model_rebuild()

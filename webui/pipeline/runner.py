@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from webui.controlnet import apply as cn
+from webui.controlnet.models import ControlNetLibrary
 from webui.extensions import api as ext
 from webui.extensions.manager import ExtensionManager
 from webui.infotext import generation_infotext
@@ -83,6 +85,7 @@ class Runner:
         extensions: ExtensionManager | None = None,
         settings: Callable[[], Settings] | None = None,  # the current Settings
         data_dir: Path | None = None,  # relative paths in the settings start here
+        controlnets: ControlNetLibrary | None = None,  # models/ControlNet
     ) -> None:
         self.get_bundle = get_bundle
         self.library = library
@@ -92,7 +95,8 @@ class Runner:
         self.settings = settings or Settings
         self.data_dir = data_dir or Path(".")
         self.previews = Previewers(models_path)
-        self.sampling = Sampling(self.extensions, self.previewer)
+        self.controlnets = controlnets
+        self.sampling = Sampling(self.extensions, self.previewer, controlnets)
         self.loras = LoraCache()
         self._lock = threading.Lock()
         self._nested: Runner | None = None  # see _without_hooks
@@ -117,6 +121,9 @@ class Runner:
         job = JobState(r, job_id, control, seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
                        subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
                        total_steps=r.total_steps(), ext=self.extensions.job_context(r.extensions, job_id))
+        if self.controlnets is not None and any(u.active for u in r.controlnet):
+            job.controls = cn.prepare(r, self.controlnets, bundle)
+            job.ext_infotext.update(cn.infotext(job.controls))
         with torch.inference_mode(), offloaded_after(bundle.runtime.memory), self._undo_patches(job):
             for index in range(r.n_iter):
                 if control.cancel.interrupted:
@@ -208,10 +215,11 @@ class Runner:
         switch = round(r.refiner_switch_at * n) if r.refiner_checkpoint and batch.refiner is None else n
         first_step = steps - n + 1  # img2img and hires run the last n steps of a `steps` schedule
         if switch > 0:
-            x = self.sampling.run(job, batch, p, sampler_name, sigmas[: switch + 1], x, first_step)
+            x = self.sampling.run(job, batch, p, sampler_name, sigmas[: switch + 1], x, first_step, steps)
         if switch < n:
             self._switch_to_refiner(job, batch, p, steps)
-            x = self.sampling.run(job, batch, p, sampler_name, sigmas[switch:].to(x.device), x, first_step + switch)
+            x = self.sampling.run(job, batch, p, sampler_name, sigmas[switch:].to(x.device), x, first_step + switch,
+                                  steps)
         return x
 
     def _switch_to_refiner(self, job: JobState, batch: BatchState, p: PassState, steps: int) -> None:
@@ -309,7 +317,8 @@ class Runner:
         def generate(**fields: Any) -> GenerationResult:
             request = job.request.derive(**{"seed": batch.seeds[index], "subseed": batch.subseeds[index],
                                             "batch_size": 1, "n_iter": 1, "enable_hr": False, "outpaint": None,
-                                            **fields, "save_images": False, "extensions": {}, "script_name": ""})
+                                            "controlnet": (), **fields, "save_images": False, "extensions": {},
+                                            "script_name": ""})
             return self._without_hooks()._generate(pix.apply_outpaint(request), Control(), job.id)
 
         return generate
@@ -319,7 +328,7 @@ class Runner:
         if self._nested is None:
             self._nested = copy.copy(self)
             self._nested.extensions = ExtensionManager.empty()
-            self._nested.sampling = Sampling(self._nested.extensions, self._nested.previewer)
+            self._nested.sampling = Sampling(self._nested.extensions, self._nested.previewer, self.controlnets)
         return self._nested
 
     def stage_save(self, job: JobState, batch: BatchState) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from webui.controlnet import apply as cn
+from webui.controlnet.models import ControlNetLibrary
 from webui.extensions import api as ext
 from webui.extensions.manager import ExtensionManager
 from webui.models.load import ModelBundle
@@ -45,9 +47,11 @@ def _sigma_next(sigmas: torch.Tensor, state: ext.SamplerStep) -> torch.Tensor | 
 class Sampling:
     """Runs samplers for the runner: knows the samplers (built-in and extensions') and the hooks."""
 
-    def __init__(self, extensions: ExtensionManager, previewer: Callable[[ModelBundle], Previewer]) -> None:
+    def __init__(self, extensions: ExtensionManager, previewer: Callable[[ModelBundle], Previewer],
+                 controlnets: ControlNetLibrary | None = None) -> None:
         self.extensions = extensions
         self.previewer = previewer
+        self.controlnets = controlnets
 
     def resolve(self, sampler_name: str, scheduler: str) -> tuple[Any, str]:
         """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
@@ -60,8 +64,8 @@ class Sampling:
                               family=bundle.family.ays_sigmas)
 
     def run(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str, sigmas: torch.Tensor,
-            x: torch.Tensor, first_step: int = 1) -> torch.Tensor:
-        """Sample from `x` over `sigmas` (steps `first_step`... of the request's schedule); on an
+            x: torch.Tensor, first_step: int = 1, steps: int = 0) -> torch.Tensor:
+        """Sample from `x` over `sigmas` (steps `first_step`... of a `steps`-step schedule); on an
         interrupt `p.latents` holds the last step's latents and `Interrupted` goes on up."""
         r, bundle, control = job.request, batch.bundle, job.control
         spec, _ = self.resolve(sampler_name, r.scheduler)
@@ -78,6 +82,10 @@ class Sampling:
         p.conditioning.prepare(range(first_step, first_step + len(sigmas) - 1))  # the steps this run samples
         make_preview = self.previewer(bundle)
         model_fn = self._setup_denoiser(job, bundle, denoiser, sampler_name, len(sigmas) - 1)
+        if job.controls and self.controlnets is not None:
+            add = cn.model_input(job.controls, self.controlnets, bundle, p.size, steps or len(sigmas) - 1)
+            if add is not None:
+                denoiser.model_inputs.insert(0, add)
         step_hooks = self.extensions.has("step_end")
 
         def noise(like: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ class JobState:
     undo: list[Callable[[], None]] = field(default_factory=list)  # extensions' model changes, undone after the job
     hires_size: tuple[int, int] | None = None
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], [], [], [], []))
+    controls: list[Any] = field(default_factory=list)  # ControlNet units prepared (webui.controlnet.apply)
     # one per (model, embeddings): each caches the encoding of every distinct text it met
     conditioners: dict[tuple[int, tuple[str, ...]], TextConditioner] = field(default_factory=dict)
 

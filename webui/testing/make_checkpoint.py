@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -172,9 +173,13 @@ def _sub(rest: str, table: list[tuple[str, str]]) -> str:
 
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    cfg = unet.config
+    return {"model.diffusion_model." + k: v for k, v in unet_keys_to_ldm(unet.state_dict(), unet.config).items()}
+
+
+def unet_keys_to_ldm(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """A diffusers UNet's (or ControlNet's encoder's) keys in the original layout, unprefixed."""
     per = cfg.layers_per_block + 1
-    attn_up = {i: "CrossAttn" in t for i, t in enumerate(cfg.up_block_types)}
+    attn_up = {i: "CrossAttn" in t for i, t in enumerate(getattr(cfg, "up_block_types", ()) or ())}
     out = {}
     fixed = {
         "time_embedding.linear_1.": "time_embed.0.",
@@ -185,7 +190,7 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
     }
-    for k, v in unet.state_dict().items():
+    for k, v in state.items():
         parts = k.split(".")
         new = None
         for a, b in fixed.items():
@@ -217,7 +222,7 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
                 new = f"output_blocks.{per * i + j}.{slot}.{rest}"
         if new is None:
             raise KeyError(f"no LDM name for UNet key {k}")
-        out["model.diffusion_model." + new] = v
+        out[new] = v
     return out
 
 

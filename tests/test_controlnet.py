@@ -1,0 +1,186 @@
+"""ControlNet on tiny random-weight ControlNets built on the tiny checkpoints' UNets, in the
+original (lllyasviel) layout and diffusers' layout: loading and conversion, the units' fields
+and modes, txt2img / img2img / hires, the preprocessors, and the A1111 extension's API."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import start_server, stop_server
+from webui.app import Engine, build_engine
+from webui.config import Config
+from webui.controlnet import preprocess
+from webui.infotext import parse_infotext
+from webui.models.errors import ModelError
+from webui.pipeline.request import GenerationRequest
+from webui.testing.make_checkpoint import write_checkpoint
+from webui.testing.make_controlnet import write_controlnet
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt="a red cube", steps=3, width=64, height=64, seed=5, sampler_name="Euler", save_images=False)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def px(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def square(size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    image.paste((255, 255, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image
+
+
+def b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture
+def engine(data_dir: Path) -> Engine:
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    unet = engine.bundle("sd1").unet
+    folder = data_dir / "models" / "ControlNet"
+    write_controlnet(folder / "cn_zero.safetensors", unet, strength=0.0)
+    write_controlnet(folder / "cn_canny.safetensors", unet, strength=0.5, seed=1)
+    write_controlnet(folder / "diffusers" / "cn_canny_diffusers.safetensors", unet, strength=0.5, seed=1,
+                     layout="diffusers")
+    write_controlnet(folder / "cn_sd2.safetensors", engine.bundle("sd2").unet, strength=0.5)
+    engine.bundle("sd1")  # back to the SD1 model for the tests
+    return engine
+
+
+def unit(**kw) -> dict:
+    return {"model": "cn_canny", "module": "canny", "image": square(), **kw}
+
+
+def test_a_zero_controlnet_changes_nothing_a_trained_one_steers(engine: Engine) -> None:
+    plain = px(engine.runner.generate(req(checkpoint="sd1")).images[0])
+    zero = engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(model="cn_zero")]))
+    assert np.array_equal(px(zero.images[0]), plain)
+    steered = engine.runner.generate(req(checkpoint="sd1", controlnet=[unit()]))
+    assert np.abs(px(steered.images[0]) - plain).mean() > 1
+    same = engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(model="cn_canny_diffusers")]))
+    assert np.array_equal(px(same.images[0]), px(steered.images[0]))  # both layouts load the same weights
+    info = parse_infotext(steered.infotexts[0])["ControlNet 0"]
+    title = next(t for t in engine.controlnets.titles() if t.startswith("cn_canny ["))
+    assert info == (f"Module: canny, Model: {title}, Weight: 1, Resize Mode: Crop and Resize, Processor Res: 512, "
+                    "Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, "
+                    "Control Mode: Balanced")
+
+
+def test_weight_range_and_modes(engine: Engine) -> None:
+    plain = px(engine.runner.generate(req(checkpoint="sd1")).images[0])
+    balanced = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit()])).images[0])
+    assert np.array_equal(px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(weight=0)])).images[0]),
+                          plain)
+    late = engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(guidance_start=1.0)])).images[0]
+    assert np.array_equal(px(late), plain)  # never inside [1, 1]: steps are at 0, 1/3, 2/3
+    early = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(guidance_end=0.4)])).images[0])
+    assert not np.array_equal(early, plain) and not np.array_equal(early, balanced)
+    prompt_more = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(
+        control_mode="My prompt is more important")])).images[0])
+    control_more = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(control_mode=2)])).images[0])
+    assert len({a.tobytes() for a in (plain, balanced, prompt_more, control_more)}) == 4
+    two = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(), unit(model="cn_zero")])).images[0])
+    assert np.array_equal(two, balanced)  # a second unit adding zeros adds nothing
+
+
+def test_img2img_hires_and_the_units_image(engine: Engine) -> None:
+    init = Image.new("RGB", (64, 64), (90, 140, 200))
+    own = engine.runner.generate(req(checkpoint="sd1", init_images=(square(),), denoising_strength=0.6,
+                                     controlnet=[unit(image=None)]))
+    given = engine.runner.generate(req(checkpoint="sd1", init_images=(square(),), denoising_strength=0.6,
+                                       controlnet=[unit()]))
+    assert np.array_equal(px(own.images[0]), px(given.images[0]))  # no image: the init image
+    other = engine.runner.generate(req(checkpoint="sd1", init_images=(init,), denoising_strength=0.6,
+                                       controlnet=[unit(image=None)]))
+    assert not np.array_equal(px(other.images[0]), px(own.images[0]))
+    hires = engine.runner.generate(req(checkpoint="sd1", enable_hr=True, hr_scale=1.5, denoising_strength=0.5,
+                                       controlnet=[unit()]))
+    plain_hires = engine.runner.generate(req(checkpoint="sd1", enable_hr=True, hr_scale=1.5, denoising_strength=0.5))
+    assert hires.images[0].size == (96, 96)
+    assert not np.array_equal(px(hires.images[0]), px(plain_hires.images[0]))
+
+
+def test_bad_units_are_named_before_the_job(engine: Engine) -> None:
+    for fields, error, message in [
+        (unit(model="missing"), ModelError, "controlnet unit 0: ControlNet model 'missing' not found"),
+        (unit(module="openpose"), ValueError, "unknown preprocessor 'openpose'.*need weights"),
+        (unit(image=None), ValueError, "controlnet unit 0: no image"),
+    ]:
+        with pytest.raises(error, match=message):
+            engine.check(req(checkpoint="sd1", controlnet=[fields]))
+    with pytest.raises(ModelError, match="cn_sd2 does not fit sd1"):
+        engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(model="cn_sd2")]))
+    with pytest.raises(ValueError, match="resize_mode"):
+        req(controlnet=[unit(resize_mode="sideways")])
+    with pytest.raises(ValueError, match="guidance_start 0.8 is after guidance_end 0.2"):
+        req(controlnet=[unit(guidance_start=0.8, guidance_end=0.2)])
+    with pytest.raises(ValueError, match="at most 3 enabled ControlNet units"):
+        req(controlnet=[unit()] * 4)
+    assert len(req(controlnet=[unit(enabled=False)] * 5).controlnet) == 5
+
+
+def test_canny_finds_the_squares_outline() -> None:
+    edges = np.asarray(preprocess.canny(square(), 100, 200).convert("L")) > 0
+    ys, xs = np.nonzero(edges)
+    assert edges.any() and xs.min() >= 14 and xs.max() <= 49 and ys.min() >= 14 and ys.max() <= 49
+    assert not edges[24:40, 24:40].any() and not edges[:10].any()  # nothing inside or far outside
+    assert not (np.asarray(preprocess.canny(square(), 2000, 3000).convert("L")) > 0).any()  # thresholds count
+    inverted = preprocess.invert(square(), 0, 0)
+    assert inverted.getpixel((0, 0)) == (255, 255, 255) and inverted.getpixel((32, 32)) == (0, 0, 0)
+    assert preprocess.threshold(square(), 127, 0).getpixel((32, 32)) == (255, 255, 255)
+
+
+def test_the_extensions_api(data_dir: Path) -> None:
+    """The A1111 ControlNet extension's routes and its unit shape in alwayson_scripts."""
+    write_checkpoint(data_dir / "models" / "Stable-diffusion" / "sd1.safetensors", "sd1")
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    write_controlnet(data_dir / "models" / "ControlNet" / "cn_canny.safetensors", engine.bundle("sd1").unet, 0.5)
+    s = start_server(data_dir, "--api", "--ckpt", "sd1", ready="/sdapi/v1/samplers")
+    try:
+        def get(route: str) -> dict:
+            r = requests.get(s.url + route, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        models = get("/controlnet/model_list")["model_list"]
+        assert models[0] == "None" and models[1].startswith("cn_canny [")
+        assert "canny" in get("/controlnet/module_list")["module_list"]
+        assert get("/controlnet/version")["version"] >= 1 and get("/controlnet/settings")["control_net_unit_count"] == 3
+        detected = requests.post(s.url + "/controlnet/detect", timeout=60, json={
+            "controlnet_module": "canny", "controlnet_input_images": [b64(square())], "controlnet_processor_res": 64})
+        assert detected.status_code == 200 and detected.json()["info"] == "Success"
+        edges = Image.open(io.BytesIO(base64.b64decode(detected.json()["images"][0])))
+        assert edges.size == (64, 64) and np.asarray(edges.convert("L")).max() == 255
+        body = {"prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+                "alwayson_scripts": {"controlnet": {"args": [
+                    {"enabled": True, "module": "canny", "model": models[1], "weight": 1.0,
+                     "image": {"image": b64(square()), "mask": None}, "resize_mode": "Crop and Resize",
+                     "processor_res": 512, "threshold_a": 100, "threshold_b": 200, "guidance_start": 0.0,
+                     "guidance_end": 1.0, "pixel_perfect": False, "control_mode": "Balanced", "lowvram": False},
+                    {"enabled": False, "module": "none", "model": "None"}]}}}
+        r = requests.post(s.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert 'ControlNet 0: "Module: canny, Model: cn_canny [' in info["infotexts"][0]
+        bad = requests.post(s.url + "/sdapi/v1/txt2img", timeout=120, json={
+            **body, "alwayson_scripts": {"ControlNet": {"args": [{"model": "nope", "image": b64(square())}]}}})
+        assert 400 <= bad.status_code < 500 and "nope" in bad.text
+        wrong = requests.post(s.url + "/controlnet/detect", timeout=60,
+                              json={"controlnet_module": "openpose", "controlnet_input_images": [b64(square())]})
+        assert wrong.status_code == 422 and "openpose" in wrong.text
+    finally:
+        stop_server(s)

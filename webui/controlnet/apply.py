@@ -1,0 +1,131 @@
+"""A job's ControlNet units, prepared once, and the per-call model input that adds their
+residuals (the denoiser's `model_inputs` seam).
+
+Per unit and model call: the control image at the pass's size (the hires pass gets its own),
+the ControlNet run on the same input rows as the UNet, its residuals scaled by the unit's weight,
+only while the step is inside [guidance_start, guidance_end]. Control modes as the A1111
+extension has them: "My prompt is more important" scales the residuals down towards the shallow
+layers (0.825 per layer); "ControlNet is more important" does that too and leaves the negative
+prompt's rows without control, so guidance pushes towards the control.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from webui.controlnet import preprocess
+from webui.controlnet.models import ControlNetLibrary
+from webui.controlnet.units import ControlMode, ControlUnit
+from webui.models.errors import ModelError
+from webui.models.load import ModelBundle
+from webui.pipeline.init_image import resize_image
+from webui.pipeline.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+SOFT = 0.825  # per layer, from the deepest residual up
+
+
+@dataclass
+class PreparedUnit:
+    index: int
+    unit: ControlUnit
+    image: Image.Image  # preprocessed, before it is fitted to a pass's size
+    title: str
+    thresholds: tuple[float, float]
+    tensors: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def control(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 3, H, W] in 0-1: the control image fitted to (W, H) with the unit's resize mode."""
+        if size not in self.tensors:
+            fitted = resize_image(self.image, int(self.unit.resize_mode), *size).convert("RGB")
+            array = np.asarray(fitted, dtype=np.float32) / 255.0
+            self.tensors[size] = torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
+        return self.tensors[size]
+
+
+def prepare(request: GenerationRequest, library: ControlNetLibrary, bundle: ModelBundle) -> list[PreparedUnit]:
+    """The request's active units with their control images made, their models loaded for
+    `bundle` (ValueError/ModelError for a unit that cannot run: no image, an unknown
+    preprocessor or model, a model for another family)."""
+    out = []
+    for i, unit in enumerate(request.controlnet):
+        if not unit.active:
+            continue
+        try:
+            library.load(unit.model, bundle)
+        except ModelError as err:
+            raise ModelError(f"ControlNet unit {i}: {err}") from None
+        source = unit.image if unit.image is not None else (request.init_images[0] if request.init_images else None)
+        if source is None:
+            raise ValueError(f"ControlNet unit {i}: no image (give one, or use img2img, whose image it then takes)")
+        w, h = request.canvas_size()
+        resolution = min(w, h) if unit.pixel_perfect else unit.processor_res
+        default_a, default_b = preprocess.defaults(unit.module)
+        a = unit.threshold_a if unit.threshold_a != -1 else default_a
+        b = unit.threshold_b if unit.threshold_b != -1 else default_b
+        image = preprocess.run(unit.module, source, resolution, a, b)
+        out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b)))
+    return out
+
+
+def infotext(units: list[PreparedUnit]) -> dict[str, str]:
+    return {f"ControlNet {u.index}": u.unit.infotext(u.title, u.thresholds) for u in units}
+
+
+def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: ModelBundle, size: tuple[int, int],
+                steps: int) -> Callable[[Any], None] | None:
+    """The `model_inputs` entry for one sampling run of `steps` steps at `size` on `bundle`; None
+    when no unit fits the model (a refiner of another family: each unit that does not fit is
+    skipped there, and logged)."""
+    models = []
+    for u in units:
+        try:
+            models.append((u, library.load(u.unit.model, bundle)))
+        except ModelError as err:
+            log.warning("ControlNet unit %d skipped on %s: %s", u.index, bundle.model_name, err)
+    if not models:
+        return None
+    channels = bundle.family.latent_channels
+    device, dtype = bundle.runtime.device, bundle.runtime.dtype
+
+    def add(call: Any) -> None:
+        fraction = (call.step - 1) / max(steps, 1)
+        rows = call.x.shape[0]
+        down_sum: list[torch.Tensor] | None = None
+        mid_sum: torch.Tensor | None = None
+        for u, net in models:
+            if not u.unit.guidance_start <= fraction <= u.unit.guidance_end:
+                continue
+            hint = u.control(size, device, dtype).expand(rows, -1, -1, -1)
+            down, mid = net(call.x[:, :channels], call.timestep, encoder_hidden_states=call.context,
+                            controlnet_cond=hint, conditioning_scale=u.unit.weight,
+                            added_cond_kwargs=call.added_cond_kwargs, return_dict=False)
+            residuals = [*down, mid]
+            if u.unit.control_mode != ControlMode.BALANCED:
+                n = len(residuals)
+                residuals = [r * SOFT ** (n - 1 - i) for i, r in enumerate(residuals)]
+            if u.unit.control_mode == ControlMode.CONTROL and call.uncond_rows:
+                keep = torch.ones(rows, 1, 1, 1, device=call.x.device, dtype=residuals[0].dtype)
+                keep[call.uncond_rows] = 0
+                residuals = [r * keep for r in residuals]
+            if down_sum is None:
+                down_sum, mid_sum = residuals[:-1], residuals[-1]
+            else:
+                down_sum = [a + b for a, b in zip(down_sum, residuals[:-1])]
+                mid_sum = mid_sum + residuals[-1]
+        if down_sum is None:
+            return
+        given = call.kwargs.get("down_block_additional_residuals")
+        call.kwargs["down_block_additional_residuals"] = tuple(
+            down_sum if given is None else [a + b for a, b in zip(given, down_sum)])
+        given_mid = call.kwargs.get("mid_block_additional_residual")
+        call.kwargs["mid_block_additional_residual"] = mid_sum if given_mid is None else given_mid + mid_sum
+
+    return add

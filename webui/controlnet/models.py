@@ -1,0 +1,106 @@
+"""The ControlNet models in `models/ControlNet/`: listed as `name [hash8]` (the A1111 extension's
+titles), found by title, name or file name, and loaded for the checkpoint in use.
+
+A model is built on the loaded UNet's own configuration (`ControlNetModel.from_unet`: a
+ControlNet copies its UNet's encoder), so no config file is needed: original-layout files
+(lllyasviel's `control_model.*` keys) are converted with diffusers' converter, diffusers-layout
+files load as they are. A file whose weights do not fit that configuration (a ControlNet for
+another family) is refused by name, with the family it would need.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from webui.models.errors import ModelError
+from webui.models.hashing import HashCache
+
+if TYPE_CHECKING:  # torch loads with the model side, not at start-up (the API lists models without it)
+    import torch
+
+    from webui.models.load import ModelBundle
+
+SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
+CACHE_SIZE = 2  # ControlNets kept loaded (each about a third of its UNet)
+
+
+@dataclass(frozen=True)
+class ControlNetFile:
+    name: str  # relative path without extension
+    path: Path
+
+    def title(self, hashes: HashCache) -> str:
+        return f"{self.name} [{hashes.get(self.path, 'sha256')[:8]}]"
+
+
+class ControlNetLibrary:
+    def __init__(self, folder: Path, hashes: HashCache) -> None:
+        self.folder = Path(folder)
+        self.hashes = hashes
+        self._loaded: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def files(self) -> list[ControlNetFile]:
+        if not self.folder.is_dir():
+            return []
+        found = [p for p in sorted(self.folder.rglob("*")) if p.suffix.lower() in SUFFIXES and p.is_file()
+                 and "annotators" not in p.relative_to(self.folder).parts]
+        return [ControlNetFile(p.relative_to(self.folder).with_suffix("").as_posix(), p) for p in found]
+
+    def titles(self) -> list[str]:
+        return [f.title(self.hashes) for f in self.files()]
+
+    def find(self, query: str) -> ControlNetFile:
+        """By title (`name [hash8]`), name, file name, or name with a different hash."""
+        q = query.strip()
+        bare = q.split(" [")[0] if q.endswith("]") else q
+        for f in self.files():
+            if q in (f.name, f.path.name, f.path.stem) or bare in (f.name, f.path.stem) or q == f.title(self.hashes):
+                return f
+        names = ", ".join(f.name for f in self.files()) or f"none in {self.folder}"
+        raise ModelError(f"ControlNet model {query!r} not found (available: {names})")
+
+    def load(self, query: str, bundle: ModelBundle) -> torch.nn.Module:
+        """The ControlNet `query` for `bundle`'s UNet, on its device and dtype (cached)."""
+        f = self.find(query)
+        key = (str(f.path.resolve()), id(bundle.unet))
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            model = self._build(f, bundle)
+            self._loaded[key] = model
+            while len(self._loaded) > CACHE_SIZE:
+                self._loaded.popitem(last=False)
+            return model
+
+    @staticmethod
+    def _build(f: ControlNetFile, bundle: ModelBundle) -> torch.nn.Module:
+        import torch
+        from diffusers import ControlNetModel
+        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+        from webui.models.readers import read_state_dict
+
+        try:
+            state = read_state_dict(f.path)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"ControlNet {f.path.name}: cannot read it: {err}") from None
+        with torch.device("meta"):
+            model = ControlNetModel.from_unet(bundle.unet, load_weights_from_unet=False)
+        if any(k.startswith("control_model.") or k.startswith("input_hint_block.") for k in state):
+            state = convert_controlnet_checkpoint(state, dict(model.config))
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or wrong:
+            what = f"{len(missing)} weights missing" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}"
+            raise ModelError(f"ControlNet {f.name} does not fit {bundle.model_name} ({bundle.family.label}): {what} "
+                             "(a ControlNet is made for one model family)")
+        rt = bundle.runtime  # weights go straight to the device and dtype: no float32 copy of the model on the way
+        model.load_state_dict({k: state[k].to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
+        return model.eval().requires_grad_(False)

@@ -1,0 +1,105 @@
+"""ControlNet preprocessors that need no weights, on numpy, scipy and Pillow, under the A1111
+extension's module names. Each takes an RGB image (already at the processor resolution) and the
+unit's two thresholds, and returns the control image (RGB)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+from scipy import ndimage
+
+Preprocessor = Callable[[Image.Image, float, float], Image.Image]
+
+
+def canny(image: Image.Image, low: float, high: float) -> Image.Image:
+    """Canny edges as OpenCV's `Canny(image, low, high)` finds them (which the ControlNet canny
+    models were trained on): 3x3 Sobel gradients on the grey image (unnormalised, as OpenCV's),
+    thinning to the gradient's ridge, then hysteresis -- weak edges are kept only where they
+    touch a strong one."""
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    gx, gy = ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=0)
+    magnitude = np.hypot(gx, gy)
+    angle = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
+    sector = ((angle + 22.5) // 45).astype(int) % 4  # 0: horizontal gradient, 1: 45°, 2: vertical, 3: 135°
+    padded = np.pad(magnitude, 1)
+    h, w = magnitude.shape
+    neighbours = {0: ((0, 1), (0, -1)), 1: ((1, 1), (-1, -1)), 2: ((1, 0), (-1, 0)), 3: ((1, -1), (-1, 1))}
+    ridge = np.zeros_like(magnitude, dtype=bool)
+    for s, ((dy1, dx1), (dy2, dx2)) in neighbours.items():
+        a = padded[1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
+        b = padded[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
+        ridge |= (sector == s) & (magnitude >= a) & (magnitude >= b)
+    strong = ridge & (magnitude >= high)
+    weak = ridge & (magnitude >= low)
+    labels, _ = ndimage.label(weak, structure=np.ones((3, 3)))
+    keep = np.unique(labels[strong])
+    edges = np.isin(labels, keep[keep > 0])
+    return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
+
+
+def threshold(image: Image.Image, level: float, _: float) -> Image.Image:
+    """White where the image is brighter than `level` (0-255), black elsewhere (scribbles)."""
+    grey = np.asarray(image.convert("L"))
+    return Image.fromarray(((grey > level) * 255).astype(np.uint8)).convert("RGB")
+
+
+def invert(image: Image.Image, _a: float, _b: float) -> Image.Image:
+    """Black lines on white (a drawing) turned into the white-on-black that line models expect."""
+    return ImageOps.invert(image.convert("RGB"))
+
+
+def blur(image: Image.Image, sigma: float, _: float) -> Image.Image:
+    return image.convert("RGB").filter(ImageFilter.GaussianBlur(max(0.0, sigma)))
+
+
+def tile_resample(image: Image.Image, down: float, _: float) -> Image.Image:
+    """The tile model's input: the image made `down` times smaller and back (its detail gone)."""
+    factor = max(1.0, down)
+    small = image.resize((max(1, round(image.width / factor)), max(1, round(image.height / factor))),
+                         Image.Resampling.BICUBIC)
+    return small.resize(image.size, Image.Resampling.BICUBIC).convert("RGB")
+
+
+def none(image: Image.Image, _a: float, _b: float) -> Image.Image:
+    return image.convert("RGB")
+
+
+# name -> (function, (threshold_a default, threshold_b default))
+PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
+    "none": (none, (0, 0)),
+    "canny": (canny, (100, 200)),
+    "invert": (invert, (0, 0)),
+    "threshold": (threshold, (127, 0)),
+    "blur_gaussian": (blur, (9, 0)),
+    "tile_resample": (tile_resample, (1, 0)),
+}
+ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold"}
+
+
+def _entry(name: str) -> tuple[Preprocessor, tuple[float, float]]:
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in PREPROCESSORS:
+        raise ValueError(f"ControlNet: unknown preprocessor {name!r} (available: {', '.join(PREPROCESSORS)}; "
+                         "those that need weights, such as depth or openpose, are not available yet)")
+    return PREPROCESSORS[key]
+
+
+def find(name: str) -> Preprocessor:
+    return _entry(name)[0]
+
+
+def defaults(name: str) -> tuple[float, float]:
+    """The thresholds `name` uses when a request leaves them at -1."""
+    return _entry(name)[1]
+
+
+def run(name: str, image: Image.Image, resolution: int, a: float, b: float) -> Image.Image:
+    """`image` through preprocessor `name`, worked at `resolution` (its shorter side)."""
+    scale = resolution / min(image.size)
+    work = image.convert("RGB")
+    if name.strip().lower() != "none" and abs(scale - 1) > 1e-3:
+        work = work.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    return find(name)(work, a, b)

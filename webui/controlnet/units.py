@@ -1,0 +1,104 @@
+"""A ControlNet unit, with the field names and values the A1111 extension's API documents:
+`enabled, module, model, weight, image, resize_mode, processor_res, threshold_a, threshold_b,
+guidance_start, guidance_end, pixel_perfect, control_mode` (modes by name or number)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from webui.pipeline.request import ImageInput, ResizeMode
+
+MAX_UNITS = 3
+RESIZE_LABELS = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the extension's words
+
+
+class ControlMode(IntEnum):
+    BALANCED = 0
+    PROMPT = 1  # "My prompt is more important"
+    CONTROL = 2  # "ControlNet is more important"
+
+    @property
+    def label(self) -> str:
+        return ("Balanced", "My prompt is more important", "ControlNet is more important")[self]
+
+
+_RESIZE_NAMES = {"just resize": 0, "envelope (outer fit)": 2, "scale to fit (inner fit)": 1, "crop and resize": 1,
+                 "resize and fill": 2, "inner fit": 1, "outer fit": 2}
+
+
+def _by_name(value: Any, names: dict[str, int], what: str) -> Any:
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        key = value.strip().lower()
+        if key not in names:
+            raise ValueError(f"unknown {what} {value!r} (one of: {', '.join(names)})")
+        return names[key]
+    return value
+
+
+class ControlUnit(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True)
+
+    enabled: bool = True
+    module: str = "none"  # the preprocessor
+    model: str = "None"
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    image: ImageInput | None = None  # None: img2img's init image
+    resize_mode: ResizeMode = ResizeMode.CROP_AND_RESIZE
+    processor_res: int = Field(512, ge=64, le=2048)
+    threshold_a: float = -1  # -1: the preprocessor's own default (canny: 100 and 200)
+    threshold_b: float = -1
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    pixel_perfect: bool = False
+    control_mode: ControlMode = ControlMode.BALANCED
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111_values(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}
+        image = data.get("image")
+        if isinstance(image, dict):  # {"image": ..., "mask": ...}
+            data["image"] = image.get("image")
+        if data.get("image") in ("", None):
+            data.pop("image", None)
+        if "input_image" in data and "image" not in data:  # the extension's older name
+            data["image"] = data.pop("input_image")
+        if "resize_mode" in data:
+            data["resize_mode"] = _by_name(data["resize_mode"], _RESIZE_NAMES, "resize_mode")
+        if "control_mode" in data:
+            names = {m.label.lower(): int(m) for m in ControlMode} | {"balanced": 0}
+            data["control_mode"] = _by_name(data["control_mode"], names, "control_mode")
+        if data.get("processor_res") == -1:  # the extension's "default"
+            data.pop("processor_res")
+        return data
+
+    @field_validator("resize_mode")
+    @classmethod
+    def _no_latent(cls, v: ResizeMode) -> ResizeMode:
+        if v == ResizeMode.LATENT_UPSCALE:
+            raise ValueError("resize_mode: 0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> ControlUnit:
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(f"guidance_start {self.guidance_start} is after guidance_end {self.guidance_end}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.model not in ("", "None", "none") and self.weight > 0
+
+    def infotext(self, model_title: str, thresholds: tuple[float, float]) -> str:
+        """The value of `ControlNet N: "..."`, the extension's fields in its order (`thresholds`:
+        those used, after -1 became the preprocessor's default)."""
+        return (f"Module: {self.module}, Model: {model_title}, Weight: {self.weight:g}, "
+                f"Resize Mode: {RESIZE_LABELS[self.resize_mode]}, Processor Res: {self.processor_res}, "
+                f"Threshold A: {thresholds[0]:g}, Threshold B: {thresholds[1]:g}, "
+                f"Guidance Start: {self.guidance_start:g}, Guidance End: {self.guidance_end:g}, "
+                f"Pixel Perfect: {self.pixel_perfect}, Control Mode: {self.control_mode.label}")
