@@ -469,3 +469,48 @@ def test_xyz_plot_from_the_script_dropdown(server: Server, browser, tmp_path: Pa
         page.screenshot(path=str(tmp_path / "xyz.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_controlnet_unit_from_the_page(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    """Unit 0: upload an image, preview its canny edges, pick the model, enable, generate: the
+    infotext records the unit."""
+    from PIL import Image
+
+    from tests.conftest import add_checkpoint, start_server, stop_server
+    from webui.app import build_engine
+    from webui.config import Config
+    from webui.testing.make_controlnet import write_controlnet
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    unet = build_engine(Config(data_dir=tmp_path, dtype="float32")).bundle(None).unet
+    write_controlnet(tmp_path / "models" / "ControlNet" / "cn_canny.safetensors", unet, strength=0.5)
+    source = tmp_path / "square.png"
+    image = Image.new("RGB", (64, 64))
+    image.paste((255, 255, 255), (16, 16, 48, 48))
+    image.save(source)
+    s = start_server(tmp_path)
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        page.locator("#txt2img_prompt textarea").fill("a tower")
+        set_number(page, "txt2img_steps", 2)
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        page.locator("#txt2img_controlnet").get_by_text("ControlNet").first.click()
+        page.locator("#txt2img_cn_0_image input[type=file]").set_input_files(str(source))
+        page.locator("#txt2img_cn_0_image img").first.wait_for(state="visible", timeout=30_000)
+        page.locator("#txt2img_cn_0_module input").click()
+        page.get_by_role("option", name="canny", exact=True).click()
+        page.locator("#txt2img_cn_0_preview_button").click()
+        page.locator("#txt2img_cn_0_preview img").first.wait_for(state="visible", timeout=30_000)
+        page.locator("#txt2img_cn_0_model input").click()
+        page.get_by_role("option", name="cn_canny", exact=False).first.click()
+        page.locator("#txt2img_cn_0_enabled input").check()
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('ControlNet 0')", timeout=120_000)
+        text = page.locator("#txt2img_info textarea").input_value()
+        assert 'ControlNet 0: "Module: canny, Model: cn_canny [' in text
+    finally:
+        page.close()
+        stop_server(s)

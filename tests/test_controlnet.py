@@ -184,3 +184,19 @@ def test_the_extensions_api(data_dir: Path) -> None:
         assert wrong.status_code == 422 and "openpose" in wrong.text
     finally:
         stop_server(s)
+
+
+def test_an_sdxl_controlnet_gets_the_size_conditioning(data_dir: Path, checkpoint_store: Path) -> None:
+    """SDXL's ControlNets take the pooled text and size ids like its UNet (`ModelCall.added_cond_kwargs`)."""
+    from tests.conftest import add_checkpoint
+
+    add_checkpoint(data_dir, checkpoint_store, "sdxl.safetensors")
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    for layout in ("diffusers", "original"):
+        write_controlnet(data_dir / "models" / "ControlNet" / f"xl_{layout}.safetensors", engine.bundle("sdxl").unet,
+                         strength=0.5, layout=layout)
+    plain = px(engine.runner.generate(req(checkpoint="sdxl")).images[0])
+    steered = engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit(model="xl_diffusers")]))
+    assert np.abs(px(steered.images[0]) - plain).mean() > 1
+    converted = engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit(model="xl_original")]))
+    assert np.array_equal(px(converted.images[0]), px(steered.images[0]))

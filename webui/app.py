@@ -67,7 +67,7 @@ class Engine:
         current = self.settings.get()
         self.cache: ModelCache[ModelBundle] = ModelCache(park=self._park, unpark=self._unpark)
         self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
-        self.controlnets = ControlNetLibrary(config.models_path / "ControlNet", registry.hashes)
+        self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes)
         self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,
                              max_bytes=config.job_retention_mb * 2**20)
         self._apply_settings(current)

@@ -23,6 +23,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-dir", type=Path, help="VAE folder (default: <models-dir>/VAE)")
     g.add_argument("--lora-dir", type=Path, help="LoRA folder (default: <models-dir>/Lora)")
     g.add_argument("--embeddings-dir", type=Path, help="textual-inversion folder (default: <models-dir>/embeddings)")
+    g.add_argument("--controlnet-dir", type=Path, help="ControlNet models folder (default: <models-dir>/ControlNet)")
     g.add_argument("--styles-file", type=Path, help="styles CSV (default: <data-dir>/styles.csv)")
     g.add_argument("--outdir", type=Path, help="output folder (default: <data-dir>/outputs)")
     g.add_argument("--vae", help='VAE to use: "Automatic" (default), "None", or a file name in the VAE folder')
@@ -167,6 +168,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
         vae_dir=a.vae_dir,
         lora_dir=a.lora_dir,
         embeddings_dir=a.embeddings_dir,
+        controlnet_dir=a.controlnet_dir,
         styles_file=a.styles_file,
         outdir=a.outdir,
         vae=a.vae,

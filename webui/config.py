@@ -24,6 +24,7 @@ class Config(BaseModel):
     vae_dir: Path | None = None  # default: <models_dir>/VAE
     lora_dir: Path | None = None  # default: <models_dir>/Lora
     embeddings_dir: Path | None = None  # default: <models_dir>/embeddings
+    controlnet_dir: Path | None = None  # default: <models_dir>/ControlNet
     styles_file: Path | None = None  # default: <data_dir>/styles.csv
     outdir: Path | None = None  # default: <data_dir>/outputs
     any_outdir: bool = False  # output folders set in Settings / the API may be outside the data folder
@@ -91,6 +92,10 @@ class Config(BaseModel):
     @property
     def embeddings_path(self) -> Path:
         return self.embeddings_dir or self.models_path / "embeddings"
+
+    @property
+    def controlnet_path(self) -> Path:
+        return self.controlnet_dir or self.models_path / "ControlNet"
 
     @property
     def extensions_path(self) -> Path:

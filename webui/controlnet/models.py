@@ -92,8 +92,15 @@ class ControlNetLibrary:
             raise ModelError(f"ControlNet {f.path.name}: cannot read it: {err}") from None
         with torch.device("meta"):
             model = ControlNetModel.from_unet(bundle.unet, load_weights_from_unet=False)
-        if any(k.startswith("control_model.") or k.startswith("input_hint_block.") for k in state):
-            state = convert_controlnet_checkpoint(state, dict(model.config))
+        if any(k.startswith(("control_model.", "input_hint_block.")) for k in state):
+            original = state
+            state = convert_controlnet_checkpoint(original, dict(model.config))
+            # SDXL's size/pooled-text embedding: diffusers' converter leaves it out
+            for ldm, new in (("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")):
+                for part in ("weight", "bias"):
+                    for prefix in ("control_model.", ""):
+                        if f"{prefix}{ldm}{part}" in original:
+                            state[f"{new}{part}"] = original[f"{prefix}{ldm}{part}"]
         expected = model.state_dict()
         missing = [k for k in expected if k not in state]
         wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]

@@ -35,6 +35,7 @@ class Panel:
     send: dict[str, gr.Button] = field(default_factory=dict)  # "Send to img2img / inpaint / extras"
     ext_fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # control name -> (extension, field)
     script_fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # control name -> (script title, field)
+    control_fields: dict[str, tuple[int, str]] = field(default_factory=dict)  # control name -> (ControlNet unit, field)
     seed_buttons: dict[str, gr.Button] = field(default_factory=dict)  # "random" / "reuse" beside the seed
 
     def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
@@ -130,8 +131,13 @@ def output_area(panel: Panel) -> None:
 
 def _to_request(values: dict[str, Any], fixed: dict[str, Any],
                 ext_fields: dict[str, tuple[str, str]] | None = None,
-                script_fields: dict[str, tuple[str, str]] | None = None) -> GenerationRequest:
+                script_fields: dict[str, tuple[str, str]] | None = None,
+                control_fields: dict[str, tuple[int, str]] | None = None) -> GenerationRequest:
     data = {k: v for k, v in values.items() if v is not None}
+    if control_fields:
+        from webui.ui.controlnet import control_units
+
+        data["controlnet"] = control_units(data, control_fields)
     if script_fields is not None:
         chosen = data.get("script_name") or ""
         chosen = "" if chosen == "None" else chosen
@@ -166,6 +172,7 @@ def make_handler(
     defaults: dict[str, Any] | None = None,
     ext_fields: dict[str, tuple[str, str]] | None = None,
     script_fields: dict[str, tuple[str, str]] | None = None,
+    control_fields: dict[str, tuple[int, str]] | None = None,
 ) -> Callable[..., Any]:
     """A streaming handler taking the controls named `names` (in that order, as keywords for
     API callers, who may leave out any: `defaults` holds the controls' initial values);
@@ -182,7 +189,7 @@ def make_handler(
         try:
             fields = prepare(given) if prepare else given
             folder = fields.pop("batch_folder", None)
-            job = _to_request(fields, {}, ext_fields, script_fields)
+            job = _to_request(fields, {}, ext_fields, script_fields, control_fields)
             engine.check(job)  # what the API and the CLI check too, with the same messages
             if unknown := engine.extensions.unknown_args(job.extensions):
                 gr.Warning(f"Ignored (no such argument): {', '.join(unknown)}")
@@ -206,7 +213,8 @@ def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers:
          prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     names = list(panel.inputs)
     defaults = {n: getattr(c, "value", None) for n, c in panel.inputs.items()}
-    handler = make_handler(engine, board, names, prepare, defaults, panel.ext_fields, panel.script_fields)
+    handler = make_handler(engine, board, names, prepare, defaults, panel.ext_fields, panel.script_fields,
+                           panel.control_fields)
     gr.on(triggers=triggers, fn=handler, inputs=list(panel.inputs.values()),
           outputs=[panel.gallery, panel.info], api_name=api_name, concurrency_id="generate",
           show_progress_on=[panel.gallery])  # one progress bar, over the images

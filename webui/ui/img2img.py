@@ -14,6 +14,7 @@ from webui.pipeline.batch import FolderBatch
 from webui.pipeline.init_image import Outpaint
 from webui.pipeline.request import MaskedContent, ResizeMode
 from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
+from webui.ui.controlnet import controlnet_section
 from webui.ui.scripts import script_section
 from webui.ui.jobs import JobBoard
 
@@ -158,6 +159,7 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                 sampling_controls(panel, engine.registry.titles(), engine.settings.get(),
                                   engine.extension_sampler_names())
                 extension_sections(engine, panel, "img2img")
+                controlnet_section(engine, panel, "img2img")
                 script_section(engine, panel, "img2img")
             with gr.Column():
                 output_area(panel)

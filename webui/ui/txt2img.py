@@ -7,6 +7,7 @@ import gradio as gr
 from webui.app import Engine
 from webui.samplers.table import sampler_names
 from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
+from webui.ui.controlnet import controlnet_section
 from webui.ui.scripts import script_section
 from webui.ui.jobs import JobBoard
 from webui.ui.messages import user_error
@@ -46,6 +47,7 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
                     panel.add("hr_prompt", gr.Textbox("", label="Hires prompt", lines=1, elem_id="txt2img_hr_prompt"))
                     panel.add("hr_negative_prompt", gr.Textbox("", label="Hires negative prompt", lines=1,
                                                                elem_id="txt2img_hr_neg_prompt"))
+                controlnet_section(engine, panel, "txt2img")
                 script_section(engine, panel, "txt2img")
             with gr.Column():
                 output_area(panel)
