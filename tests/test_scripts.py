@@ -307,3 +307,29 @@ def test_a_batch_gets_a_grid_as_the_settings_say(engine: Engine, data_dir: Path)
     engine.settings.update({"return_grid": False, "grid_save": False})
     plain = engine.run(req(batch_size=2, save_images=True))
     assert len(plain.images) == 2 and plain.grids == 0 and len(plain.paths) == 2
+
+
+def test_checkpoint_cells_run_grouped_by_model_and_land_in_grid_order(engine: Engine, data_dir: Path,
+                                                                      checkpoint_store: Path) -> None:
+    """Checkpoint on X, seeds on Y: the two cells of each model run one after the other (one
+    switch, not three), and each lands in its own place in the grid."""
+    from tests.conftest import add_checkpoint
+
+    add_checkpoint(data_dir, checkpoint_store, "sd1-other.safetensors")
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    loads: list[str] = []
+    original = engine.bundle
+
+    def counting(query):
+        bundle = original(query)
+        if not loads or loads[-1] != bundle.model_name:
+            loads.append(bundle.model_name)
+        return bundle
+
+    engine.runner.get_bundle = counting
+    result = engine.run(req(**xyz(x_type="Checkpoint name", x_values="sd1, sd1-other", y_type="Seed", y_values="1, 2",
+                                  include_lone_images=True)))
+    assert loads == ["sd1", "sd1-other"]
+    models = [parse_infotext(t)["Model"] for t in result.infotexts[1:]]
+    seeds = [parse_infotext(t)["Seed"] for t in result.infotexts[1:]]
+    assert models == ["sd1", "sd1-other", "sd1", "sd1-other"] and seeds == ["1", "1", "2", "2"]

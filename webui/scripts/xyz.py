@@ -286,12 +286,16 @@ class XyzPlot(Script):
         axes = self._axes(request, args, env)
         xs, ys, zs = axes
         cells = self._cells(request, args, axes)
-        results = ctx.generate_all(cells)
-        made = combine(results)
-        firsts = [r.images[0] for r in results if r.images]  # a cell's first image is its grid cell
-        if len(firsts) < len(cells):  # interrupted: what was made, no grid
+        # cells that share a model run together (a model switch costs a load), then go back to grid order
+        order = sorted(range(len(cells)), key=lambda i: (cells[i].checkpoint or "", cells[i].refiner_checkpoint or ""))
+        done = ctx.generate_all([cells[i] for i in order])
+        if len(done) < len(cells) or not all(r.images for r in done):  # interrupted: what was made, no grid
+            made = combine(done)
             made.interrupted = True
             return made
+        results = [done[order.index(i)] for i in range(len(cells))]
+        made = combine(results)
+        firsts = [r.images[0] for r in results]  # a cell's first image is its grid cell
         per_grid = len(xs.values) * len(ys.values)
         w, h = firsts[0].size
         sub_grids = []
