@@ -103,3 +103,20 @@ def test_compiled_unet_same_image(data_dir: Path, fresh_dynamo) -> None:
     compiled, engine = image(data_dir, compile=True)
     assert compile_state(engine.bundle(None).unet) == "compiled"
     assert np.abs(plain - compiled).max() <= 2
+
+
+def test_channels_last_is_on_where_it_was_measured_faster() -> None:
+    import torch
+
+    from webui.runtime.devices import pick_channels_last
+
+    on, why = pick_channels_last(None, torch.device("cpu"), torch.bfloat16)
+    assert on and "measured" in why
+    assert pick_channels_last(None, torch.device("cpu"), torch.float32) == (False, "")
+    assert pick_channels_last(None, torch.device("cuda"), torch.float16) == (False, "")  # not measured there
+    assert pick_channels_last(False, torch.device("cpu"), torch.bfloat16) == (False, "")
+    assert pick_channels_last(True, torch.device("cpu"), torch.float32) == (True, "")
+    from webui.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["--no-channels-last"])).channels_last is False
+    assert config_from_args(build_parser().parse_args([])).channels_last is None

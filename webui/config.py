@@ -64,7 +64,7 @@ class Config(BaseModel):
     lowvram: bool = False  # UNet blocks streamed to the GPU as they run
     vae_tiling: bool = False  # always decode/encode in tiles (otherwise only images over a pixel budget)
     compile: bool = False  # torch.compile the UNet (see webui.runtime.compile)
-    channels_last: bool = False  # UNet and VAE in channels-last memory format
+    channels_last: bool | None = None  # UNet and VAE in channels-last memory format; None: where measured faster
 
     # models
     ckpt: str | None = None
