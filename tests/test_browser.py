@@ -514,3 +514,31 @@ def test_controlnet_unit_from_the_page(browser, tmp_path: Path, checkpoint_store
     finally:
         page.close()
         stop_server(s)
+
+
+def test_token_merging_from_the_settings_tab(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    from tests.conftest import add_checkpoint, start_server, stop_server
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    s = start_server(tmp_path)
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        page.get_by_role("tab", name="Settings").click()
+        set_number(page, "setting_token_merging_ratio", 0.5)
+        page.locator("#settings_apply").click()
+        page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
+                               " || document.body.innerText.includes('applies')", timeout=30_000)
+        assert '"token_merging_ratio": 0.5' in (tmp_path / "config.json").read_text()
+        page.get_by_role("tab", name="txt2img").click()
+        page.locator("#txt2img_prompt textarea").fill("a harbour")
+        set_number(page, "txt2img_steps", 2)
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Token merging ratio: 0.5')",
+            timeout=120_000)
+    finally:
+        page.close()
+        stop_server(s)

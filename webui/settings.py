@@ -48,6 +48,7 @@ DEFAULTS = "Generation defaults"
 PREVIEWS = "Live previews"
 MODELS = "Models"
 LIMITS = "Limits"
+SPEED = "Speed"
 
 
 def _setting(default: Any, title: str, description: str, section: str, note: str | None = None,
@@ -141,6 +142,15 @@ class Settings(BaseModel):
         "How many more checkpoints wait in RAM after being switched away from, so switching back does not "
         "read the file again (A1111: sd_checkpoint_cache). --ckpt-cache overrides it.",
         MODELS, note="applies to the next model switch", ge=0, le=8)
+
+    # --- speed ---
+    token_merging_ratio: float = _setting(
+        0.0, "Token merging ratio",
+        "Merge this share of similar tokens in self-attention (ToMe): faster, at some cost in detail. 0: off.",
+        SPEED, note="applies from the next generation", ge=0.0, le=0.9, step=0.05)
+    token_merging_ratio_hr: float = _setting(
+        0.0, "Token merging ratio for the hires pass", "0: the ratio above. The larger hires image gains most.",
+        SPEED, note="applies from the next generation", ge=0.0, le=0.9, step=0.05)
 
     # --- limits ---
     max_input_megapixels: int = _setting(

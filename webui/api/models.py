@@ -27,6 +27,8 @@ OVERRIDE_FIELDS = {
     "s_churn": "s_churn",
     "s_noise": "s_noise",
     "sd_refiner_checkpoint": "refiner_checkpoint",
+    "token_merging_ratio": "token_merging_ratio",
+    "token_merging_ratio_hr": "token_merging_ratio_hr",
 }
 
 

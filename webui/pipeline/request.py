@@ -154,6 +154,9 @@ class GenerationRequest(BaseModel):
     # the init image plus these, rounded up to multiples of 8, and width/height are not used
     outpaint: tuple[int, int, int, int] | None = None
 
+    # token merging (ToMe) for this request; None: the Settings' ratio
+    token_merging_ratio: float | None = Field(None, ge=0.0, le=0.9)
+    token_merging_ratio_hr: float | None = Field(None, ge=0.0, le=0.9)
     # ControlNet units (A1111 extension's fields; the API's alwayson_scripts "controlnet" args)
     controlnet: tuple[ControlUnit, ...] = ()
     # a script (the Script dropdown, A1111's `script_name`) runs this request as its template;

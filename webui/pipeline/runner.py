@@ -121,6 +121,14 @@ class Runner:
         job = JobState(r, job_id, control, seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
                        subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
                        total_steps=r.total_steps(), ext=self.extensions.job_context(r.extensions, job_id))
+        settings = self.settings()
+        tome = r.token_merging_ratio if r.token_merging_ratio is not None else settings.token_merging_ratio
+        tome_hr = r.token_merging_ratio_hr if r.token_merging_ratio_hr is not None else settings.token_merging_ratio_hr
+        job.token_merging = (tome, tome_hr or tome)
+        if tome:
+            job.ext_infotext["Token merging ratio"] = tome
+        if tome_hr and r.enable_hr and not r.is_img2img:
+            job.ext_infotext["Token merging ratio hr"] = tome_hr
         if self.controlnets is not None and any(u.active for u in r.controlnet):
             job.controls = cn.prepare(r, self.controlnets, bundle)
             job.ext_infotext.update(cn.infotext(job.controls))
@@ -146,6 +154,7 @@ class Runner:
             stage_prompt(job, batch, self.library, self.extensions, self.data_dir)
             self.stage_networks(job, batch, bundle)
             p = stage_init(r, batch)
+            p.token_merging = job.token_merging[0]
             p.conditioning = self.stage_conditioning(job, batch, batch.prompts, batch.negative_prompts, r.steps)
             stage_noise(r, batch, p)
             try:
@@ -248,7 +257,8 @@ class Runner:
                 raise ModelError(f"upscaler {r.hr_upscaler!r} is not available")
             images = lat.decode(bundle, first.latents)
             start = lat.encode(bundle, [self.upscale(im, r.hr_upscaler, size=(tw, th)) for im in images])
-        return PassState(size, init_latents=start, latents=start, image_cond=txt2img_image_cond(bundle, size, len(batch)))
+        return PassState(size, init_latents=start, latents=start, image_cond=txt2img_image_cond(bundle, size, len(batch)),
+                         token_merging=job.token_merging[1])
 
     def stage_hires_sample(self, job: JobState, batch: BatchState, p: PassState) -> None:
         """Denoise the upscaled image again, over the last `denoising_strength` of the steps."""

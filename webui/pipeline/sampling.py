@@ -19,6 +19,7 @@ from webui.models.load import ModelBundle
 from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.progress import Progress
 from webui.pipeline.state import BatchState, Interrupted, JobState, PassState
+from webui.pipeline.tome import token_merging
 from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
 from webui.samplers.table import resolve
 
@@ -113,8 +114,10 @@ class Sampling:
 
         options = {k: getattr(r, k) for k in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
                    if k in spec.options and getattr(r, k) is not None}
+        w, h = p.size
         try:
-            x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
+            with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)):
+                x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
         except Interrupted:
             p.latents = denoiser.blend(p.latents)
             raise

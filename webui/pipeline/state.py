@@ -72,6 +72,7 @@ class JobState:
     hires_size: tuple[int, int] | None = None
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], [], [], [], []))
     controls: list[Any] = field(default_factory=list)  # ControlNet units prepared (webui.controlnet.apply)
+    token_merging: tuple[float, float] = (0.0, 0.0)  # ToMe ratio of the first pass, of the hires pass
     # one per (model, embeddings): each caches the encoding of every distinct text it met
     conditioners: dict[tuple[int, tuple[str, ...]], TextConditioner] = field(default_factory=dict)
 
@@ -115,3 +116,4 @@ class PassState:
     image_cond: torch.Tensor | None = None  # inpainting models' extra channels
     conditioning: ScheduledConditioning | None = None
     latents: torch.Tensor | None = None  # the result so far (None: nothing to denoise)
+    token_merging: float = 0.0  # ToMe ratio for this pass (webui.pipeline.tome)
