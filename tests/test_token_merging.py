@@ -54,3 +54,11 @@ def test_override_settings_over_the_api(data_dir: Path) -> None:
     request, notes = GenerationBody.model_validate({
         "prompt": "x", "override_settings": {"token_merging_ratio": 0.4, "token_merging_ratio_hr": 0.2}}).to_request()
     assert request.token_merging_ratio == 0.4 and request.token_merging_ratio_hr == 0.2 and not notes
+
+
+def test_the_infotext_reads_back_into_the_request() -> None:
+    from webui.infotext import infotext_to_fields, parse_infotext
+
+    text = "a cube\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Token merging ratio: 0.5, Token merging ratio hr: 0.3"
+    fields = infotext_to_fields(parse_infotext(text))
+    assert fields["token_merging_ratio"] == 0.5 and fields["token_merging_ratio_hr"] == 0.3

@@ -233,6 +233,8 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
     put("subseed", "Variation seed", _int)
     put("subseed_strength", "Variation seed strength", _float)
     put("denoising_strength", "Denoising strength", _float)
+    put("token_merging_ratio", "Token merging ratio", _float)
+    put("token_merging_ratio_hr", "Token merging ratio hr", _float)
 
     # sampler and schedule: "Schedule type" wins over a schedule folded into the sampler name
     sampler = params.get("Sampler", "").strip()
