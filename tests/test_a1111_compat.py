@@ -226,7 +226,9 @@ def test_routes_clients_call(api: Server) -> None:
                for a in scripts["dynamic-thresholding"]["args"])
     r = post(api, "/interrogate", {"image": b64png(init_image()), "model": "clip"})
     assert r.status_code == 422 and "no interrogator installed" in r.json()["detail"]
-    assert "extensions" in r.json()["detail"]
+    assert "interrogators" in r.json()["detail"]  # where a tagger would go
+    tagger = post(api, "/interrogate", {"image": b64png(init_image()), "model": "deepdanbooru"})
+    assert tagger.status_code == 422 and "no tagger in" in tagger.json()["detail"]
     assert post(api, "/interrogate", {"image": b64png(init_image()), "model": "nope"}).status_code == 404
     assert post(api, "/interrogate", {"image": "not base64!", "model": "clip"}).status_code == 422
     for route in ("/server-stop", "/server-kill", "/server-restart"):

@@ -542,3 +542,29 @@ def test_token_merging_from_the_settings_tab(browser, tmp_path: Path, checkpoint
     finally:
         page.close()
         stop_server(s)
+
+
+def test_interrogate_tagger_fills_the_img2img_prompt(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    from PIL import Image
+
+    from tests.conftest import add_checkpoint, start_server, stop_server
+    from tests.test_interrogate import write_tagger
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    write_tagger(tmp_path / "models" / "interrogators" / "wd-tiny")
+    source = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(source)
+    s = start_server(tmp_path)
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        page.get_by_role("tab", name="img2img").first.click()
+        page.locator("#img2img_image input[type=file]").set_input_files(str(source))
+        page.locator("#img2img_image img").first.wait_for(state="visible", timeout=30_000)
+        page.locator("#img2img_interrogate_tagger").click()
+        page.wait_for_function(
+            "() => document.querySelector('#img2img_prompt textarea')?.value.startsWith('red background')",
+            timeout=60_000)
+    finally:
+        page.close()
+        stop_server(s)

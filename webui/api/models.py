@@ -192,6 +192,10 @@ class InterrogateBody(BaseModel):
 
     image: ImageInput
     model: str = "clip"
+    # the Tagger extension's options, for a tagger model
+    threshold: float = Field(0.35, ge=0.0, le=1.0)
+    character_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    exclude_tags: str = ""
 
     @model_validator(mode="before")
     @classmethod

@@ -124,9 +124,9 @@ OPTION_ALIASES = {"sd_checkpoint_cache": "ckpt_cache", "sd_checkpoints_limit": "
 OPTION_VALUES = {("samples_format", "jpg"): "jpeg"}
 # read-only facts in A1111's option list: accepted in a POST (clients send back what GET gave), never stored
 DERIVED_OPTIONS = {"sd_checkpoint_hash"}
-NO_INTERROGATOR = ("no interrogator installed: this server has no image captioning model (CLIP/BLIP or "
-                   "DeepDanbooru). Captioning comes from an extension: put one in the extensions folder "
-                   "({folder}) and restart")
+NO_INTERROGATOR = ("no interrogator installed: this server has no CLIP/BLIP captioning model. For booru tags "
+                   "use model \"deepdanbooru\" with a WD14 tagger (model.onnx and selected_tags.csv in a folder "
+                   "under {folder}), or add a captioner through an extension")
 
 
 class Api:
@@ -581,10 +581,21 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.post("/interrogate")
     def interrogate(body: InterrogateBody) -> dict:
-        if body.model not in ("clip", "deepdanbooru"):
-            raise HTTPException(404, f"model: interrogator {body.model!r} not found (A1111's are clip, "
-                                     "deepdanbooru)")
-        raise HTTPException(422, NO_INTERROGATOR.format(folder=cfg.extensions_path.resolve()))
+        """`deepdanbooru` (A1111's tagger) runs the first WD14 tagger in models/interrogators; a
+        tagger's own name runs that one; `clip` needs a captioner this server does not have."""
+        taggers = engine.taggers.names()
+        if body.model == "clip":
+            raise HTTPException(422, NO_INTERROGATOR.format(folder=cfg.models_path.resolve() / "interrogators"))
+        if body.model != "deepdanbooru" and body.model.lower() not in (t.lower() for t in taggers):
+            raise HTTPException(404, f"model: interrogator {body.model!r} not found (available: clip, deepdanbooru"
+                                     f"{''.join(', ' + t for t in taggers)})")
+        try:
+            tags = engine.taggers.interrogate(body.image, None if body.model == "deepdanbooru" else body.model,
+                                              threshold=body.threshold, character_threshold=body.character_threshold,
+                                              exclude=tuple(t for t in body.exclude_tags.split(",") if t.strip()))
+        except ModelError as err:
+            raise HTTPException(422, str(err)) from None
+        return {"caption": tags.caption}
 
     def _server_control(action: str) -> None:
         if not cfg.api_server_stop:

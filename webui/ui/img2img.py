@@ -10,6 +10,7 @@ from PIL import Image
 
 from webui.app import Engine
 from webui.images import check_pixels
+from webui.models.errors import ModelError
 from webui.pipeline.batch import FolderBatch
 from webui.pipeline.init_image import Outpaint
 from webui.pipeline.request import MaskedContent, ResizeMode
@@ -17,6 +18,7 @@ from webui.ui.generation import Panel, extension_sections, output_area, prompt_a
 from webui.ui.controlnet import controlnet_section
 from webui.ui.scripts import script_section
 from webui.ui.jobs import JobBoard
+from webui.ui.messages import user_error
 
 RESIZE_MODES = [m.label for m in ResizeMode]
 MASKED_CONTENT = [m.label for m in MaskedContent]
@@ -93,6 +95,7 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
     panel.add("checkpoint", checkpoint)
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         prompt_area(engine, panel)
+        interrogate = gr.Button("Interrogate tagger", size="sm", elem_id="img2img_interrogate_tagger")
         source = panel.add("source", gr.Textbox("img2img", visible=False, elem_id="img2img_source"))
         with gr.Row():
             with gr.Column():
@@ -163,6 +166,16 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
                 script_section(engine, panel, "img2img")
             with gr.Column():
                 output_area(panel)
+    def tag(image: Any) -> str:
+        """The init image's booru tags from the first tagger in models/interrogators."""
+        if image is None:
+            raise user_error("Put an image in the img2img tab first.")
+        try:
+            return engine.taggers.interrogate(image).caption
+        except ModelError as err:
+            raise user_error(str(err)) from None
+
+    interrogate.click(tag, inputs=[panel["init_image"]], outputs=[panel["prompt"]], api_name="interrogate_tagger")
     allow = not (engine.config.listen or engine.config.share)
     wire(engine, board, panel, "img2img", [panel.generate.click, panel["prompt"].submit],
          prepare=lambda given: prepare(given, allow_folders=allow))
