@@ -55,6 +55,14 @@ def set_number(page, elem_id: str, value: int) -> None:
     raise AssertionError(f"#{elem_id} does not keep {value}: it shows {box.input_value()}")
 
 
+def small_txt2img(page, prompt: str, steps: int = 2) -> None:
+    """The txt2img prompt, and a tiny image: `steps` steps at 64x64."""
+    page.locator("#txt2img_prompt textarea").fill(prompt)
+    set_number(page, "txt2img_steps", steps)
+    set_number(page, "txt2img_width", 64)
+    set_number(page, "txt2img_height", 64)
+
+
 def test_txt2img_in_the_browser(server: Server, browser, tmp_path: Path) -> None:
     page = browser.new_page()
     try:
@@ -444,9 +452,7 @@ def test_xyz_plot_from_the_script_dropdown(server: Server, browser, tmp_path: Pa
     page = browser.new_page()
     try:
         open_page(page, server.url)
-        page.locator("#txt2img_prompt textarea").fill("a windmill")
-        set_number(page, "txt2img_width", 64)
-        set_number(page, "txt2img_height", 64)
+        small_txt2img(page, "a windmill", steps=20)
         page.locator("#txt2img_script_section").get_by_text("Script").first.click()
         page.locator("#txt2img_script input").click()
         page.get_by_role("option", name="X/Y/Z plot").click()
@@ -492,10 +498,7 @@ def test_controlnet_unit_from_the_page(browser, tmp_path: Path, checkpoint_store
     page = browser.new_page()
     try:
         open_page(page, s.url)
-        page.locator("#txt2img_prompt textarea").fill("a tower")
-        set_number(page, "txt2img_steps", 2)
-        set_number(page, "txt2img_width", 64)
-        set_number(page, "txt2img_height", 64)
+        small_txt2img(page, "a tower")
         page.locator("#txt2img_controlnet").get_by_text("ControlNet").first.click()
         page.locator("#txt2img_cn_0_image input[type=file]").set_input_files(str(source))
         page.locator("#txt2img_cn_0_image img").first.wait_for(state="visible", timeout=30_000)
@@ -531,10 +534,7 @@ def test_token_merging_from_the_settings_tab(browser, tmp_path: Path, checkpoint
                                " || document.body.innerText.includes('applies')", timeout=30_000)
         assert '"token_merging_ratio": 0.5' in (tmp_path / "config.json").read_text()
         page.get_by_role("tab", name="txt2img").click()
-        page.locator("#txt2img_prompt textarea").fill("a harbour")
-        set_number(page, "txt2img_steps", 2)
-        set_number(page, "txt2img_width", 64)
-        set_number(page, "txt2img_height", 64)
+        small_txt2img(page, "a harbour")
         page.locator("#txt2img_generate").click()
         page.wait_for_function(
             "() => document.querySelector('#txt2img_info textarea')?.value.includes('Token merging ratio: 0.5')",

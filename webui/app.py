@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from webui.config import Config
 from webui.controlnet.models import ControlNetLibrary
-from webui.interrogate.tagger import Taggers
 from webui.extensions.manager import ExtensionManager
+from webui.interrogate.tagger import Taggers
 from webui.jobs.queue import Job, JobQueue
 from webui.models.cache import ModelCache
 from webui.models.errors import ModelError
@@ -29,10 +29,10 @@ from webui.samplers.table import resolve
 from webui.settings import Settings, SettingsStore
 
 if TYPE_CHECKING:
+    from webui.controlnet.units import ControlUnit
     from webui.models.load import ModelBundle
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
-    from webui.controlnet.units import ControlUnit
     from webui.pipeline.progress import CancelToken, ProgressFn
     from webui.pipeline.request import GenerationRequest
     from webui.pipeline.runner import Runner

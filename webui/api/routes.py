@@ -556,9 +556,8 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
     def script_info() -> list[dict]:
         """The scripts (`script_name`, their arguments in `script_args` order) and the extensions
         that take values (`alwayson_scripts`), in the shape of A1111's script info."""
-        from webui.settings import describe
-
         from webui.scripts import all_scripts
+        from webui.settings import describe
 
         ext = engine.extensions
         out = []

@@ -14,11 +14,11 @@ from webui.models.errors import ModelError
 from webui.pipeline.batch import FolderBatch
 from webui.pipeline.init_image import Outpaint
 from webui.pipeline.request import MaskedContent, ResizeMode
-from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.controlnet import controlnet_section
-from webui.ui.scripts import script_section
+from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 from webui.ui.messages import user_error
+from webui.ui.scripts import script_section
 
 RESIZE_MODES = [m.label for m in ResizeMode]
 MASKED_CONTENT = [m.label for m in MaskedContent]

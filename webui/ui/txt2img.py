@@ -6,12 +6,12 @@ import gradio as gr
 
 from webui.app import Engine
 from webui.samplers.table import sampler_names
-from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.controlnet import controlnet_section
-from webui.ui.scripts import script_section
+from webui.ui.generation import Panel, extension_sections, output_area, prompt_area, sampling_controls, wire
 from webui.ui.jobs import JobBoard
 from webui.ui.messages import user_error
 from webui.ui.params import fields_from_text, updates_for_fields
+from webui.ui.scripts import script_section
 
 
 def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, upscalers: list[str]) -> Panel:
