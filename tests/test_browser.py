@@ -466,10 +466,12 @@ def test_xyz_plot_from_the_script_dropdown(server: Server, browser, tmp_path: Pa
         page.locator("#txt2img_generate").click()
         page.wait_for_function(
             "() => document.querySelector('#txt2img_info textarea')?.value.includes('X Type: Steps')", timeout=120_000)
-        image = page.locator("#txt2img_gallery img").first
-        image.wait_for(state="visible", timeout=30_000)
-        width = page.evaluate("el => el.naturalWidth", image.element_handle())
-        height = page.evaluate("el => el.naturalHeight", image.element_handle())
+        # the first gallery picture once its file has loaded (visible comes before loaded)
+        size = page.wait_for_function(
+            "() => { const i = document.querySelector('#txt2img_gallery img');"
+            " return i && i.complete && i.naturalWidth > 0 && [i.naturalWidth, i.naturalHeight]; }",
+            timeout=30_000).json_value()
+        width, height = size
         assert width == 128 and height > 64  # two 64-px cells side by side, labels above
         assert "Script: X/Y/Z plot" in page.locator("#txt2img_info textarea").input_value()
         page.screenshot(path=str(tmp_path / "xyz.png"), full_page=True)
