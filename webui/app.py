@@ -260,7 +260,7 @@ class Engine:
         runtime = self.runtime
         ctx = ScriptContext(
             generate_fn=self.runner.generate, cancel=cancel or CancelToken(), progress=progress,
-            preview_every=preview_every, total_steps=sum(r.total_steps() for r in script.plan(request, args, env)),
+            preview_every=preview_every,
             save_fn=lambda image, kind, info, seed: self.writer.save(image, kind, info, seed=seed),
             upscale_fn=lambda image, name, size: self.upscalers.upscale(image, name, size=size, device=runtime.device),
             settings=self.settings.get())

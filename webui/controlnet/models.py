@@ -55,11 +55,12 @@ class ControlNetLibrary:
         return [f.title(self.hashes) for f in self.files()]
 
     def find(self, query: str) -> ControlNetFile:
-        """By title (`name [hash8]`), name, file name, or name with a different hash."""
+        """By title (`name [hash8]`), name or file name. Only names are compared: the hash in a
+        title is not checked, so no file is hashed to find one (a renamed file keeps working)."""
         q = query.strip()
         bare = q.split(" [")[0] if q.endswith("]") else q
         for f in self.files():
-            if q in (f.name, f.path.name, f.path.stem) or bare in (f.name, f.path.stem) or q == f.title(self.hashes):
+            if q in (f.name, f.path.name, f.path.stem) or bare in (f.name, f.path.stem):
                 return f
         names = ", ".join(f.name for f in self.files()) or f"none in {self.folder}"
         raise ModelError(f"ControlNet model {query!r} not found (available: {names})")

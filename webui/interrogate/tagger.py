@@ -23,8 +23,8 @@ from PIL import Image
 from webui.models.errors import ModelError
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
-KAOMOJI = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
-           "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}
+KAOMOJI = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
+           "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def stage_prompt(job: JobState, batch: BatchState, library: Library, extensions:
         if len(stage.prompts) != n or len(stage.negative_prompts) != n:
             raise ValueError("an extension changed the number of prompts in process_prompt")
         prompts, negatives = [str(p) for p in stage.prompts], [str(p) for p in stage.negative_prompts]
-        job.ext_infotext.update(stage.infotext)
+        job.infotext_fields.update(stage.infotext)
     cleaned = [extract_extra_networks(p) for p in prompts]
     batch.loras = []
     for tag in cleaned[0][1]:  # LoRAs apply to the whole batch: the first image's tags

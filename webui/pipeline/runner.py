@@ -126,12 +126,12 @@ class Runner:
         tome_hr = r.token_merging_ratio_hr if r.token_merging_ratio_hr is not None else settings.token_merging_ratio_hr
         job.token_merging = (tome, tome_hr or tome)
         if tome:
-            job.ext_infotext["Token merging ratio"] = tome
+            job.infotext_fields["Token merging ratio"] = tome
         if tome_hr and r.enable_hr and not r.is_img2img:
-            job.ext_infotext["Token merging ratio hr"] = tome_hr
+            job.infotext_fields["Token merging ratio hr"] = tome_hr
         if self.controlnets is not None and any(u.active for u in r.controlnet):
             job.controls = cn.prepare(r, self.controlnets, bundle)
-            job.ext_infotext.update(cn.infotext(job.controls))
+            job.infotext_fields.update(cn.infotext(job.controls))
         with torch.inference_mode(), offloaded_after(bundle.runtime.memory), self._undo_patches(job):
             for index in range(r.n_iter):
                 if control.cancel.interrupted:
@@ -361,4 +361,4 @@ class Runner:
             subseed=batch.subseeds[index], model=batch.base, refiner=batch.refiner, hires_size=job.hires_size,
             sampler_takes_eta="eta" in self.resolve(r.sampler_name, r.scheduler)[0].options,
             lora_hashes=lib.lora_hashes(batch.loras), ti_hashes=lib.ti_hashes(batch.embeddings),
-            extra={**job.ext_infotext, **(extra or {})})
+            extra={**job.infotext_fields, **(extra or {})})

@@ -99,7 +99,7 @@ class Sampling:
                                       denoised=state.denoised, x=state.x, request=r,
                                       sigma_next=_sigma_next(sigmas, state))
                 self.extensions.call("step_end", stage, job.ext)
-                job.ext_infotext.update(stage.infotext)
+                job.infotext_fields.update(stage.infotext)
                 if stage.replaced:
                     state.x.copy_(stage.x)  # the sampler goes on from this tensor
             p.latents = state.x
@@ -144,7 +144,7 @@ class Sampling:
                                   sampler_name=sampler_name, steps=steps, request=job.request, _patch=patch,
                                   _set_processors=set_processors)
         self.extensions.call("setup_denoiser", stage, job.ext)
-        job.ext_infotext.update(stage.infotext)
+        job.infotext_fields.update(stage.infotext)
         if stage.combine is not None:
             denoiser.combine = stage.combine
         denoiser.model_inputs = list(stage.model_inputs)

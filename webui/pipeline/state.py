@@ -67,7 +67,7 @@ class JobState:
     ext: Any  # JobExtensions: each extension's validated values, settings and scratch for this job
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0
-    ext_infotext: dict[str, Any] = field(default_factory=dict)  # fields extensions add for every image
+    infotext_fields: dict[str, Any] = field(default_factory=dict)  # fields for every image (extensions, ControlNet, ToMe)
     undo: list[Callable[[], None]] = field(default_factory=list)  # extensions' model changes, undone after the job
     hires_size: tuple[int, int] | None = None
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], [], [], [], []))

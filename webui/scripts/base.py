@@ -42,10 +42,10 @@ class ScriptContext:
     cancel: CancelToken
     progress: ProgressFn | None
     preview_every: int
-    total_steps: int
     save_fn: Callable[[Image.Image, str, str, int], Path]  # (image, output kind, infotext, seed)
     upscale_fn: Callable[[Image.Image, str, tuple[int, int]], Image.Image] | None = None
     settings: Any = None  # the current Settings
+    total_steps: int = 0  # set by `expect`
     steps_done: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -67,8 +67,13 @@ class ScriptContext:
         self.cancel.clear_skip()  # a skip ends the current image, not the script
         return result
 
+    def expect(self, requests: list[GenerationRequest]) -> None:
+        """The generations the script will run: progress counts their steps as the total."""
+        self.total_steps = sum(r.total_steps() for r in requests)
+
     def generate_all(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests` in order (generation k of n each); stop after an interrupt."""
+        self.expect(requests)
         results = []
         for i, request in enumerate(requests):
             if self.interrupted:

@@ -53,6 +53,7 @@ class Loopback(Script):
     def run(self, ctx: ScriptContext, request: GenerationRequest, args: LoopbackArgs,
             env: ScriptEnv) -> GenerationResult:
         loops = self.plan(request, args, env)
+        ctx.expect(loops)
         results = []
         images = list(request.init_images)
         for i, planned in enumerate(loops):

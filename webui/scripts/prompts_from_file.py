@@ -32,8 +32,8 @@ _TYPES: dict[str, tuple[str, type]] = {  # option -> (request field, type)
     "denoising_strength": ("denoising_strength", float), "clip_skip": ("clip_skip", int),
     "sd_model": ("checkpoint", str), "do_not_save_samples": ("save_images", bool),
 }
-_REFUSED = {"outpath_samples", "outpath_grids"}
-_IGNORED = {"prompt_for_display", "do_not_save_grid", "restore_faces"}
+_REFUSED = frozenset({"outpath_samples", "outpath_grids"})
+_IGNORED = frozenset({"prompt_for_display", "do_not_save_grid", "restore_faces"})
 
 
 class PromptsArgs(BaseModel):

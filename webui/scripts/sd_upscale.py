@@ -93,6 +93,7 @@ class SdUpscale(Script):
     def run(self, ctx: ScriptContext, request: GenerationRequest, args: SdUpscaleArgs,
             env: ScriptEnv) -> GenerationResult:
         planned = self.plan(request, args, env)
+        ctx.expect(planned)
         upscaler = self._upscaler(args, env)
         size, origins = self._layout(request, args)
         source = request.init_images[0].convert("RGB")
