@@ -62,3 +62,21 @@ def test_the_infotext_reads_back_into_the_request() -> None:
     text = "a cube\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Token merging ratio: 0.5, Token merging ratio hr: 0.3"
     fields = infotext_to_fields(parse_infotext(text))
     assert fields["token_merging_ratio"] == 0.5 and fields["token_merging_ratio_hr"] == 0.3
+
+
+def test_the_img2img_ratio(data_dir: Path) -> None:
+    """A1111's "Token merging ratio for img2img": img2img only, and the request's ratio wins."""
+    from PIL import Image
+
+    engine = engine_for(data_dir)
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    plain_txt = engine.runner.generate(req(steps=3))
+    explicit = engine.runner.generate(req(steps=3, init_images=(init,), token_merging_ratio=0.5))
+    engine.settings.update({"token_merging_ratio_img2img": 0.5})
+    from_setting = engine.runner.generate(req(steps=3, init_images=(init,)))
+    assert np.array_equal(pixels(from_setting.images[0]), pixels(explicit.images[0]))
+    assert infos(from_setting)[0]["Token merging ratio"] == "0.5"
+    txt = engine.runner.generate(req(steps=3))  # txt2img keeps the general ratio (0)
+    assert np.array_equal(pixels(txt.images[0]), pixels(plain_txt.images[0]))
+    off = engine.runner.generate(req(steps=3, init_images=(init,), token_merging_ratio=0))
+    assert "Token merging ratio" not in infos(off)[0]

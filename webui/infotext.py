@@ -235,6 +235,8 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
     put("denoising_strength", "Denoising strength", _float)
     put("token_merging_ratio", "Token merging ratio", _float)
     put("token_merging_ratio_hr", "Token merging ratio hr", _float)
+    put("deepcache_interval", "DeepCache interval", _int)
+    put("deepcache_branch", "DeepCache branch", _int)
 
     # sampler and schedule: "Schedule type" wins over a schedule folded into the sampler name
     sampler = params.get("Sampler", "").strip()

@@ -151,6 +151,18 @@ class Settings(BaseModel):
     token_merging_ratio_hr: float = _setting(
         0.0, "Token merging ratio for the hires pass", "0: the ratio above. The larger hires image gains most.",
         SPEED, note="applies from the next generation", ge=0.0, le=0.9, step=0.05)
+    token_merging_ratio_img2img: float = _setting(
+        0.0, "Token merging ratio for img2img", "0: the first ratio above.",
+        SPEED, note="applies from the next generation", ge=0.0, le=0.9, step=0.05)
+    deepcache_interval: int = _setting(
+        0, "Step caching interval (DeepCache)",
+        "Run the whole UNet on every n-th model call and only its outer layers in between, reusing the deep "
+        "features: 3 takes about half the time per image, at some cost in detail. 0 or 1: off.",
+        SPEED, note="applies from the next generation", ge=0, le=20, step=1)
+    deepcache_branch: int = _setting(
+        0, "Step caching depth (DeepCache branch)",
+        "How many outer layers are recomputed on cached calls: 0 the fewest (fastest); higher keeps more detail.",
+        SPEED, note="applies from the next generation", ge=0, le=6, step=1)
 
     # --- limits ---
     max_input_megapixels: int = _setting(

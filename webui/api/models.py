@@ -29,6 +29,9 @@ OVERRIDE_FIELDS = {
     "sd_refiner_checkpoint": "refiner_checkpoint",
     "token_merging_ratio": "token_merging_ratio",
     "token_merging_ratio_hr": "token_merging_ratio_hr",
+    "token_merging_ratio_img2img": "token_merging_ratio_img2img",
+    "deepcache_interval": "deepcache_interval",
+    "deepcache_branch": "deepcache_branch",
 }
 
 

@@ -157,6 +157,11 @@ class GenerationRequest(BaseModel):
     # token merging (ToMe) for this request; None: the Settings' ratio
     token_merging_ratio: float | None = Field(None, ge=0.0, le=0.9)
     token_merging_ratio_hr: float | None = Field(None, ge=0.0, le=0.9)
+    token_merging_ratio_img2img: float | None = Field(None, ge=0.0, le=0.9)  # img2img, when the first is None
+    # step caching (DeepCache, webui.pipeline.stepcache): the whole model every `interval` calls
+    # (0 or 1: off); `branch`: how much is recomputed on the others; None: the Settings' values
+    deepcache_interval: int | None = Field(None, ge=0, le=20)
+    deepcache_branch: int | None = Field(None, ge=0, le=6)
     # ControlNet units (A1111 extension's fields; the API's alwayson_scripts "controlnet" args)
     controlnet: tuple[ControlUnit, ...] = ()
     # a script (the Script dropdown, A1111's `script_name`) runs this request as its template;

@@ -121,14 +121,7 @@ class Runner:
         job = JobState(r, job_id, control, seed=r.seed if r.seed != -1 else random.randint(0, MAX_SEED),
                        subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
                        total_steps=r.total_steps(), ext=self.extensions.job_context(r.extensions, job_id))
-        settings = self.settings()
-        tome = r.token_merging_ratio if r.token_merging_ratio is not None else settings.token_merging_ratio
-        tome_hr = r.token_merging_ratio_hr if r.token_merging_ratio_hr is not None else settings.token_merging_ratio_hr
-        job.token_merging = (tome, tome_hr or tome)
-        if tome:
-            job.infotext_fields["Token merging ratio"] = tome
-        if tome_hr and r.enable_hr and not r.is_img2img:
-            job.infotext_fields["Token merging ratio hr"] = tome_hr
+        self.stage_speedups(job)
         if self.controlnets is not None and any(u.active for u in r.controlnet):
             job.controls = cn.prepare(r, self.controlnets, bundle)
             job.infotext_fields.update(cn.infotext(job.controls))
@@ -144,6 +137,29 @@ class Runner:
                     break
         log.info("generated %d image(s) in %.2fs", len(job.result.images), time.perf_counter() - job.started)
         return job.result
+
+    def stage_speedups(self, job: JobState) -> None:
+        """Token merging and step caching for this job: the request's values, else the Settings'."""
+        r, settings = job.request, self.settings()
+
+        def pick(*values: Any) -> Any:
+            return next(v for v in values if v is not None)
+
+        if r.is_img2img:  # A1111: the img2img ratio when set, else the general one
+            tome = pick(r.token_merging_ratio, r.token_merging_ratio_img2img,
+                        settings.token_merging_ratio_img2img or settings.token_merging_ratio)
+        else:
+            tome = pick(r.token_merging_ratio, settings.token_merging_ratio)
+        tome_hr = pick(r.token_merging_ratio_hr, settings.token_merging_ratio_hr)
+        job.token_merging = (tome, tome_hr or tome)
+        if tome:
+            job.infotext_fields["Token merging ratio"] = tome
+        if tome_hr and r.enable_hr and not r.is_img2img:
+            job.infotext_fields["Token merging ratio hr"] = tome_hr
+        interval = pick(r.deepcache_interval, settings.deepcache_interval)
+        if interval > 1:
+            job.step_cache = (interval, pick(r.deepcache_branch, settings.deepcache_branch))
+            job.infotext_fields["DeepCache interval"], job.infotext_fields["DeepCache branch"] = job.step_cache
 
     def _run_batch(self, job: JobState, index: int, bundle: ModelBundle) -> None:
         r, cancel = job.request, job.control.cancel

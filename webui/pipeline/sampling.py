@@ -19,6 +19,7 @@ from webui.models.load import ModelBundle
 from webui.pipeline.denoiser import CFGDenoiser
 from webui.pipeline.progress import Progress
 from webui.pipeline.state import BatchState, Interrupted, JobState, PassState
+from webui.pipeline.stepcache import step_cache
 from webui.pipeline.tome import token_merging
 from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
 from webui.samplers.table import resolve
@@ -116,7 +117,7 @@ class Sampling:
                    if k in spec.options and getattr(r, k) is not None}
         w, h = p.size
         try:
-            with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)):
+            with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)), step_cache(bundle.unet, *job.step_cache):
                 x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
         except Interrupted:
             p.latents = denoiser.blend(p.latents)
