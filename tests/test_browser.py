@@ -546,6 +546,43 @@ def test_token_merging_from_the_settings_tab(browser, tmp_path: Path, checkpoint
         stop_server(s)
 
 
+def test_few_step_button_and_step_caching(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    """The ⚡ button fills a Turbo checkpoint's sampler, schedule, steps and CFG and says why;
+    step caching set in Settings shows in the infotext."""
+    from tests.conftest import add_checkpoint, start_server, stop_server
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors", "sd_turbo.safetensors")
+    s = start_server(tmp_path)
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        page.get_by_role("tab", name="Settings").click()
+        set_number(page, "setting_deepcache_interval", 2)
+        page.locator("#settings_apply").click()
+        page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
+                               " || document.body.innerText.includes('applies')", timeout=30_000)
+        page.get_by_role("tab", name="txt2img").click()
+        page.locator("#txt2img_prompt textarea").fill("a harbour")
+        page.locator("#txt2img_few_step").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_few_step_note')?.innerText.includes('Turbo')", timeout=30_000)
+        assert "guessed from its file name" in page.locator("#txt2img_few_step_note").inner_text()
+        assert page.locator("#txt2img_steps input[type=number]").input_value() == "4"
+        assert page.locator("#txt2img_sampler input").input_value() == "Euler a"
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('DeepCache interval: 2')",
+            timeout=120_000)
+        text = page.locator("#txt2img_info textarea").input_value()
+        assert "Steps: 4" in text and "Sampler: Euler a" in text and "Schedule type: Simple" in text
+        assert "CFG scale: 1" in text
+    finally:
+        page.close()
+        stop_server(s)
+
+
 def test_interrogate_tagger_fills_the_img2img_prompt(browser, tmp_path: Path, checkpoint_store: Path) -> None:
     from PIL import Image
 

@@ -20,6 +20,7 @@ from webui.interrogate.tagger import Taggers
 from webui.jobs.queue import Job, JobQueue
 from webui.models.cache import ModelCache
 from webui.models.errors import ModelError
+from webui.models.fewstep import FewStep, recognise
 from webui.models.hashing import HashCache
 from webui.models.registry import CheckpointInfo, ModelRegistry
 from webui.networks.registry import NetworkRegistry
@@ -308,6 +309,24 @@ class Engine:
                 f"{self.registry.ckpt_dir} and press refresh"
             )
         return self.registry.find(items[0].name)
+
+    def few_step(self, checkpoint: str | None, prompt: str = "") -> FewStep | None:
+        """The recommended sampling of a few-step LoRA in `prompt` (it decides how the model
+        samples), else of a few-step checkpoint; None when neither is one."""
+        from webui.prompts.parser import extract_extra_networks
+
+        for tag in extract_extra_networks(prompt or "")[1]:
+            if tag.kind != "lora":
+                continue
+            try:
+                lora = self.networks.find_lora(tag.name)
+            except ModelError:
+                continue  # named when the job runs
+            found = recognise(lora.path, lora.name)
+            if found:
+                return found
+        info = self.resolve_checkpoint(checkpoint)
+        return recognise(info.path, info.name)
 
     def bundle(self, query: str | None) -> ModelBundle:
         """The loaded model for `query` (None: the start-up choice or the first listed)."""

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -53,6 +54,7 @@ from webui.images import png_bytes, read_infotext
 from webui.infotext import parse_infotext
 from webui.jobs.queue import Job
 from webui.models.errors import ModelError
+from webui.models.readers import safetensors_metadata
 from webui.pipeline.request import GenerationRequest
 from webui.samplers.table import SAMPLERS, SCHEDULES
 
@@ -455,7 +457,18 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/loras")
     def loras() -> list[dict]:
-        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": {}} for f in engine.networks.loras()]
+        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": _lora_metadata(f.path)}
+                for f in engine.networks.loras()]
+
+    @router.get("/few-step")
+    def few_step(checkpoint: str | None = None, prompt: str = "") -> dict:
+        """The sampler, schedule, steps and CFG a few-step checkpoint, or a LoRA in `prompt`, is made
+        for (LCM, Lightning, Hyper-SD, Turbo), as the page's ⚡ button fills them."""
+        try:
+            found = engine.few_step(checkpoint, prompt)
+        except ModelError as err:
+            raise HTTPException(404, str(err)) from None
+        return {"recognised": True, **found.as_dict()} if found else {"recognised": False}
 
     @router.get("/embeddings")
     def embeddings() -> dict:
@@ -619,6 +632,16 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
                                  "stop it (server-stop) and start it again")
 
     return router
+
+
+def _lora_metadata(path: Path) -> dict[str, str]:
+    """A LoRA's training metadata, as A1111 lists it (a pickle has none)."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        return safetensors_metadata(path)
+    except (OSError, ModelError):
+        return {}
 
 
 def _scale_of(name: str) -> int:

@@ -82,6 +82,15 @@ def _apply(sd: StateDict, select: Select | None) -> StateDict:
     return out
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` table of a `.safetensors` file (training tools' notes; {} if none), read
+    from the header alone."""
+    with open(path, "rb") as f:
+        header, _ = _safetensors_header(f, os.fstat(f.fileno()).st_size, path)
+    meta = header.get("__metadata__")
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
     raw = f.read(8)
     if len(raw) < 8:

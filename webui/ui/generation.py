@@ -37,6 +37,8 @@ class Panel:
     script_fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # control name -> (script title, field)
     control_fields: dict[str, tuple[int, str]] = field(default_factory=dict)  # control name -> (ControlNet unit, field)
     seed_buttons: dict[str, gr.Button] = field(default_factory=dict)  # "random" / "reuse" beside the seed
+    few_step: gr.Button | None = None  # fills the recommended settings of a few-step model (LCM, Turbo, ...)
+    few_step_note: gr.Markdown | None = None
 
     def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
         self.inputs[name] = component
@@ -59,6 +61,8 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
         panel.add("scheduler", gr.Dropdown(label="Schedule type", choices=list(SCHEDULES), value=d.default_scheduler,
                                            elem_id=f"{p}_scheduler", allow_custom_value=True))
         panel.add("steps", gr.Slider(1, 150, value=d.default_steps, step=1, label="Sampling steps", elem_id=f"{p}_steps"))
+        panel.few_step = gr.Button("⚡", elem_id=f"{p}_few_step", size="sm", min_width=40, scale=0)
+    panel.few_step_note = gr.Markdown("", elem_id=f"{p}_few_step_note")
     with gr.Row():
         panel.add("width", gr.Slider(64, 2048, value=d.default_width, step=8, label="Width", elem_id=f"{p}_width"))
         panel.add("height", gr.Slider(64, 2048, value=d.default_height, step=8, label="Height", elem_id=f"{p}_height"))
@@ -97,6 +101,29 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
             panel.add("eta", gr.Number(None, label="Eta", minimum=0, maximum=10, elem_id=f"{p}_eta"))
             panel.add("s_churn", gr.Number(None, label="Sigma churn", minimum=0, maximum=100, elem_id=f"{p}_s_churn"))
             panel.add("s_noise", gr.Number(None, label="Sigma noise", minimum=0, maximum=10, elem_id=f"{p}_s_noise"))
+
+
+_NOT_FEW_STEP = ("Neither the checkpoint nor a LoRA in the prompt is a few-step model (LCM, Lightning, "
+                 "Hyper-SD, Turbo) by its metadata or file name: the settings stay as they are.")
+
+
+def wire_few_step(engine: Engine, panel: Panel) -> None:
+    """The ⚡ button: the sampler, schedule, steps and CFG a few-step checkpoint or LoRA (LCM,
+    Lightning, Hyper-SD, Turbo) is made for, and a line saying what was recognised and how."""
+    assert panel.few_step is not None and panel.few_step_note is not None
+
+    def fill(checkpoint: str | None, prompt: str | None) -> list[Any]:
+        try:
+            found = engine.few_step(checkpoint, prompt or "")
+        except ModelError as e:
+            raise user_error(str(e)) from None
+        if found is None:
+            return [gr.update()] * 4 + [_NOT_FEW_STEP]
+        return [found.sampler_name, found.scheduler, found.steps, found.cfg_scale, found.describe()]
+
+    panel.few_step.click(fill, inputs=[panel["checkpoint"], panel["prompt"]],
+                         outputs=[panel["sampler_name"], panel["scheduler"], panel["steps"], panel["cfg_scale"],
+                                  panel.few_step_note], api_visibility="private")
 
 
 def extension_sections(engine: Engine, panel: Panel, tab: str) -> None:
@@ -232,6 +259,8 @@ def wire(engine: Engine, board: JobBoard, panel: Panel, api_name: str, triggers:
         panel.seed_buttons["reuse"].click(last_seed, inputs=[panel.info], outputs=[panel["seed"]],
                                           api_visibility="private", queue=False)
     panel.skip.click(skip, api_visibility="private", queue=False)
+    if panel.few_step is not None:
+        wire_few_step(engine, panel)
 
 
 def last_seed(info: str | None) -> int:
