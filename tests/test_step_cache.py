@@ -111,3 +111,27 @@ def test_override_settings_and_infotext() -> None:
     text = "a cube\nSteps: 9, Sampler: Euler, Seed: 5, Size: 64x64, DeepCache interval: 3, DeepCache branch: 1"
     fields = infotext_to_fields(parse_infotext(text))
     assert fields["deepcache_interval"] == 3 and fields["deepcache_branch"] == 1
+
+
+def test_the_seam_takes_a_first_block_cache_rule(data_dir: Path) -> None:
+    """A rule that looks at what the fresh layers computed (the first-block cache the transformer
+    families will use): the whole model runs again only when the probe's output moved."""
+    from webui.pipeline.stepcache import StepCache, first_block_change
+
+    unet = engine_for(data_dir).bundle(None).unet
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen)
+    nudged = x + 1e-4 * torch.randn(x.shape, generator=gen)
+    other = torch.randn(x.shape, generator=gen)
+    cache = StepCache(unet, unet_deep_modules(unet, 0), first_block_change(0.05), probe=unet.down_blocks[0].resnets[0])
+    with torch.no_grad():
+        full_other = _unet_call(unet, other, 500, context)
+        with cache.installed():
+            _unet_call(unet, x, 500, context)  # full: nothing cached yet
+            _unet_call(unet, nudged, 500, context)  # the probe barely moved: cached
+            assert cache.full_calls == 1 and cache.reuse
+            moved = _unet_call(unet, other, 500, context)  # it moved: the whole model again
+            assert cache.full_calls == 2 and not cache.reuse
+    assert torch.equal(moved, full_other)
+    assert not _installed(unet)
