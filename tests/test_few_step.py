@@ -123,3 +123,37 @@ def test_the_route(data_dir: Path) -> None:
         assert loras[0]["metadata"] == {"ss_network_dim": "64"}  # as A1111 lists a LoRA's training metadata
     finally:
         stop_server(s)
+
+
+def test_lcm_sampler_matches_diffusers_lcm_scheduler() -> None:
+    """Our LCM sampler on the sigmas of diffusers' LCMScheduler timesteps, with the same noise and
+    the same epsilon model, gives diffusers' result (its boundary condition c_skip is ~1e-5 at
+    these timesteps, hence the tolerance)."""
+    from diffusers import LCMScheduler
+
+    from webui.samplers.kdiffusion import sample_lcm
+
+    sched = LCMScheduler(**DIFFUSERS_BASE)
+    sched.set_timesteps(4)
+    alphas = sched.alphas_cumprod
+
+    def eps(x_vp: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        return 0.3 * x_vp + 0.002 * float(t) / 1000
+
+    shape = (1, 4, 8, 8)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    theirs = start.clone()
+    gen = torch.Generator().manual_seed(7)
+    for t in sched.timesteps:  # the last step's prev_sample is its denoised estimate
+        theirs = sched.step(eps(theirs, t), t, theirs, generator=gen).prev_sample
+    sigmas_at = ((1 - alphas) / alphas) ** 0.5
+    sigmas = torch.cat([sigmas_at[sched.timesteps.long()], torch.zeros(1)]).float()
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = SCHEDULE.sigma_to_t(sigma.reshape(1))
+        return x - sigma * eps(x / (1 + sigma**2) ** 0.5, t)
+
+    ours_gen = torch.Generator().manual_seed(7)
+    ours = sample_lcm(denoiser, start * (1 + sigmas[0] ** 2) ** 0.5, sigmas,  # VP -> k-diffusion scale
+                      noise=lambda like: torch.randn(like.shape, generator=ours_gen))
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
