@@ -8,6 +8,12 @@
 torch is installed only when it is missing, never replaced: set TORCH_COMMAND to choose the
 build, e.g. TORCH_COMMAND="torch==2.7.1 --index-url https://download.pytorch.org/whl/cu128"
 (CUDA), ".../whl/rocm6.3" (ROCm) or ".../whl/cpu" (CPU). Default: "torch==2.13.0".
+Include torchvision from the same index, as A1111 does (`torch==2.7.1 torchvision==0.22.1 --index-url
+...`): spandrel, which loads the upscaler models, imports it, and its compiled ops must match torch.
+Every install is pinned to the installed torch, so pip cannot replace it. A torchvision that cannot
+be imported with this torch (PyPI's 0.28.0 with a CPU build of torch 2.13: "operator
+torchvision::nms does not exist") would stop diffusers and transformers from importing, so it is
+removed, with a message; upscalers then load through the built-in ESRGAN / Compact networks.
 `--xformers` (or `--attention xformers`) also installs xformers when it is missing, on a CUDA
 build of torch only, and pinned to the installed torch so pip cannot replace it; if no xformers
 build fits that torch, the UI runs with PyTorch SDPA and says so.
@@ -16,6 +22,7 @@ Set SKIP_INSTALL=1 to skip every check.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
 import re
@@ -24,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -90,8 +98,40 @@ def ensure_project(extras: tuple[str, ...] = ()) -> None:
         if missing:
             print(f"launch: installing missing requirements: {', '.join(missing)}", flush=True)
         target = f"{ROOT}[{','.join(extras)}]" if extras else str(ROOT)
-        # torch is already present, and every range we ask for admits it, so pip keeps it.
-        pip("-e", target)
+        # torch is already present and pinned: a dependency (spandrel -> torchvision) cannot replace it
+        with _torch_pin() as pins:
+            pip("-e", target, "-c", pins)
+    ensure_torchvision()
+
+
+@contextlib.contextmanager
+def _torch_pin() -> Iterator[str]:
+    """A pip constraints file holding the installed torch's exact version."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
+        pins.write(f"torch=={md.version('torch')}\n")
+    try:
+        yield pins.name
+    finally:
+        os.unlink(pins.name)
+
+
+def ensure_torchvision() -> None:
+    """An installed torchvision that cannot be imported with this torch is removed: it would make
+    `import diffusers` fail. spandrel then stays unused and the app says why."""
+    try:
+        version = md.version("torchvision")
+    except md.PackageNotFoundError:
+        return
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], check=False, capture_output=True, text=True)
+    if probe.returncode == 0:
+        return
+    lines = [line for line in probe.stderr.strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else f"exit status {probe.returncode}"
+    print(f"launch: torchvision {version} cannot be imported with torch {md.version('torch')} ({reason}); it would "
+          "stop diffusers and transformers from importing, so it is removed. Upscalers load through the built-in "
+          "ESRGAN / Compact networks; for every architecture (spandrel), install the torchvision built for your "
+          "torch from the same index (TORCH_COMMAND, see the README).", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=True)
 
 
 def wants_xformers(argv: list[str]) -> bool:
@@ -114,14 +154,11 @@ def ensure_xformers() -> None:
         print("launch: xformers needs a CUDA build of torch (this one is not); the UI will use PyTorch SDPA",
               flush=True)
         return
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
-        pins.write(f"torch=={version}\n")  # pip may pick any xformers that fits this torch, or none
     try:
-        pip("xformers", "-c", pins.name)
+        with _torch_pin() as pins:  # pip may pick any xformers that fits this torch, or none
+            pip("xformers", "-c", pins)
     except subprocess.CalledProcessError:
         print(f"launch: no xformers build fits torch {version}; the UI will use PyTorch SDPA", flush=True)
-    finally:
-        os.unlink(pins.name)
 
 
 def ensure_chromium() -> None:

@@ -427,9 +427,8 @@ def test_upscale_folder_writes_pngs_with_the_same_names_and_keeps_parameters(mod
 def _spandrel():
     try:
         import spandrel  # noqa: PLC0415
-    except Exception as e:  # noqa: BLE001  a torchvision built for another torch fails at import with RuntimeError
-        pytest.skip(f"spandrel not usable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                    "the cross-check against it is skipped")
+    except ImportError as e:  # not installed; a torchvision for another torch is replaced by the stand-in
+        pytest.skip(f"spandrel not installed ({e}); the cross-check against it is skipped")
     return spandrel
 
 
@@ -443,7 +442,15 @@ def _spandrel():
     ],
 )
 def test_same_output_as_spandrel(sd) -> None:
-    spandrel = _spandrel()
+    """Our built-in networks (the fallback) against spandrel's (under the torchvision stand-in
+    where no matching torchvision exists: see tests/test_spandrel.py)."""
+    from webui.testing.torchvision_stand_in import torchvision_stand_in
+
+    with torchvision_stand_in():
+        _cross_check(_spandrel(), sd)
+
+
+def _cross_check(spandrel, sd) -> None:
     weights = sd()
     ours = build_network(dict(weights))
     theirs = spandrel.ModelLoader().load_from_state_dict(dict(weights))
@@ -452,3 +459,23 @@ def test_same_output_as_spandrel(sd) -> None:
         a, b = ours.module(x), theirs.model.eval()(x)
     assert ours.scale == theirs.scale
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_without_spandrel_the_built_in_loaders_remain_and_say_why(tmp_path: Path) -> None:
+    """Where spandrel cannot be imported (here: no torchvision built for this torch), ESRGAN files
+    load through the built-in networks, and a file of another architecture is refused with the
+    reason spandrel is missing."""
+    registry = UpscalerRegistry(tmp_path)
+    if registry.spandrel.module() is not None:
+        pytest.skip("spandrel imports here: the fallback is not in use")
+    assert "spandrel cannot be imported" in registry.spandrel.problem
+    assert "TORCH_COMMAND" in registry.spandrel.problem
+    (tmp_path / "ESRGAN").mkdir()
+    (tmp_path / "SwinIR").mkdir()
+    save_file(realesrgan_sd(1), tmp_path / "ESRGAN" / "tiny.safetensors")
+    save_file({"layers.0.residual_group.blocks.0.norm1.weight": torch.ones(4), "conv_first.weight": torch.zeros(4, 3, 3, 3)},
+              tmp_path / "SwinIR" / "swinir-like.safetensors")
+    registry.refresh()
+    assert registry.upscale(noise_image(8, 8), "tiny").size == (32, 32)
+    with pytest.raises(ModelError, match=r"^swinir-like\.safetensors: .*spandrel cannot be imported"):
+        registry.upscale(noise_image(8, 8), "swinir-like")

@@ -157,6 +157,12 @@ class Engine:
         """Image upscalers for hires fix and Extras (builds the model side on first call)."""
         return [n for n in self.upscalers.names() if n != "None"]
 
+    def upscaler_problem(self) -> str | None:
+        """Why spandrel cannot load upscalers here (None when it can); tries its import once."""
+        registry = self.upscalers
+        registry.spandrel.module()
+        return registry.spandrel.problem
+
     def count_tokens(self, text: str) -> tuple[int, int]:
         """(used, available) tokens of a prompt as it will be chunked: `37/75`, `80/150`."""
         from webui.prompts.encode import count_tokens

@@ -41,7 +41,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         with gr.Tabs() as tabs:
             txt2img = build_txt2img_tab(engine, board, checkpoint, ["Lanczos", "Nearest"])
             img2img = build_img2img_tab(engine, board, checkpoint)
-            extras_image, extras_upscaler = build_extras_tab(engine)
+            extras_image, extras_upscaler, extras_note = build_extras_tab(engine)
             build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
             extension_tabs(engine)
             build_settings_tab(engine.settings, engine.describe_runtime)
@@ -58,14 +58,16 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
         refresh.click(refresh_models, inputs=[checkpoint], outputs=[checkpoint, help_box], api_name="refresh_checkpoints")
 
-        def on_load(current: str | None) -> tuple[dict, str, dict, dict]:
+        def on_load(current: str | None) -> tuple[dict, str, dict, dict, str]:
             # hashes computed in the background since start-up now show in the titles; the
             # upscaler list needs the model side, which is not imported before the page is served
+            problem = engine.upscaler_problem()
             return (gr.update(choices=engine.registry.titles(), value=_current_or_default(engine, current)),
                     models_help(engine), gr.update(choices=["Latent", *engine.upscaler_names()]),
-                    gr.update(choices=engine.upscaler_names()))
+                    gr.update(choices=engine.upscaler_names()), f"⚠ {problem}" if problem else "")
 
-        demo.load(on_load, inputs=[checkpoint], outputs=[checkpoint, help_box, txt2img["hr_upscaler"], extras_upscaler],
+        demo.load(on_load, inputs=[checkpoint],
+                  outputs=[checkpoint, help_box, txt2img["hr_upscaler"], extras_upscaler, extras_note],
                   api_visibility="private")
     return demo
 

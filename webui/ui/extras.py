@@ -22,7 +22,7 @@ def _how(name: str, how: str, scale: float, w: float, h: float) -> extras.Upscal
     return extras.Upscale(name, scale=float(scale))
 
 
-def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
+def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown, gr.Markdown]:
     with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
         with gr.Row():
             with gr.Column():
@@ -46,6 +46,7 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
             with gr.Column():
                 result = gr.Image(label="Result", type="pil", format="png", elem_id="extras_result", height=360)
                 info = gr.Textbox(label="Result", interactive=False, elem_id="extras_info")
+                note = gr.Markdown("", elem_id="extras_note")  # why some upscalers cannot load, if so
 
     def upscale(image: Image.Image | None, name: str, how: str, scale: float, w: float, h: float):
         if image is None:
@@ -74,4 +75,4 @@ def build_extras_tab(engine: Engine) -> tuple[gr.Image, gr.Dropdown]:
 
     run_folder.click(upscale_folder, inputs=[input_dir, output_dir, upscaler, mode, factor, width, height],
                      outputs=[result, info], api_name="extras_upscale_folder", concurrency_id="extras")
-    return source, upscaler
+    return source, upscaler, note

@@ -1,18 +1,17 @@
-"""Upscalers for the Extras tab and hires fix: Lanczos / Nearest resampling and ESRGAN-family
-model files (RRDBNet in the ESRGAN and Real-ESRGAN layouts, SRVGGNetCompact) from
-`models/ESRGAN/` and `models/RealESRGAN/`.
+"""Upscalers for the Extras tab and hires fix: Lanczos / Nearest resampling and model files from
+`models/ESRGAN/`, `RealESRGAN/`, `SwinIR/`, `DAT/`, `HAT/`, `ScuNET/` and `upscale_models/`.
 
     registry = UpscalerRegistry(config.models_path)
     registry.names()                      # ["None", "Lanczos", "Nearest", "4x-UltraSharp", ...]
     big = registry.upscale(image, "4x-UltraSharp", scale=2.5)           # or size=(w, h)
     registry.upscale_folder(src_dir, dst_dir, "Lanczos", save=writer.save_as, size=(1024, 1024))  # webui.outputs
 
-The networks are implemented here, with torch alone. The `spandrel` library would cover more
-architectures, but it imports torchvision for every architecture at `import spandrel`, and
-torchvision's compiled ops must match the installed torch build exactly: PyPI's torchvision
-wheel for torch 2.13 (0.28.0) is linked against the CUDA torch libraries, so with a CPU torch
-`import torchvision` fails ("operator torchvision::nms does not exist"), and a plain
-`pip install spandrel` resolves to the newest torchvision, which replaces torch itself.
+Model files load through `spandrel` (several dozen architectures, recognised from the state
+dict). `import spandrel` imports torchvision, whose compiled ops must match the installed torch
+build (PyPI's torchvision 0.28.0 fails at import with a CPU build of torch 2.13: "operator
+torchvision::nms does not exist"); where it cannot be imported, the RRDBNet (ESRGAN /
+Real-ESRGAN) and SRVGGNetCompact networks written here with torch alone load those files, and
+`registry.spandrel.problem` says why (the Extras tab shows it).
 """
 
 from webui.upscale.arch import Network, build_network

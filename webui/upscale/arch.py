@@ -127,7 +127,15 @@ class Network:
     scale: int
     channels: int
     multiple: int
-    arch: str  # "ESRGAN", "RealESRGAN" or "SRVGGNetCompact", for messages and the UI
+    arch: str  # the architecture's name ("ESRGAN", "SwinIR", ...), for messages and the UI
+    half: bool = True  # whether it may run in float16; else it runs in float32
+    bfloat16: bool = True  # likewise for bfloat16
+
+    def dtype_for(self, wanted: torch.dtype) -> torch.dtype:
+        """`wanted`, or float32 where the architecture does not support it."""
+        if (wanted == torch.float16 and not self.half) or (wanted == torch.bfloat16 and not self.bfloat16):
+            return torch.float32
+        return wanted
 
 
 def strip_wrappers(sd: StateDict) -> StateDict:

@@ -1,16 +1,19 @@
 """The upscalers a user can pick: built-in resamplers and the model files in the models folder.
 
 Names: "None" (no upscaling: the image is returned as it is), "Lanczos", "Nearest", then one
-per `.pth` / `.pt` / `.safetensors` file under `models/ESRGAN/` and `models/RealESRGAN/`
-(sub-folders included), named by the file's stem. A stem already taken (by a built-in or by an
-earlier file; ESRGAN is scanned before RealESRGAN, each in path order) gets its folder appended,
-`"4x-foo (RealESRGAN)"`, so no file is hidden.
+per `.pth` / `.pt` / `.ckpt` / `.safetensors` file under `models/ESRGAN/`, `RealESRGAN/`,
+`SwinIR/`, `DAT/`, `HAT/`, `ScuNET/` and `upscale_models/` (ComfyUI's folder), sub-folders
+included, named by the file's stem. A stem already taken (by a built-in or by an earlier file;
+folders in that order, each in path order) gets its folder appended, `"4x-foo (RealESRGAN)"`,
+so no file is hidden.
 
-A model upscaler runs at its native scale, again on its own output while the image is still
-smaller than the target (at most `MAX_PASSES` times, as A1111 does), tiled with blended overlaps,
-and the result is resized with Lanczos to the exact target. Weights are read only through
-`read_state_dict` (safetensors, or pickles through the weights-only unpickler) and kept in a
-small per-registry cache.
+Model files load through spandrel (every architecture it recognises) when it can be imported,
+else through the built-in RRDBNet / SRVGGNetCompact loaders (`webui.upscale.spandrel_arch` says
+why). A model upscaler runs at its native scale, again on its own output while the image is
+still smaller than the target (at most `MAX_PASSES` times, as A1111 does), tiled with blended
+overlaps, and the result is resized with Lanczos to the exact target. Weights are read only
+through `read_state_dict` (safetensors, or pickles through the weights-only unpickler) and kept
+in a small per-registry cache.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from webui.images import list_images, open_image
 from webui.models.errors import ModelError
 from webui.models.readers import read_state_dict
 from webui.outputs import unique_stems
+from webui.upscale import spandrel_arch
 from webui.upscale.arch import Network, build_network
 from webui.upscale.tiles import Cancelled, upscale_tensor
 
 log = logging.getLogger(__name__)
 
-MODEL_FOLDERS = ("ESRGAN", "RealESRGAN")
-MODEL_SUFFIXES = (".pth", ".pt", ".safetensors")
+MODEL_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET", "upscale_models")
+MODEL_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 MAX_PASSES = 3
 MAX_SIDE = 16384  # largest output side accepted: 16384^2 RGB is already 0.8 GB as float32
 
@@ -111,8 +115,8 @@ def _plain_mode(image: Image.Image) -> Image.Image:
 
 
 class UpscalerRegistry:
-    """Scans `models_dir/ESRGAN` and `models_dir/RealESRGAN` on `refresh()`; loads models on
-    first use and keeps the last `cache_size` (model, device, dtype) combinations."""
+    """Scans the `MODEL_FOLDERS` of `models_dir` on `refresh()`; loads models on first use and
+    keeps the last `cache_size` (model, device, dtype) combinations."""
 
     def __init__(self, models_dir: Path, cache_size: int = 2) -> None:
         if cache_size < 1:
@@ -122,6 +126,7 @@ class UpscalerRegistry:
         self._lock = threading.RLock()
         self._entries: dict[str, UpscalerInfo] = {}
         self._cache: OrderedDict[tuple, Network] = OrderedDict()
+        self.spandrel = spandrel_arch.Spandrel()
         self.refresh()
 
     # -- listing ---------------------------------------------------------------------------
@@ -183,13 +188,33 @@ class UpscalerRegistry:
             for stale in [k for k in self._cache if k[0] == key[0] and k[1:3] != key[1:3]]:
                 del self._cache[stale]
             sd = read_state_dict(info.path, lambda _k, dt: torch.float32 if dt.is_floating_point else dt)
-            net = build_network(sd, info.path)
-            net.module.to(device=device, dtype=dtype)
-            self._cache[key] = net
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-            log.info("loaded upscaler %s (%s x%d) on %s", info.name, net.arch, net.scale, device)
-            return net
+            net = self._build(sd, info.path)
+            return self._keep(key, net, info, device, dtype)
+
+    def _build(self, sd: dict[str, torch.Tensor], path: Path) -> Network:
+        spandrel = self.spandrel.module()
+        if spandrel is None:
+            try:
+                return build_network(sd, path)
+            except ModelError as e:  # it may be an architecture spandrel would know
+                raise ModelError(f"{e} ({self.spandrel.problem})") from None
+        try:
+            return spandrel_arch.build_network(spandrel, sd, path)
+        except ModelError as refused:
+            # an RRDBNet or Compact whose sizes spandrel guesses wrong (its ESRGAN assumes 32 growth
+            # channels): the built-in networks read every size from the shapes
+            try:
+                return build_network(sd, path)
+            except ModelError:
+                raise refused from None
+
+    def _keep(self, key: tuple, net: Network, info: UpscalerInfo, device: torch.device, dtype: torch.dtype) -> Network:
+        net.module.to(device=device, dtype=net.dtype_for(dtype))
+        self._cache[key] = net
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        log.info("loaded upscaler %s (%s x%d) on %s", info.name, net.arch, net.scale, device)
+        return net
 
     def unload(self) -> None:
         """Drop every cached model."""
@@ -239,7 +264,7 @@ class UpscalerRegistry:
             (net.scale == 1 and passes == 0) or (net.scale > 1 and (current.width < target[0] or current.height < target[1]))
         ):
             x = upscale_tensor(net, _to_tensor(current), tile=tile, overlap=tile_overlap, device=torch.device(device),
-                               dtype=dtype, cancel=cancel, progress=progress)
+                               dtype=net.dtype_for(dtype), cancel=cancel, progress=progress)
             current = _to_image(x)
             passes += 1
         if current.size != target:
