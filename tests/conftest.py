@@ -69,11 +69,15 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(data_dir: Path, *args: str, timeout: float = 90, ready: str = "/") -> Server:
-    """Start `python -m webui` and wait until `ready` answers (200, or 401 behind auth)."""
+def start_server(data_dir: Path, *args: str, timeout: float = 90, ready: str = "/",
+                 python_path: Path | None = None) -> Server:
+    """Start `python -m webui` and wait until `ready` answers (200, or 401 behind auth).
+    `python_path`: a folder put first on the server's PYTHONPATH (a stand-in a test provides)."""
     port = free_port()
     log = data_dir / f"server-{port}.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    if python_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(python_path), env.get("PYTHONPATH", "")) if p)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "webui", "--data-dir", str(data_dir), "--port", str(port), *args],

@@ -114,11 +114,16 @@ def test_a1111_sentinels_mean_what_they_mean_there(api: Server) -> None:
 
 
 def test_features_we_lack_are_said_not_silently_dropped(api: Server) -> None:
-    r = post(api, "/txt2img", {**FAST, "restore_faces": True, "hr_checkpoint_name": "sd1-other", "s_min_uncond": 0.5})
+    r = post(api, "/txt2img", {**FAST, "hr_checkpoint_name": "sd1-other", "s_min_uncond": 0.5})
     assert r.status_code == 200, r.text
     notes = " | ".join(json.loads(r.json()["info"])["notes"])
-    assert "restore_faces=True ignored (no face restorer is installed)" in notes
     assert "hr_checkpoint_name='sd1-other' ignored" in notes and "s_min_uncond=0.5 ignored" in notes
+
+
+def test_restore_faces_without_weights_says_what_to_put_where(api: Server) -> None:
+    r = post(api, "/txt2img", {**FAST, "restore_faces": True})
+    assert r.status_code == 422 and "no face restorer here: put GFPGAN weights in" in r.text
+    assert post(api, "/txt2img", {**FAST, "restore_faces": False}).status_code == 200
 
 
 def test_really_wrong_values_still_answer_4xx(api: Server) -> None:

@@ -300,13 +300,12 @@ def test_bad_input_answers_4xx_with_the_reason(api: Server, route: str, body: di
 def test_adjusted_input_is_said(api: Server) -> None:
     init = Image.new("RGB", (64, 64), (200, 10, 10))
     r = post(api, "/img2img", {**SMALL, "width": 70, "init_images": [b64png(init)],
-                               "mask": b64png(Image.new("L", (32, 32), 255)), "restore_faces": True,
+                               "mask": b64png(Image.new("L", (32, 32), 255)),
                                "inpaint_full_res": False})  # whole picture: the output has the request's size
     assert r.status_code == 200, r.text
     notes = json.loads(r.json()["info"])["notes"]
     assert any("width 70 rounded to 72" in n for n in notes)
     assert any("mask 32x32 resized" in n for n in notes)
-    assert any("restore_faces=True ignored (no face restorer is installed)" in n for n in notes)
     assert decode(r.json()["images"][0]).size == (72, 64)
     assert requests.post(api.url + API + "/txt2img", data="{not json", timeout=30,
                          headers={"content-type": "application/json"}).status_code == 422

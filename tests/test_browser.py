@@ -583,6 +583,54 @@ def test_few_step_button_and_step_caching(browser, tmp_path: Path, checkpoint_st
         stop_server(s)
 
 
+def test_restore_faces_in_extras_and_over_the_api(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    """GFPGAN (full size, random weights) restores the face of an uploaded image in Extras, and the
+    API lists it and restores over HTTP. The server runs spandrel under the torchvision STAND-IN
+    (webui.testing.torchvision_stand_in, through its PYTHONPATH): no torchvision matches this torch."""
+    import base64
+    import io
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    from tests.conftest import add_checkpoint, start_server, stop_server
+    from webui.testing.faces import face_scene, write_gfpgan
+    from webui.testing.torchvision_stand_in import torchvision_stand_in, write_package
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    with torchvision_stand_in():
+        write_gfpgan(tmp_path / "models" / "GFPGAN" / "GFPGANv1.4.safetensors")
+    scene_path = tmp_path / "scene.png"
+    face_scene().save(scene_path)
+    s = start_server(tmp_path, "--api", python_path=write_package(tmp_path / "stand-in"))
+    page = browser.new_page()
+    try:
+        listed = requests.get(s.url + "/sdapi/v1/face-restorers", timeout=30).json()
+        assert [r["name"] for r in listed] == ["GFPGAN"] and listed[0]["cmd_dir"].endswith("GFPGAN")
+        body = {"image": base64.b64encode(scene_path.read_bytes()).decode(), "upscaler_1": "None",
+                "upscaling_resize": 1, "gfpgan_visibility": 1}
+        answer = requests.post(s.url + "/sdapi/v1/extra-single-image", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        restored = Image.open(io.BytesIO(base64.b64decode(answer.json()["image"]))).convert("RGB")
+        assert not np.array_equal(np.asarray(restored), np.asarray(face_scene()))
+        assert "GFPGAN visibility: 1" in answer.json()["html_info"]
+        open_page(page, s.url)
+        page.get_by_role("tab", name="Extras").click()
+        page.locator("#extras_image input[type=file]").set_input_files(str(scene_path))
+        set_number(page, "extras_gfpgan_visibility", 1)
+        page.locator("#extras_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#extras_info textarea')?.value.includes('saved as')", timeout=120_000)
+        saved = sorted((tmp_path / "outputs" / "extras-images").rglob("*.png"))
+        assert saved, "the Extras result was not saved"
+        assert "GFPGAN visibility: 1" in Image.open(saved[-1]).info.get("parameters", "")
+        assert page.locator("#extras_note").inner_text().strip() == ""  # spandrel imports: nothing to warn of
+    finally:
+        page.close()
+        stop_server(s)
+
+
 def test_interrogate_tagger_fills_the_img2img_prompt(browser, tmp_path: Path, checkpoint_store: Path) -> None:
     from PIL import Image
 

@@ -31,6 +31,7 @@ from webui.settings import Settings, SettingsStore
 
 if TYPE_CHECKING:
     from webui.controlnet.units import ControlUnit
+    from webui.faces import FaceRestorers
     from webui.models.load import ModelBundle
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
@@ -52,6 +53,7 @@ class _ModelSide:
     tokenizers: TokenizerFactory
     embeddings: EmbeddingLibrary
     upscalers: UpscalerRegistry
+    faces: FaceRestorers
     runner: Runner
 
 
@@ -112,6 +114,7 @@ class Engine:
     def _model_side(self) -> _ModelSide:
         with self._side_lock:
             if self._side is None:
+                from webui.faces import FaceRestorers
                 from webui.networks.embeddings import EmbeddingLibrary
                 from webui.pipeline.runner import Library, Runner
                 from webui.prompts.tokenizer import TokenizerFactory
@@ -122,6 +125,7 @@ class Engine:
                 log.info("model runtime: %s", runtime.describe())
                 embeddings = EmbeddingLibrary(self.networks)
                 upscalers = UpscalerRegistry(self.config.models_path)
+                faces = FaceRestorers(self.config.models_path, upscalers.spandrel)  # one spandrel import for both
                 library = Library(self.styles, self.networks, embeddings, self.registry.hashes)
 
                 def upscale(image, name: str, size: tuple[int, int]):
@@ -129,8 +133,8 @@ class Engine:
 
                 runner = Runner(self.bundle, library, self.writer, upscale=upscale, models_path=self.config.models_path,
                                 extensions=self.extensions, settings=self.settings.get, data_dir=self.config.data_dir,
-                                controlnets=self.controlnets)
-                self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, runner)
+                                controlnets=self.controlnets, faces=faces)
+                self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, faces, runner)
             return self._side
 
     @property
@@ -152,6 +156,10 @@ class Engine:
     @property
     def upscalers(self) -> UpscalerRegistry:
         return self._model_side().upscalers
+
+    @property
+    def faces(self) -> FaceRestorers:
+        return self._model_side().faces
 
     def upscaler_names(self) -> list[str]:
         """Image upscalers for hires fix and Extras (builds the model side on first call)."""
@@ -211,6 +219,12 @@ class Engine:
         for i, unit in enumerate(request.controlnet):
             if unit.active:
                 self._check_control_unit(i, unit, request)
+        restore = request.restore_faces if request.restore_faces is not None else self.settings.get().face_restoration
+        if restore:
+            try:
+                self.faces.pick(request.face_restoration_model or self.settings.get().face_restoration_model)
+            except ModelError as err:
+                raise ValueError(str(err)) from None
         if request.script_name:
             self._check_script(request)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from webui.images import check_pixels, read_infotext
+from webui.models.errors import ModelError
 
 if TYPE_CHECKING:
     from webui.app import Engine
@@ -19,18 +20,31 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Upscale:
     """How to upscale: `upscaler` to `scale` x the size or to `size` (width, height); optionally
-    `second` blended over the result with weight `visibility` (A1111's upscaler 2)."""
+    `second` blended over the result with weight `visibility` (A1111's upscaler 2). Then, as A1111
+    orders them, GFPGAN and CodeFormer on the faces, each blended in at its visibility (0: off)."""
 
     upscaler: str
     scale: float | None = 2.0
     size: tuple[int, int] | None = None
     second: str | None = None
     visibility: float = 0.0
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.5
+
+    def restorers(self) -> list[tuple[str, float]]:
+        """(face restorer, visibility) in the order they run."""
+        return [(n, v) for n, v in (("GFPGAN", self.gfpgan_visibility), ("CodeFormer", self.codeformer_visibility))
+                if v > 0]
 
     def infotext(self, out: Image.Image) -> str:
         text = f"Postprocess upscaler: {self.upscaler}"
         if self.second:
             text += f", Postprocess upscaler 2: {self.second}, Postprocess upscaler 2 visibility: {self.visibility:g}"
+        for name, visibility in self.restorers():
+            text += f", {name} visibility: {visibility:g}"
+        if self.codeformer_visibility > 0:
+            text += f", CodeFormer weight: {self.codeformer_weight:g}"
         return f"{text}, Postprocess upscale to: {out.width}x{out.height}"
 
 
@@ -46,6 +60,11 @@ def check(engine: Engine, how: Upscale) -> None:
     for field, name in (("upscaler_1", how.upscaler), ("upscaler_2", how.second)):
         if name is not None:
             engine.check_upscaler(name, field)
+    for name, _ in how.restorers():
+        try:
+            engine.faces.get(name)
+        except ModelError as err:
+            raise ValueError(f"{name.lower()}_visibility: {err}") from None
 
 
 def run(engine: Engine, images: list[Image.Image], how: Upscale, *, save: bool, owner: str | None = None) -> ExtrasResult:
@@ -65,6 +84,7 @@ def run(engine: Engine, images: list[Image.Image], how: Upscale, *, save: bool, 
             out = one(how.upscaler).convert("RGB")
             if how.second and how.visibility > 0:
                 out = Image.blend(out, one(how.second).convert("RGB").resize(out.size, Image.LANCZOS), how.visibility)
+            out = restore_faces(engine, out, how)
             source = read_infotext(image)
             text = f"{source}\n{how.infotext(out)}" if source else how.infotext(out)
             result.images.append(out)
@@ -80,10 +100,22 @@ def run_folder(engine: Engine, src: Path, dst: Path, how: Upscale, *, owner: str
     """Every image of `src` upscaled into `dst` under its own name (one job)."""
     check(engine, how)
     options = {"size": how.size} if how.size else {"scale": how.scale}
+
+    def save(image: Image.Image, folder: Path, stem: str, infotext: str) -> Path:
+        return engine.writer.save_as(restore_faces(engine, image, how), folder, stem, infotext)
+
     job = engine.jobs.submit("extras", lambda progress, cancel, every: engine.upscalers.upscale_folder(
-        src, dst, how.upscaler, save=engine.writer.save_as, device=engine.runtime.device,
+        src, dst, how.upscaler, save=save, device=engine.runtime.device,
         cancel=lambda: cancel.interrupted, **options), owner=owner)
     return _wait(job)
+
+
+def restore_faces(engine: Engine, image: Image.Image, how: Upscale) -> Image.Image:
+    """The faces of an upscaled image restored as `how` asks (GFPGAN, then CodeFormer)."""
+    for name, visibility in how.restorers():
+        image = engine.faces.restore(image, name, visibility=visibility, weight=how.codeformer_weight,
+                                     device=engine.runtime.device)
+    return image
 
 
 def _wait(job):

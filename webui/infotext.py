@@ -237,6 +237,9 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
     put("token_merging_ratio_hr", "Token merging ratio hr", _float)
     put("deepcache_interval", "DeepCache interval", _int)
     put("deepcache_branch", "DeepCache branch", _int)
+    if params.get("Face restoration", "").strip() in ("CodeFormer", "GFPGAN"):
+        out["restore_faces"] = True
+        out["face_restoration_model"] = params["Face restoration"].strip()
 
     # sampler and schedule: "Schedule type" wins over a schedule folded into the sampler name
     sampler = params.get("Sampler", "").strip()

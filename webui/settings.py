@@ -49,6 +49,7 @@ PREVIEWS = "Live previews"
 MODELS = "Models"
 LIMITS = "Limits"
 SPEED = "Speed"
+FACES = "Face restoration"
 
 
 def _setting(default: Any, title: str, description: str, section: str, note: str | None = None,
@@ -163,6 +164,18 @@ class Settings(BaseModel):
         0, "Step caching depth (DeepCache branch)",
         "How many outer layers are recomputed on cached calls: 0 the fewest (fastest); higher keeps more detail.",
         SPEED, note="applies from the next generation", ge=0, le=6, step=1)
+
+    # --- face restoration ---
+    face_restoration: bool = _setting(
+        False, "Restore faces", "Restore every face found in txt2img and img2img results (a request's "
+        "restore_faces overrides it).", FACES, note="applies from the next generation")
+    face_restoration_model: Literal["CodeFormer", "GFPGAN"] = _setting(
+        "CodeFormer", "Face restoration model",
+        "Weights from models/Codeformer (the codeformer extra) or models/GFPGAN; when the chosen one is missing, "
+        "the other is used.", FACES, note="applies from the next generation")
+    code_former_weight: float = _setting(
+        0.5, "CodeFormer weight", "0: the strongest restoration; 1: the closest to the face as it was.", FACES,
+        note="applies from the next generation", ge=0.0, le=1.0, step=0.05)
 
     # --- limits ---
     max_input_megapixels: int = _setting(

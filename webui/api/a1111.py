@@ -19,7 +19,6 @@ from webui.infotext import infotext_to_fields, parse_infotext
 # Fields A1111 takes that change nothing here at their default value; any other value is reported
 # in the response's `info.notes` as not supported (with what happens instead).
 _NO_EFFECT_AT = {
-    "restore_faces": (False,),
     "do_not_save_samples": (False, True),  # A1111 derives both from save_images, whatever is sent
     "do_not_save_grid": (False, True),
     "disable_extra_networks": (False,),
@@ -36,23 +35,17 @@ _NO_EFFECT_AT = {
     "force_task_id": (),
     "firstpass_image": (),
     "latent_mask": (),
-    "gfpgan_visibility": (0, 0.0),
-    "codeformer_visibility": (0, 0.0),
-    "codeformer_weight": (),
     "upscale_first": (False, True),
     "mask_blur_x": (),  # read below
     "mask_blur_y": (),
 }
-_SILENT = {"image_cfg_scale", "comments", "force_task_id", "codeformer_weight", "mask_blur_x", "mask_blur_y",
+_SILENT = {"image_cfg_scale", "comments", "force_task_id", "mask_blur_x", "mask_blur_y",
            "override_settings_restore_afterwards", "do_not_save_samples", "do_not_save_grid", "mask_round",
            "upscale_first"}
 _WHY = {
-    "restore_faces": "no face restorer is installed",
     "hr_checkpoint_name": "the hires pass uses the first pass's checkpoint",
     "hr_scheduler": "the hires pass uses the first pass's schedule type",
     "disable_extra_networks": "extra-network tags in the prompt are applied",
-    "gfpgan_visibility": "no face restorer is installed",
-    "codeformer_visibility": "no face restorer is installed",
 }
 
 

@@ -32,6 +32,9 @@ OVERRIDE_FIELDS = {
     "token_merging_ratio_img2img": "token_merging_ratio_img2img",
     "deepcache_interval": "deepcache_interval",
     "deepcache_branch": "deepcache_branch",
+    "face_restoration": "restore_faces",
+    "face_restoration_model": "face_restoration_model",
+    "code_former_weight": "code_former_weight",
 }
 
 
@@ -141,7 +144,7 @@ class JobStatus(BaseModel):
 
 
 class ExtrasOptions(BaseModel):
-    """A1111's `ExtrasBaseRequest`: how to upscale (face restoration fields are read and reported)."""
+    """A1111's `ExtrasBaseRequest`: how to upscale, then restore faces."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="allow")
 
@@ -153,6 +156,9 @@ class ExtrasOptions(BaseModel):
     upscaler_1: str = "None"
     upscaler_2: str = "None"  # blended over upscaler_1's result by extras_upscaler_2_visibility
     extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_weight: float = Field(0.5, ge=0.0, le=1.0)
     show_extras_results: bool = True
     notes: SkipJsonSchema[tuple[str, ...]] = ()
 

@@ -155,7 +155,9 @@ class Api:
         second = body.upscaler_2 if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0 else None
         how = extras.Upscale(body.upscaler_1, scale=body.upscaling_resize,
                              size=(body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None,
-                             second=second, visibility=body.extras_upscaler_2_visibility)
+                             second=second, visibility=body.extras_upscaler_2_visibility,
+                             gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility,
+                             codeformer_weight=body.codeformer_weight)
         try:
             result = extras.run(self.engine, images, how, save=False, owner="api")
         except ValueError as err:
@@ -287,7 +289,8 @@ class Api:
             "all_subseeds": result.subseeds[result.grids:],
             "subseed_strength": r.subseed_strength, "width": r.width, "height": r.height,
             "sampler_name": r.sampler_name, "scheduler": r.scheduler, "cfg_scale": r.cfg_scale, "steps": r.steps,
-            "batch_size": r.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "batch_size": r.batch_size, "restore_faces": "Face restoration" in first,
+            "face_restoration_model": first.get("Face restoration"),
             "sd_model_name": first.get("Model"), "sd_model_hash": first.get("Model hash"),
             "sd_vae_name": first.get("VAE"), "seed_resize_from_w": r.seed_resize_from_w,
             "seed_resize_from_h": r.seed_resize_from_h, "denoising_strength": r.denoising_strength,
@@ -531,7 +534,8 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/face-restorers")
     def face_restorers() -> list[dict]:
-        return []  # none installed (restore_faces is reported as ignored)
+        """Those whose weights are present, as A1111 lists them."""
+        return [{"name": r.name, "cmd_dir": str(r.folder)} for r in engine.faces.restorers() if r.path is not None]
 
     @router.get("/realesrgan-models")
     def realesrgan_models() -> list[dict]:

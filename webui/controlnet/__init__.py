@@ -9,3 +9,7 @@ as the A1111 extension's users and clients know them.
 - `apply`: the per-call model inputs (the denoiser's `model_inputs` seam) that add each unit's
   residuals, with its weight, step range and control mode.
 """
+
+# `units` and the request import each other (a request holds units; a unit holds request images):
+# loading the request first, whichever is asked for, keeps the cycle resolvable.
+import webui.pipeline.request  # noqa: F401

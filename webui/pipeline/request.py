@@ -7,7 +7,7 @@ import base64
 import binascii
 import io
 from enum import IntEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from PIL import Image
 from pydantic import (
@@ -114,6 +114,10 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(1, ge=1, le=100)
     clip_skip: int = Field(1, ge=1, le=12)
     tiling: bool = False
+    # face restoration after decoding (webui.faces); None: the Settings' choice
+    restore_faces: bool | None = None
+    face_restoration_model: Literal["CodeFormer", "GFPGAN"] | None = None
+    code_former_weight: float | None = Field(None, ge=0.0, le=1.0)
     # sampler options, passed to the samplers that take them (None: the sampler's default)
     eta: float | None = Field(None, ge=0.0, le=10.0)
     s_churn: float | None = Field(None, ge=0.0, le=100.0)

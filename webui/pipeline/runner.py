@@ -30,6 +30,7 @@ from webui.controlnet import apply as cn
 from webui.controlnet.models import ControlNetLibrary
 from webui.extensions import api as ext
 from webui.extensions.manager import ExtensionManager
+from webui.faces import FaceRestorers
 from webui.infotext import generation_infotext
 from webui.models.errors import ModelError
 from webui.models.load import ModelBundle
@@ -86,11 +87,13 @@ class Runner:
         settings: Callable[[], Settings] | None = None,  # the current Settings
         data_dir: Path | None = None,  # relative paths in the settings start here
         controlnets: ControlNetLibrary | None = None,  # models/ControlNet
+        faces: FaceRestorers | None = None,  # GFPGAN / CodeFormer, for restore_faces
     ) -> None:
         self.get_bundle = get_bundle
         self.library = library
         self.writer = writer
         self.upscale = upscale
+        self.faces = faces
         self.extensions = extensions if extensions is not None else ExtensionManager.empty()
         self.settings = settings or Settings
         self.data_dir = data_dir or Path(".")
@@ -122,6 +125,7 @@ class Runner:
                        subseed=r.subseed if r.subseed != -1 else random.randint(0, MAX_SEED),
                        total_steps=r.total_steps(), ext=self.extensions.job_context(r.extensions, job_id))
         self.stage_speedups(job)
+        self.stage_plan_faces(job)
         if self.controlnets is not None and any(u.active for u in r.controlnet):
             job.controls = cn.prepare(r, self.controlnets, bundle)
             job.infotext_fields.update(cn.infotext(job.controls))
@@ -160,6 +164,19 @@ class Runner:
         if interval > 1:
             job.step_cache = (interval, pick(r.deepcache_branch, settings.deepcache_branch))
             job.infotext_fields["DeepCache interval"], job.infotext_fields["DeepCache branch"] = job.step_cache
+
+    def stage_plan_faces(self, job: JobState) -> None:
+        """Which face restorer runs after decoding, if any (the request's choice, else the Settings')."""
+        r, settings = job.request, self.settings()
+        wanted = r.restore_faces if r.restore_faces is not None else settings.face_restoration
+        if not wanted:
+            return
+        if self.faces is None:
+            raise ModelError("restore_faces: face restoration is not available in this runner")
+        name = self.faces.pick(r.face_restoration_model or settings.face_restoration_model)
+        weight = r.code_former_weight if r.code_former_weight is not None else settings.code_former_weight
+        job.faces = (name, weight)
+        job.infotext_fields["Face restoration"] = name
 
     def _run_batch(self, job: JobState, index: int, bundle: ModelBundle) -> None:
         r, cancel = job.request, job.control.cancel
@@ -318,6 +335,9 @@ class Runner:
             area = batch.areas[i] if i < len(batch.areas) else None
             if area is not None:
                 image = pix.composite(image, area)
+            if job.faces is not None and self.faces is not None:  # before extensions' post-processing
+                name, weight = job.faces
+                image = self.faces.restore(image, name, weight=weight, device=batch.bundle.runtime.device)
             extra: dict[str, Any] = {}
             if hooks:
                 stage = ext.ImageStage(image=image, index=batch.first + i, seed=batch.seeds[i],

@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib
+import importlib.machinery
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class _InterpolationMode(enum.Enum):
@@ -32,12 +34,16 @@ def _not_here(name: str):
     return call
 
 
+def _module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, "STAND-IN (webui.testing.torchvision_stand_in), not torchvision")
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # importlib.util.find_spec reads it
+    return module
+
+
 def _modules() -> dict[str, types.ModuleType]:
-    root = types.ModuleType("torchvision")
-    root.__doc__ = "STAND-IN (webui.testing.torchvision_stand_in), not torchvision"
-    root.__version__ = "0.0.0+stand-in"
-    transforms = types.ModuleType("torchvision.transforms")
-    functional = types.ModuleType("torchvision.transforms.functional")
+    root = _module("torchvision")
+    transforms = _module("torchvision.transforms")
+    functional = _module("torchvision.transforms.functional")
     functional.InterpolationMode = _InterpolationMode
     functional.rotate = _not_here("rotate")
     functional.normalize = _not_here("normalize")
@@ -63,7 +69,7 @@ def torchvision_stand_in() -> Iterator[bool]:
         yield False
         return
     _forget("spandrel")  # a failed import may have left some of its submodules
-    sys.modules.update(_modules())
+    install()
     try:
         yield True
     finally:
@@ -73,3 +79,25 @@ def torchvision_stand_in() -> Iterator[bool]:
 def _forget(*packages: str) -> None:
     for name in [n for n in sys.modules if n.split(".")[0] in packages]:
         del sys.modules[name]
+
+
+
+def install() -> None:
+    """Put the stand-in in `sys.modules` (what the context manager and `write_package` do), once
+    diffusers and transformers have made their own torchvision checks: they must keep finding
+    none, or they import torchvision features the stand-in does not have."""
+    import diffusers.utils.import_utils  # noqa: F401  its check runs at import
+    from transformers.utils import import_utils
+
+    import_utils.is_torchvision_available()  # cached from now on
+    sys.modules.update(_modules())
+
+
+def write_package(folder: Path) -> Path:
+    """A `sitecustomize.py` under `folder` that installs the stand-in when Python starts, for a
+    server a test starts in a subprocess (put `folder` on its PYTHONPATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        '"""Installs the torchvision STAND-IN of webui.testing.torchvision_stand_in (a test put this here)."""\n'
+        "from webui.testing.torchvision_stand_in import install\n\ninstall()\n")
+    return folder

@@ -76,6 +76,7 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
         panel.seed_buttons["reuse"] = gr.Button("♻", elem_id=f"{p}_reuse_seed", size="sm", min_width=40, scale=0)
         panel.add("clip_skip", gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{p}_clip_skip"))
         panel.add("tiling", gr.Checkbox(False, label="Tiling", elem_id=f"{p}_tiling"))
+        panel.add("restore_faces", gr.Checkbox(d.face_restoration, label="Restore faces", elem_id=f"{p}_restore_faces"))
     with gr.Accordion("Variation seed", open=False, elem_id=f"{p}_variation"):
         with gr.Row():
             panel.add("subseed", gr.Number(value=-1, label="Variation seed", precision=0, elem_id=f"{p}_subseed"))

@@ -45,11 +45,23 @@ class Spandrel:
                 try:
                     import spandrel  # it imports torchvision: only when needed
                     self._module = spandrel
+                    _install_extra_arches(spandrel)
                 except Exception as e:  # noqa: BLE001  a torchvision for another torch raises RuntimeError
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     self.problem = _problem_text(f"{type(e).__name__}: {first}" if first else type(e).__name__)
                     log.warning("%s", self.problem)
             return self._module
+
+
+def _install_extra_arches(spandrel: Any) -> None:
+    """CodeFormer and the other architectures under non-commercial or other licences, from the
+    optional `spandrel_extra_arches` (the `codeformer` extra), when the user installed it."""
+    try:
+        import spandrel_extra_arches  # optional dependency
+    except Exception:  # noqa: BLE001  absent, or built for another spandrel
+        return
+    spandrel_extra_arches.install(ignore_duplicates=True)
+    log.info("spandrel %s with its extra architectures", spandrel.__version__)
 
 
 def _problem_text(error: str) -> str:
