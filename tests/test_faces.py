@@ -113,6 +113,27 @@ def test_extras_gfpgan_visibility(gfpgan_data: Path) -> None:
         extras.run(engine, [scene], extras.Upscale("None", scale=1.0, codeformer_visibility=0.5), save=False)
 
 
+def test_codeformer_and_its_weight(gfpgan_data: Path, tmp_path: Path) -> None:
+    """CodeFormer (the codeformer extra): preferred by the Settings' default when present; its
+    weight changes the result; still only around the face."""
+    pytest.importorskip("spandrel_extra_arches")
+    from webui.testing.faces import write_codeformer
+
+    models = tmp_path / "models"
+    shutil.copytree(gfpgan_data / "models" / "GFPGAN", models / "GFPGAN")
+    write_codeformer(models / "Codeformer" / "codeformer-v0.1.0.safetensors")
+    faces = FaceRestorers(models, Spandrel())
+    assert faces.names() == ["GFPGAN", "CodeFormer"] and faces.pick("CodeFormer") == "CodeFormer"
+    scene = face_scene()
+    strong, faithful = (faces.restore(scene, "CodeFormer", weight=w) for w in (0.0, 1.0))
+    assert not np.array_equal(_px(strong), _px(faithful))
+    x0, y0, x1, y1 = _crop_box(faces.detector(scene)[0], scene.size)
+    for image in (strong, faithful):
+        changed = np.abs(_px(image) - _px(scene)).max(axis=2) > 0
+        changed[y0:y1, x0:x1] = False
+        assert not changed.any()
+
+
 def test_missing_weights_are_named_before_the_job(tmp_path: Path, checkpoint_store: Path) -> None:
     (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
     shutil.copy(checkpoint_store / "sd1.safetensors", tmp_path / "models" / "Stable-diffusion" / "sd1.safetensors")
