@@ -230,8 +230,8 @@ def test_routes_clients_call(api: Server) -> None:
     assert all({"label", "value", "minimum", "maximum", "step", "choices"} <= set(a)
                for a in scripts["dynamic-thresholding"]["args"])
     r = post(api, "/interrogate", {"image": b64png(init_image()), "model": "clip"})
-    assert r.status_code == 422 and "no interrogator installed" in r.json()["detail"]
-    assert "interrogators" in r.json()["detail"]  # where a tagger would go
+    assert r.status_code == 422 and "no BLIP captioner: put" in r.json()["detail"]
+    assert "BLIP" in r.json()["detail"] and "clip_interrogate" in r.json()["detail"]  # where each would go
     tagger = post(api, "/interrogate", {"image": b64png(init_image()), "model": "deepdanbooru"})
     assert tagger.status_code == 422 and "no tagger in" in tagger.json()["detail"]
     assert post(api, "/interrogate", {"image": b64png(init_image()), "model": "nope"}).status_code == 404
@@ -316,7 +316,7 @@ def test_webuiapi_client_works_unchanged(api: Server) -> None:
                    client.get_sd_vae, client.get_upscalers, client.get_prompt_styles, client.get_embeddings,
                    client.get_memory, client.get_cmd_flags, client.get_scripts, client.get_loras):
         assert getter() is not None
-    with pytest.raises(RuntimeError, match="no interrogator installed"):
+    with pytest.raises(RuntimeError, match="no BLIP captioner"):
         client.interrogate(result.image)
     started = time.monotonic()
     client.util_wait_for_ready(check_interval=0.2)

@@ -631,14 +631,17 @@ def test_restore_faces_in_extras_and_over_the_api(browser, tmp_path: Path, check
         stop_server(s)
 
 
-def test_interrogate_tagger_fills_the_img2img_prompt(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+def test_interrogate_tagger_and_clip_fill_the_img2img_prompt(browser, tmp_path: Path, checkpoint_store: Path) -> None:
     from PIL import Image
 
     from tests.conftest import add_checkpoint, start_server, stop_server
     from tests.test_interrogate import write_tagger
+    from webui.testing.captioners import write_blip, write_clip
 
     add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
     write_tagger(tmp_path / "models" / "interrogators" / "wd-tiny")
+    write_blip(tmp_path / "models" / "BLIP" / "blip-tiny")
+    write_clip(tmp_path / "models" / "clip_interrogate" / "clip-tiny")
     source = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (255, 0, 0)).save(source)
     s = start_server(tmp_path)
@@ -652,6 +655,9 @@ def test_interrogate_tagger_fills_the_img2img_prompt(browser, tmp_path: Path, ch
         page.wait_for_function(
             "() => document.querySelector('#img2img_prompt textarea')?.value.startsWith('red background')",
             timeout=60_000)
+        page.locator("#img2img_interrogate_clip").click()
+        page.wait_for_function(
+            "() => document.querySelector('#img2img_prompt textarea')?.value.includes(', by ')", timeout=60_000)
     finally:
         page.close()
         stop_server(s)

@@ -14,8 +14,10 @@ import requests
 from PIL import Image
 
 from tests.conftest import add_checkpoint, start_server, stop_server
+from webui.interrogate.clip import ClipInterrogator
 from webui.interrogate.tagger import Taggers
 from webui.models.errors import ModelError
+from webui.testing.captioners import WORDS, write_blip, write_clip
 
 # name, category, weights on the mean (B, G, R) / 255, bias
 TAGS = [("general", 9, (0, 0, 0), 2.0), ("explicit", 9, (0, 0, 0), -2.0),
@@ -85,8 +87,44 @@ def test_interrogate_over_the_api(tmp_path: Path, checkpoint_store: Path) -> Non
         by_name = requests.post(url, json={"image": red, "model": "wd-tiny", "threshold": 0.9}, timeout=60)
         assert by_name.status_code == 200 and by_name.json()["caption"] == "red background, hero x"
         clip = requests.post(url, json={"image": red, "model": "clip"}, timeout=60)
-        assert clip.status_code == 422 and "deepdanbooru" in clip.json()["detail"]
+        assert clip.status_code == 422 and "no BLIP captioner: put" in clip.json()["detail"]
+        write_blip(tmp_path / "models" / "BLIP" / "blip-tiny")  # found on the next request
+        write_clip(tmp_path / "models" / "clip_interrogate" / "clip-tiny")
+        clip = requests.post(url, json={"image": red, "model": "clip"}, timeout=60)
+        assert clip.status_code == 200 and ", by " in clip.json()["caption"]
         missing = requests.post(url, json={"image": red, "model": "wd-huge"}, timeout=60)
         assert missing.status_code == 404 and "wd-tiny" in missing.json()["detail"]
     finally:
         stop_server(s)
+
+
+def test_clip_interrogator_caption_and_ranked_terms(tmp_path: Path) -> None:
+    """BLIP's caption (a tiny random model: words of its vocabulary), then one medium, one artist,
+    one movement and three flavours from the lists when a CLIP model is there; a user's own list
+    file joins ours; the same image gives the same text."""
+    from webui.interrogate.terms import ARTISTS, FLAVOURS, MEDIUMS, MOVEMENTS
+
+    models = tmp_path / "models"
+    interrogator = ClipInterrogator(models)
+    missing = interrogator.missing()
+    assert missing is not None and str(models / "BLIP") in missing and "clip_interrogate" in missing
+    with pytest.raises(ModelError, match="no BLIP captioner"):
+        interrogator.interrogate(Image.new("RGB", (32, 32)))
+    write_blip(models / "BLIP" / "blip-tiny")
+    assert interrogator.missing() is None
+    red = Image.new("RGB", (48, 40), (220, 30, 30))
+    caption = interrogator.interrogate(red)
+    assert caption and set(caption.split()) <= set(WORDS)  # no CLIP yet: the caption alone
+    write_clip(models / "clip_interrogate" / "clip-tiny")
+    (models / "clip_interrogate" / "artists.txt").write_text("A Painter Of Our Own\n")
+    text = interrogator.interrogate(red)
+    parts = text.split(", ")
+    assert parts[0] == caption and len(parts) == 7
+    medium, artist, movement, *flavours = parts[1:]
+    assert medium in MEDIUMS and movement in MOVEMENTS and all(f in FLAVOURS for f in flavours)
+    assert artist.startswith("by ") and artist[3:] in (*ARTISTS, "A Painter Of Our Own")
+    assert interrogator.interrogate(red) == text
+    (models / "BLIP" / "a-broken").mkdir()  # sorts first: the one used
+    (models / "BLIP" / "a-broken" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="a-broken: not a BLIP captioning model folder"):
+        ClipInterrogator(models).interrogate(red)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from webui.config import Config
 from webui.controlnet.models import ControlNetLibrary
 from webui.extensions.manager import ExtensionManager
+from webui.interrogate.clip import ClipInterrogator
 from webui.interrogate.tagger import Taggers
 from webui.jobs.queue import Job, JobQueue
 from webui.models.cache import ModelCache
@@ -73,6 +74,7 @@ class Engine:
         self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
         self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes)
         self.taggers = Taggers(config.models_path / "interrogators")
+        self.clip_interrogator = ClipInterrogator(config.models_path)
         self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,
                              max_bytes=config.job_retention_mb * 2**20)
         self._apply_settings(current)

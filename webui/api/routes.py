@@ -126,11 +126,6 @@ OPTION_ALIASES = {"sd_checkpoint_cache": "ckpt_cache", "sd_checkpoints_limit": "
 OPTION_VALUES = {("samples_format", "jpg"): "jpeg"}
 # read-only facts in A1111's option list: accepted in a POST (clients send back what GET gave), never stored
 DERIVED_OPTIONS = {"sd_checkpoint_hash"}
-NO_INTERROGATOR = ("no interrogator installed: this server has no CLIP/BLIP captioning model. For booru tags "
-                   "use model \"deepdanbooru\" with a WD14 tagger (model.onnx and selected_tags.csv in a folder "
-                   "under {folder}), or add a captioner through an extension")
-
-
 class Api:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -597,11 +592,17 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.post("/interrogate")
     def interrogate(body: InterrogateBody) -> dict:
-        """`deepdanbooru` (A1111's tagger) runs the first WD14 tagger in models/interrogators; a
-        tagger's own name runs that one; `clip` needs a captioner this server does not have."""
+        """`clip`: a BLIP caption with the style terms a CLIP model ranks (models/BLIP,
+        models/clip_interrogate); `deepdanbooru` (A1111's tagger) runs the first WD14 tagger in
+        models/interrogators; a tagger's own name runs that one."""
         taggers = engine.taggers.names()
         if body.model == "clip":
-            raise HTTPException(422, NO_INTERROGATOR.format(folder=cfg.models_path.resolve() / "interrogators"))
+            if missing := engine.clip_interrogator.missing():
+                raise HTTPException(422, f"model: {missing}")
+            try:
+                return {"caption": engine.clip_interrogator.interrogate(body.image)}
+            except ModelError as err:
+                raise HTTPException(422, str(err)) from None
         if body.model != "deepdanbooru" and body.model.lower() not in (t.lower() for t in taggers):
             raise HTTPException(404, f"model: interrogator {body.model!r} not found (available: clip, deepdanbooru"
                                      f"{''.join(', ' + t for t in taggers)})")

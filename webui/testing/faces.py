@@ -55,7 +55,7 @@ def write_gfpgan(path: Path, seed: int = 0) -> Path:
 def write_codeformer(path: Path, seed: int = 0) -> Path:
     """CodeFormer with random weights, its transformer at small widths (the VQGAN around it has
     fixed sizes), as float16 safetensors. Needs spandrel with `spandrel_extra_arches`."""
-    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer  # optional dependency (codeformer, test)
 
     torch.manual_seed(seed)
     model = CodeFormer(dim_embd=64, n_head=8, n_layers=1, codebook_size=32, latent_size=256, connect_list=["32"])

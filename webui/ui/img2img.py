@@ -95,7 +95,9 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
     panel.add("checkpoint", checkpoint)
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         prompt_area(engine, panel)
-        interrogate = gr.Button("Interrogate tagger", size="sm", elem_id="img2img_interrogate_tagger")
+        with gr.Row():
+            interrogate_clip = gr.Button("Interrogate CLIP", size="sm", elem_id="img2img_interrogate_clip")
+            interrogate = gr.Button("Interrogate tagger", size="sm", elem_id="img2img_interrogate_tagger")
         source = panel.add("source", gr.Textbox("img2img", visible=False, elem_id="img2img_source"))
         with gr.Row():
             with gr.Column():
@@ -176,6 +178,20 @@ def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) 
             raise user_error(str(err)) from None
 
     interrogate.click(tag, inputs=[panel["init_image"]], outputs=[panel["prompt"]], api_name="interrogate_tagger")
+
+    def caption(image: Any) -> str:
+        """The init image's BLIP caption with the style terms CLIP ranks closest."""
+        if image is None:
+            raise user_error("Put an image in the img2img tab first.")
+        if missing := engine.clip_interrogator.missing():
+            raise user_error(missing)
+        try:
+            return engine.clip_interrogator.interrogate(image)
+        except ModelError as err:
+            raise user_error(str(err)) from None
+
+    interrogate_clip.click(caption, inputs=[panel["init_image"]], outputs=[panel["prompt"]],
+                           api_name="interrogate_clip")
     allow = not (engine.config.listen or engine.config.share)
     wire(engine, board, panel, "img2img", [panel.generate.click, panel["prompt"].submit],
          prepare=lambda given: prepare(given, allow_folders=allow))
