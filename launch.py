@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TORCH = "torch==2.13.0"
 PROJECT = "sd-webui"
+APP_EXTRAS = ("upscalers",)  # what a user of the launcher gets beyond the plain install (see pyproject.toml)
 
 
 def pip(*args: str) -> None:
@@ -181,11 +182,11 @@ def main(argv: list[str]) -> int:
     skip = os.environ.get("SKIP_INSTALL") == "1"
     if argv[:1] == ["test"]:
         if not skip:
-            ensure_project(extras=("test",))
+            ensure_project(extras=("test", *APP_EXTRAS))
             ensure_chromium()
         return subprocess.run([sys.executable, "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
     if not skip:
-        ensure_project()
+        ensure_project(extras=APP_EXTRAS)
         if wants_xformers(argv):
             ensure_xformers()
     from webui.cli import main as webui_main

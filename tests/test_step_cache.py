@@ -135,3 +135,18 @@ def test_the_seam_takes_a_first_block_cache_rule(data_dir: Path) -> None:
             assert cache.full_calls == 2 and not cache.reuse
     assert torch.equal(moved, full_other)
     assert not _installed(unet)
+
+
+def test_off_for_a_compiled_unet(data_dir: Path) -> None:
+    """--compile and step caching do not mix (the swapped forwards would make torch.compile trace
+    again on every call): the cache stays off and the infotext does not claim it."""
+    from webui.runtime.compile import compile_unet
+
+    engine = engine_for(data_dir)
+    unet = engine.bundle(None).unet
+    compile_unet(unet)  # installs the compiled call; nothing is traced until the UNet runs
+    try:
+        with step_cache(unet, 3) as cache:
+            assert cache is None and not _installed(unet)
+    finally:
+        unet._compiled_call_impl = None

@@ -161,9 +161,8 @@ class Runner:
         if tome_hr and r.enable_hr and not r.is_img2img:
             job.infotext_fields["Token merging ratio hr"] = tome_hr
         interval = pick(r.deepcache_interval, settings.deepcache_interval)
-        if interval > 1:
+        if interval > 1:  # the infotext says so once a sampling run has it (webui.pipeline.sampling)
             job.step_cache = (interval, pick(r.deepcache_branch, settings.deepcache_branch))
-            job.infotext_fields["DeepCache interval"], job.infotext_fields["DeepCache branch"] = job.step_cache
 
     def stage_plan_faces(self, job: JobState) -> None:
         """Which face restorer runs after decoding, if any (the request's choice, else the Settings')."""

@@ -117,7 +117,11 @@ class Sampling:
                    if k in spec.options and getattr(r, k) is not None}
         w, h = p.size
         try:
-            with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)), step_cache(bundle.unet, *job.step_cache):
+            with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)), \
+                    step_cache(bundle.unet, *job.step_cache) as cache:
+                if cache is not None:
+                    job.infotext_fields.update({"DeepCache interval": job.step_cache[0],
+                                                "DeepCache branch": job.step_cache[1]})
                 x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
         except Interrupted:
             p.latents = denoiser.blend(p.latents)

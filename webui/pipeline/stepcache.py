@@ -25,12 +25,15 @@ after it: the model is left as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -178,9 +181,13 @@ class StepCache:
 
 @contextlib.contextmanager
 def step_cache(unet: Any, interval: int, branch: int = 0) -> Iterator[StepCache | None]:
-    """DeepCache on `unet` while the block runs: the whole model every `interval` calls (off when
-    the interval is 0 or 1, or the model is not a UNet)."""
+    """DeepCache on `unet` while the block runs: the whole model every `interval` calls. Off (None)
+    when the interval is 0 or 1, the model is not a UNet, or it is compiled (`--compile`: swapping
+    its modules' forward would make torch.compile trace again on every call)."""
     modules = unet_deep_modules(unet, branch) if interval > 1 else None
+    if modules and getattr(unet, "_compiled_call_impl", None) is not None:
+        log.warning("step caching is off: the UNet is compiled (--compile), and the two do not mix")
+        modules = None
     if not modules:
         yield None
         return

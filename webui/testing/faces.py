@@ -42,7 +42,7 @@ def face_scene(size: tuple[int, int] = (320, 256), face_side: int = 160, at: tup
 def write_gfpgan(path: Path, seed: int = 0) -> Path:
     """GFPGAN v1.3/1.4 (GFPGANv1Clean) with random weights, as float16 safetensors (about 175 MB).
     Needs spandrel importable (in tests: under webui.testing.torchvision_stand_in)."""
-    from spandrel.architectures.GFPGAN import GFPGAN
+    from spandrel.architectures.GFPGAN import GFPGAN  # optional dependency (upscalers, test)
 
     torch.manual_seed(seed)
     model = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,

@@ -47,8 +47,11 @@ class Spandrel:
                     self._module = spandrel
                     _install_extra_arches(spandrel)
                 except Exception as e:  # noqa: BLE001  a torchvision for another torch raises RuntimeError
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    self.problem = _problem_text(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+                    if isinstance(e, ModuleNotFoundError) and e.name == "spandrel":
+                        self.problem = NOT_INSTALLED
+                    else:
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                        self.problem = _problem_text(f"{type(e).__name__}: {first}" if first else type(e).__name__)
                     log.warning("%s", self.problem)
             return self._module
 
@@ -62,6 +65,11 @@ def _install_extra_arches(spandrel: Any) -> None:
         return
     spandrel_extra_arches.install(ignore_duplicates=True)
     log.info("spandrel %s with its extra architectures", spandrel.__version__)
+
+
+NOT_INSTALLED = ("spandrel is not installed: upscalers load through the built-in ESRGAN / Real-ESRGAN / Compact "
+                 "loaders only, and face restoration is off. `python launch.py` installs it; by hand, install "
+                 "torchvision built for your torch, then pip install 'sd-webui[upscalers]'.")
 
 
 def _problem_text(error: str) -> str:
