@@ -55,6 +55,15 @@ def set_number(page, elem_id: str, value: int) -> None:
     raise AssertionError(f"#{elem_id} does not keep {value}: it shows {box.input_value()}")
 
 
+def apply_setting(page, elem_id: str, value: float) -> None:
+    """Set a number in the Settings tab and apply it, as a user does."""
+    page.get_by_role("tab", name="Settings").click()
+    set_number(page, elem_id, value)
+    page.locator("#settings_apply").click()
+    page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
+                           " || document.body.innerText.includes('applies')", timeout=30_000)
+
+
 def small_txt2img(page, prompt: str, steps: int = 2) -> None:
     """The txt2img prompt, and a tiny image: `steps` steps at 64x64."""
     page.locator("#txt2img_prompt textarea").fill(prompt)
@@ -516,6 +525,14 @@ def test_controlnet_unit_from_the_page(browser, tmp_path: Path, checkpoint_store
             "() => document.querySelector('#txt2img_info textarea')?.value.includes('ControlNet 0')", timeout=120_000)
         text = page.locator("#txt2img_info textarea").input_value()
         assert 'ControlNet 0: "Module: canny, Model: cn_canny [' in text
+        # the infotext pasted back fills the unit again
+        page.locator("#txt2img_cn_0_enabled input").uncheck()
+        page.locator("#txt2img_cn_0_module input").click()
+        page.get_by_role("option", name="invert", exact=True).click()
+        page.locator("#txt2img_prompt textarea").fill(text)
+        page.locator("#txt2img_paste").click()
+        page.wait_for_function("() => document.querySelector('#txt2img_cn_0_enabled input')?.checked", timeout=30_000)
+        assert page.locator("#txt2img_cn_0_module input").input_value() == "canny"
     finally:
         page.close()
         stop_server(s)
@@ -529,11 +546,7 @@ def test_token_merging_from_the_settings_tab(browser, tmp_path: Path, checkpoint
     page = browser.new_page()
     try:
         open_page(page, s.url)
-        page.get_by_role("tab", name="Settings").click()
-        set_number(page, "setting_token_merging_ratio", 0.5)
-        page.locator("#settings_apply").click()
-        page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
-                               " || document.body.innerText.includes('applies')", timeout=30_000)
+        apply_setting(page, "setting_token_merging_ratio", 0.5)
         assert '"token_merging_ratio": 0.5' in (tmp_path / "config.json").read_text()
         page.get_by_role("tab", name="txt2img").click()
         small_txt2img(page, "a harbour")
@@ -556,11 +569,7 @@ def test_few_step_button_and_step_caching(browser, tmp_path: Path, checkpoint_st
     page = browser.new_page()
     try:
         open_page(page, s.url)
-        page.get_by_role("tab", name="Settings").click()
-        set_number(page, "setting_deepcache_interval", 2)
-        page.locator("#settings_apply").click()
-        page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
-                               " || document.body.innerText.includes('applies')", timeout=30_000)
+        apply_setting(page, "setting_deepcache_interval", 2)
         page.get_by_role("tab", name="txt2img").click()
         page.locator("#txt2img_prompt textarea").fill("a harbour")
         page.locator("#txt2img_few_step").click()

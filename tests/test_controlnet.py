@@ -128,9 +128,32 @@ def test_bad_units_are_named_before_the_job(engine: Engine) -> None:
         req(controlnet=[unit(resize_mode="sideways")])
     with pytest.raises(ValueError, match="guidance_start 0.8 is after guidance_end 0.2"):
         req(controlnet=[unit(guidance_start=0.8, guidance_end=0.2)])
-    with pytest.raises(ValueError, match="at most 3 enabled ControlNet units"):
-        req(controlnet=[unit()] * 4)
+    with pytest.raises(ValueError, match="at most 10 enabled ControlNet units"):
+        req(controlnet=[unit()] * 11)
     assert len(req(controlnet=[unit(enabled=False)] * 5).controlnet) == 5
+    with pytest.raises(ValueError, match="controlnet: at most 3 enabled units on this server"):
+        engine.check(req(checkpoint="sd1", controlnet=[unit()] * 4))  # the Settings' count, 3 by default
+    engine.settings.update({"control_net_unit_count": 4})
+    engine.check(req(checkpoint="sd1", controlnet=[unit()] * 4))
+
+
+def test_the_infotext_gives_the_units_back(engine: Engine) -> None:
+    """What `ControlNet 0: "..."` records fills a unit again (the page's paste and PNG Info), and
+    that unit, given the same control image, makes the same picture."""
+    from webui.controlnet.units import units_from_infotext
+    from webui.infotext import parse_infotext
+
+    first = engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(
+        weight=0.8, guidance_end=0.9, control_mode=1, resize_mode=0, threshold_a=50, threshold_b=150)]))
+    back = units_from_infotext(parse_infotext(first.infotexts[0]))
+    assert list(back) == [0]
+    fields = back[0]
+    assert fields["model"].startswith("cn_canny [") and fields["module"] == "canny" and fields["enabled"] is True
+    assert (fields["weight"], fields["guidance_start"], fields["guidance_end"]) == (0.8, 0.0, 0.9)
+    assert (fields["threshold_a"], fields["threshold_b"], fields["processor_res"]) == (50.0, 150.0, 512)
+    assert fields["control_mode"] == "My prompt is more important" and fields["resize_mode"] == "Just Resize"
+    again = engine.runner.generate(req(checkpoint="sd1", controlnet=[{**fields, "image": square()}]))
+    assert np.array_equal(px(again.images[0]), px(first.images[0]))
 
 
 def test_canny_finds_the_squares_outline() -> None:

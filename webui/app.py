@@ -218,6 +218,10 @@ class Engine:
                 self.extensions.validate_args(request.extensions)
             except ValueError as err:
                 raise ValueError(f"alwayson_scripts: {err}") from None
+        limit = self.settings.get().control_net_unit_count
+        if (active := sum(u.active for u in request.controlnet)) > limit:
+            raise ValueError(f"controlnet: at most {limit} enabled units on this server (Settings: ControlNet "
+                             f"units; got {active})")
         for i, unit in enumerate(request.controlnet):
             if unit.active:
                 self._check_control_unit(i, unit, request)

@@ -165,6 +165,12 @@ class Settings(BaseModel):
         "How many outer layers are recomputed on cached calls: 0 the fewest (fastest); higher keeps more detail.",
         SPEED, note="applies from the next generation", ge=0, le=6, step=1)
 
+    # --- ControlNet ---
+    control_net_unit_count: int = _setting(
+        3, "ControlNet units", "How many ControlNet units a generation may use, and the page shows "
+        "(A1111's control_net_unit_count).", MODELS, note="the page shows the new count after a restart",
+        ge=1, le=10)
+
     # --- face restoration ---
     face_restoration: bool = _setting(
         False, "Restore faces", "Restore every face found in txt2img and img2img results (a request's "

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from webui.app import Engine
 from webui.controlnet import preprocess
-from webui.controlnet.units import MAX_UNITS
 from webui.pipeline.request import ImageInput
 
 VERSION = 2  # what the extension's /controlnet/version answers; clients check it is present
@@ -53,7 +52,7 @@ def build_controlnet_router(engine: Engine, route_class: type) -> APIRouter:
 
     @router.get("/settings")
     def settings() -> dict:
-        return {"control_net_unit_count": MAX_UNITS}
+        return {"control_net_unit_count": engine.settings.get().control_net_unit_count}
 
     @router.post("/detect")
     def detect(body: DetectBody) -> dict:

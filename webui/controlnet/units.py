@@ -4,6 +4,8 @@ guidance_start, guidance_end, pixel_perfect, control_mode` (modes by name or num
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from enum import IntEnum
 from typing import Any
 
@@ -11,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from webui.pipeline.request import ImageInput, ResizeMode
 
-MAX_UNITS = 3
+MAX_UNITS = 10  # the most the Settings' unit count may be (control_net_unit_count, default 3)
 RESIZE_LABELS = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the extension's words
 
 
@@ -102,3 +104,40 @@ class ControlUnit(BaseModel):
                 f"Threshold A: {thresholds[0]:g}, Threshold B: {thresholds[1]:g}, "
                 f"Guidance Start: {self.guidance_start:g}, Guidance End: {self.guidance_end:g}, "
                 f"Pixel Perfect: {self.pixel_perfect}, Control Mode: {self.control_mode.label}")
+
+
+_FLOATS = {"Weight": "weight", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
+           "Guidance Start": "guidance_start", "Guidance End": "guidance_end"}
+
+
+def units_from_infotext(params: Mapping[str, str]) -> dict[int, dict[str, Any]]:
+    """The units an infotext records (`ControlNet N: "Module: canny, Model: ..., Weight: 1, ..."`),
+    as page values by field: the inverse of `ControlUnit.infotext`, for filling the page (the
+    control image is not in an infotext). Entries that do not parse are skipped."""
+    units: dict[int, dict[str, Any]] = {}
+    for key, text in params.items():
+        m = re.fullmatch(r"ControlNet (\d+)", key)
+        if m is None or int(m.group(1)) >= MAX_UNITS:
+            continue
+        parts = dict(part.split(": ", 1) for part in text.strip().strip('"').split(", ") if ": " in part)
+        if "Module" not in parts:
+            continue
+        unit: dict[str, Any] = {"enabled": True, "module": parts["Module"]}
+        if parts.get("Model"):
+            unit["model"] = parts["Model"]
+        try:
+            for label, name in _FLOATS.items():
+                if label in parts:
+                    unit[name] = float(parts[label])
+            if "Processor Res" in parts:
+                unit["processor_res"] = int(float(parts["Processor Res"]))
+        except ValueError:
+            continue
+        if parts.get("Resize Mode") in RESIZE_LABELS:
+            unit["resize_mode"] = parts["Resize Mode"]
+        if parts.get("Control Mode") in [m.label for m in ControlMode]:
+            unit["control_mode"] = parts["Control Mode"]
+        if "Pixel Perfect" in parts:
+            unit["pixel_perfect"] = parts["Pixel Perfect"] == "True"
+        units[int(m.group(1))] = unit
+    return units

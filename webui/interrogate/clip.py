@@ -39,6 +39,17 @@ def _first_model_dir(root: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _from_folder(folder: Path, model_class: Any, processor_class: Any, what: str) -> tuple[Any, Any]:
+    """A transformers model and its processor from `folder`, offline; ModelError naming the folder."""
+    try:
+        model = model_class.from_pretrained(folder, local_files_only=True).eval()
+        processor = processor_class.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"not a {what} folder ({type(e).__name__}: {e})", folder) from None
+    log.info("loaded %s %s for interrogation", what, folder.name)
+    return model, processor
+
+
 def _projected(out: Any) -> torch.Tensor:
     """CLIP's projected embeddings: transformers 5 returns them as the output's pooler_output,
     earlier versions as the tensor itself."""
@@ -78,13 +89,8 @@ class ClipInterrogator:
         if folder is None:
             raise ModelError(self.missing() or "no BLIP captioner")
         if self._blip is None or self._blip[0] != folder:
-            try:
-                model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
-                processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise ModelError(f"not a BLIP captioning model folder ({type(e).__name__}: {e})", folder) from None
-            self._blip = (folder, model, processor)
-            log.info("loaded BLIP captioner %s", folder.name)
+            self._blip = (folder, *_from_folder(folder, BlipForConditionalGeneration, BlipProcessor,
+                                                 "BLIP captioning model"))
         return self._blip[1], self._blip[2]
 
     def _load_clip(self) -> tuple[Any, Any, dict[str, tuple[list[str], torch.Tensor]]] | None:
@@ -94,13 +100,7 @@ class ClipInterrogator:
         if folder is None:
             return None
         if self._clip is None or self._clip[0] != folder:
-            try:
-                model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
-                processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise ModelError(f"not a CLIP model folder ({type(e).__name__}: {e})", folder) from None
-            self._clip = (folder, model, processor, {})
-            log.info("loaded CLIP %s for interrogation", folder.name)
+            self._clip = (folder, *_from_folder(folder, CLIPModel, CLIPProcessor, "CLIP model"), {})
         return self._clip[1], self._clip[2], self._clip[3]
 
     def _terms(self, kind: str) -> list[str]:

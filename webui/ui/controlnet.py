@@ -10,7 +10,7 @@ import gradio as gr
 
 from webui.app import Engine
 from webui.controlnet import preprocess
-from webui.controlnet.units import MAX_UNITS, RESIZE_LABELS, ControlMode
+from webui.controlnet.units import RESIZE_LABELS, ControlMode
 from webui.ui.generation import Panel
 from webui.ui.messages import user_error
 
@@ -27,7 +27,7 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
         return control
 
     with gr.Accordion("ControlNet", open=False, elem_id=f"{p}_controlnet"), gr.Tabs():
-        for n in range(MAX_UNITS):
+        for n in range(engine.settings.get().control_net_unit_count):
             with gr.Tab(f"Unit {n}", elem_id=f"{p}_controlnet_unit_{n}"):
                 with gr.Row():
                     image = add(n, "image", gr.Image(label="Control image (empty on img2img: the init image)",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
 from webui.app import Engine
+from webui.controlnet.units import units_from_infotext
 from webui.infotext import infotext_to_fields, parse_infotext
 from webui.models.errors import ModelError
 from webui.prompts.styles import extract_styles
@@ -17,6 +18,7 @@ from webui.prompts.styles import extract_styles
 class Pasted:
     fields: dict[str, object]  # GenerationRequest-style names
     model_name: str | None  # the infotext's `Model`, tried when its hash is not known here
+    controls: dict[str, object] = field(default_factory=dict)  # ControlNet units' values, as `cn_<n>_<field>`
 
 
 def fields_from_text(text: str) -> Pasted | None:
@@ -24,7 +26,15 @@ def fields_from_text(text: str) -> Pasted | None:
     params = parse_infotext(text)
     if len(params) <= 2:  # only Prompt and Negative prompt
         return None
-    return Pasted(infotext_to_fields(params), params.get("Model"))
+    controls = {f"cn_{n}_{name}": value for n, unit in units_from_infotext(params).items()
+                for name, value in unit.items()}
+    return Pasted(infotext_to_fields(params), params.get("Model"), controls)
+
+
+def fillable_names(panel: Any) -> list[str]:
+    """The controls infotext can fill in `panel`, in the order `updates_for_fields` answers."""
+    units = sorted(k for k, (_, name) in panel.control_fields.items() if name != "image")
+    return [n for n in FILLABLE if n in panel.inputs] + units
 
 
 def checkpoint_choice(engine: Engine, query: str | None) -> str | None:
@@ -64,4 +74,5 @@ def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str |
         f.update(prompt=prompt, negative_prompt=negative)
         if styles:
             f["styles"] = styles
-    return [gr.update(value=f[name]) if name in f else keep for name in FILLABLE if name in panel.inputs]
+    f.update(pasted.controls)
+    return [gr.update(value=f[name]) if name in f else keep for name in fillable_names(panel)]

@@ -66,6 +66,6 @@ def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, 
 
 def fillable(panel: Panel) -> list[gr.components.Component]:
     """The controls `ui.params.updates_for_fields` returns updates for, in its order."""
-    from webui.ui.params import FILLABLE
+    from webui.ui.params import fillable_names
 
-    return [panel[name] for name in FILLABLE if name in panel.inputs]
+    return [panel[name] for name in fillable_names(panel)]
