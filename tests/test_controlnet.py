@@ -167,6 +167,31 @@ def test_canny_finds_the_squares_outline() -> None:
     assert preprocess.threshold(square(), 127, 0).getpixel((32, 32)) == (255, 255, 255)
 
 
+def test_shuffle_keeps_the_colours_and_moves_the_layout() -> None:
+    halves = Image.new("RGB", (96, 64), (255, 0, 0))
+    halves.paste((0, 0, 255), (48, 0, 96, 64))
+    out = np.asarray(preprocess.shuffle(halves, 0, 0)).astype(int)
+    assert out.shape == (64, 96, 3) and not np.array_equal(out, np.asarray(halves))
+    assert (out[..., 1] == 0).all() and (np.abs(out[..., 0] + out[..., 2] - 255) <= 1).all()  # only mixes of the two
+    again, other = (np.asarray(preprocess.shuffle(halves, seed, 0)) for seed in (0, 1))
+    assert np.array_equal(again, out) and not np.array_equal(other, out)  # the seed fixes the flow
+
+
+def test_every_preprocessor_on_a_picture() -> None:
+    """Each one, through `run` at a processor resolution, on a drawn scene: an RGB image of the
+    scene's shape at that resolution."""
+    from webui.testing.faces import face_scene
+
+    scene = face_scene((320, 256))
+    for name in preprocess.PREPROCESSORS:
+        a, b = preprocess.defaults(name)
+        out = preprocess.run(name, scene, 128, a, b)
+        assert out.mode == "RGB", name
+        assert out.size == ((320, 256) if name == "none" else (160, 128)), name
+        if name not in ("none", "tile_resample"):  # tile at its default factor 1 keeps the picture
+            assert not np.array_equal(np.asarray(out), np.asarray(scene.resize(out.size))), name
+
+
 def test_the_extensions_api(data_dir: Path) -> None:
     """The A1111 ControlNet extension's routes and its unit shape in alwayson_scripts."""
     write_checkpoint(data_dir / "models" / "Stable-diffusion" / "sd1.safetensors", "sd1")

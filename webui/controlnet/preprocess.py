@@ -62,6 +62,26 @@ def tile_resample(image: Image.Image, down: float, _: float) -> Image.Image:
     return small.resize(image.size, Image.Resampling.BICUBIC).convert("RGB")
 
 
+def shuffle(image: Image.Image, seed: float, _: float) -> Image.Image:
+    """Content shuffle (the `shuffle` model's input): every pixel moved along a smooth random flow,
+    so the colours and textures stay and the layout goes. The flow is coarse noise (one value per
+    256 px, at least 2x2) bicubically enlarged and stretched over the image; `seed` fixes it."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w = rgb.shape[:2]
+    rng = np.random.default_rng(int(seed))
+
+    def field(extent: int) -> np.ndarray:
+        coarse = rng.random((max(2, h // 256 + 2), max(2, w // 256 + 2)), dtype=np.float32)
+        smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+        smooth = smooth - smooth.min()
+        return smooth / max(float(smooth.max()), 1e-6) * (extent - 1)
+
+    ys, xs = field(h), field(w)
+    moved = np.stack([ndimage.map_coordinates(rgb[..., c], [ys, xs], order=1, mode="nearest") for c in range(3)],
+                     axis=-1)
+    return Image.fromarray(np.clip(moved + 0.5, 0, 255).astype(np.uint8))
+
+
 def none(image: Image.Image, _a: float, _b: float) -> Image.Image:
     return image.convert("RGB")
 
@@ -74,6 +94,7 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "threshold": (threshold, (127, 0)),
     "blur_gaussian": (blur, (9, 0)),
     "tile_resample": (tile_resample, (1, 0)),
+    "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
 }
 ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold"}
 
