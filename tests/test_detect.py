@@ -83,7 +83,9 @@ def test_v_pred_key_is_noticed(checkpoint_store: Path) -> None:
     sd = read_state_dict(checkpoint_store / "sd2.safetensors")
     assert not detect(sd).v_pred_key
     sd["v_pred"] = torch.zeros(0)
-    assert detect(sd).v_pred_key
+    assert detect(sd).v_pred_key and not detect(sd).ztsnr_key
+    sd["ztsnr"] = torch.zeros(0)
+    assert detect(sd).ztsnr_key
 
 
 def test_unrecognised_files_say_what_they_are(checkpoint_store: Path) -> None:

@@ -205,3 +205,34 @@ def test_ckpt_and_safetensors_of_the_same_weights_give_the_same_image(data_dir: 
     a = engine.runner.generate(req(checkpoint="sd1.safetensors")).images[0]
     b = engine.runner.generate(req(checkpoint="pickled.ckpt")).images[0]
     assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_zero_terminal_snr_models(data_dir: Path, checkpoint_store: Path) -> None:
+    """An SDXL file carrying `v_pred` and `ztsnr` keys (NoobAI-XL v-pred and the like) samples as
+    v-prediction on the schedule rescaled to zero terminal SNR, as diffusers rescales it (its last
+    value kept finite, as A1111 and Forge do), and makes a picture; the keys change it."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
+    from safetensors.torch import load_file, save_file
+
+    from webui.models.load import ZTSNR_LAST_ALPHA_BAR, rescale_zero_terminal_snr
+    from webui.samplers.schedules import DiscreteSchedule
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    theirs = torch.cumprod(1.0 - diffusers_rescale(betas), dim=0)
+    ours = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
+    torch.testing.assert_close(ours[:-1], theirs[:-1], rtol=1e-4, atol=1e-7)
+    assert theirs[-1] == 0 and ours[-1] == pytest.approx(ZTSNR_LAST_ALPHA_BAR)
+
+    folder = data_dir / "models" / "Stable-diffusion"
+    sd = load_file(checkpoint_store / "sdxl.safetensors")
+    save_file({**sd, "v_pred": torch.zeros(0)}, folder / "xl-vpred.safetensors")
+    save_file({**sd, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, folder / "xl-ztsnr.safetensors")
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    bundle = engine.bundle("xl-ztsnr")
+    assert bundle.prediction == "v" and bundle.zero_terminal_snr
+    assert DiscreteSchedule(bundle.alphas_cumprod).sigma_max == pytest.approx(4518.8, rel=1e-3)
+    ztsnr = engine.runner.generate(req(checkpoint="xl-ztsnr", steps=4)).images[0]
+    vpred = engine.runner.generate(req(checkpoint="xl-vpred", steps=4)).images[0]
+    assert not engine.bundle("xl-vpred").zero_terminal_snr
+    assert np.isfinite(pixels(ztsnr)).all() and pixels(ztsnr).std() > 1
+    assert np.abs(pixels(ztsnr) - pixels(vpred)).mean() > 1

@@ -34,6 +34,7 @@ class Detected:
     vae_config: dict[str, Any] | None  # None when the file carries no VAE
     text_configs: tuple[dict[str, Any], ...]
     v_pred_key: bool = False  # the file marks itself as v-prediction
+    ztsnr_key: bool = False  # ... and as trained for zero terminal SNR (NoobAI-XL v-pred and the like)
     notes: tuple[str, ...] = field(default=())
 
 
@@ -66,6 +67,7 @@ def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
         vae_config=vae_config,
         text_configs=text_configs,
         v_pred_key="v_pred" in sd,
+        ztsnr_key="ztsnr" in sd,
     )
 
 

@@ -58,6 +58,7 @@ class ModelBundle:
     text_encoders: list[TextEncoder]
     alphas_cumprod: torch.Tensor  # float32, CPU
     runtime: Runtime
+    zero_terminal_snr: bool = False  # the schedule was rescaled to zero terminal SNR (the file's `ztsnr` key)
 
     @property
     def hash10(self) -> str | None:
@@ -118,9 +119,12 @@ def load_bundle(
         vae=vae,
         vae_name=Path(vae_path).name if vae_path else None,
         text_encoders=text_encoders,
-        alphas_cumprod=alphas,
+        alphas_cumprod=rescale_zero_terminal_snr(alphas) if found.ztsnr_key else alphas,
         runtime=runtime,
+        zero_terminal_snr=found.ztsnr_key,
     )
+    if found.ztsnr_key:
+        log.info("%s: zero terminal SNR schedule (the file's ztsnr key), %s-prediction", bundle.name, bundle.prediction)
     if runtime.memory is not None:  # medvram / lowvram: weights wait on the offload device
         runtime.memory.attach_bundle(bundle)
     return bundle
@@ -275,6 +279,23 @@ def _convert_openclip(raw: StateDict, hidden: int, with_projection: bool) -> Sta
             if rest.startswith(old):
                 out[base + new + rest[len(old) :]] = v
                 break
+    return out
+
+
+# The last alpha-bar A1111 1.10 and Forge give a zero-terminal-SNR schedule instead of 0: the last
+# sigma stays finite (about 4519), so the samplers' first step can be taken.
+ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule shifted and scaled so that the last step is pure noise (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1), its last value
+    then set to ZTSNR_LAST_ALPHA_BAR."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    out = (root**2).to(torch.float32)
+    out[-1] = ZTSNR_LAST_ALPHA_BAR
     return out
 
 
