@@ -102,7 +102,7 @@ def ensure_project(extras: tuple[str, ...] = ()) -> None:
         # torch is already present and pinned: a dependency (spandrel -> torchvision) cannot replace it
         with _torch_pin() as pins:
             pip("-e", target, "-c", pins)
-    ensure_torchvision()
+        ensure_torchvision()  # only after an install: a start-up that installs nothing pays nothing
 
 
 @contextlib.contextmanager

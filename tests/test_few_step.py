@@ -157,3 +157,23 @@ def test_lcm_sampler_matches_diffusers_lcm_scheduler() -> None:
     ours = sample_lcm(denoiser, start * (1 + sigmas[0] ** 2) ** 0.5, sigmas,  # VP -> k-diffusion scale
                       noise=lambda like: torch.randn(like.shape, generator=ours_gen))
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+def test_lora_metadata_is_read_once_per_version_of_the_file(data_dir: Path) -> None:
+    """A LoRA's listed metadata comes from its header; a file written again is read again."""
+    import os
+
+    lora_dir = data_dir / "models" / "Lora"
+    lora_dir.mkdir(exist_ok=True)
+    path = lora_dir / "style.safetensors"
+    save_file({"w": torch.zeros(1)}, path, metadata={"ss_output_name": "style-v1"})
+    engine = engine_for(data_dir)
+    engine.networks.refresh()
+    (lora,) = engine.networks.loras()
+    assert engine.networks.metadata(lora) == {"ss_output_name": "style-v1"}
+    save_file({"w": torch.zeros(2)}, path, metadata={"ss_output_name": "style-v2"})
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert engine.networks.metadata(lora) == {"ss_output_name": "style-v2"}
+    (lora_dir / "old.pt").write_bytes(b"not read")
+    engine.networks.refresh()
+    assert engine.networks.metadata(next(f for f in engine.networks.loras() if f.stem == "old")) == {}

@@ -225,12 +225,10 @@ class Engine:
         for i, unit in enumerate(request.controlnet):
             if unit.active:
                 self._check_control_unit(i, unit, request)
-        restore = request.restore_faces if request.restore_faces is not None else self.settings.get().face_restoration
-        if restore:
-            try:
-                self.faces.pick(request.face_restoration_model or self.settings.get().face_restoration_model)
-            except ModelError as err:
-                raise ValueError(str(err)) from None
+        try:
+            self.faces.plan(request, self.settings.get())
+        except ModelError as err:
+            raise ValueError(str(err)) from None
         if request.script_name:
             self._check_script(request)
 
@@ -348,7 +346,7 @@ class Engine:
                 lora = self.networks.find_lora(tag.name)
             except ModelError:
                 continue  # named when the job runs
-            found = recognise(lora.path, lora.name)
+            found = recognise(lora.path, lora.name, self.networks.metadata(lora))
             if found:
                 return found
         info = self.resolve_checkpoint(checkpoint)

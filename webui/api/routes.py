@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -54,7 +53,6 @@ from webui.images import png_bytes, read_infotext
 from webui.infotext import parse_infotext
 from webui.jobs.queue import Job
 from webui.models.errors import ModelError
-from webui.models.readers import safetensors_metadata
 from webui.pipeline.request import GenerationRequest
 from webui.samplers.table import SAMPLERS, SCHEDULES
 
@@ -455,7 +453,7 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/loras")
     def loras() -> list[dict]:
-        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": _lora_metadata(f.path)}
+        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": engine.networks.metadata(f)}
                 for f in engine.networks.loras()]
 
     @router.get("/few-step")
@@ -637,16 +635,6 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
                                  "stop it (server-stop) and start it again")
 
     return router
-
-
-def _lora_metadata(path: Path) -> dict[str, str]:
-    """A LoRA's training metadata, as A1111 lists it (a pickle has none)."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        return safetensors_metadata(path)
-    except (OSError, ModelError):
-        return {}
 
 
 def _scale_of(name: str) -> int:

@@ -106,8 +106,8 @@ class ControlUnit(BaseModel):
                 f"Pixel Perfect: {self.pixel_perfect}, Control Mode: {self.control_mode.label}")
 
 
-_FLOATS = {"Weight": "weight", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
-           "Guidance Start": "guidance_start", "Guidance End": "guidance_end"}
+_FLOATS = (("Weight", "weight"), ("Threshold A", "threshold_a"), ("Threshold B", "threshold_b"),
+           ("Guidance Start", "guidance_start"), ("Guidance End", "guidance_end"))
 
 
 def units_from_infotext(params: Mapping[str, str]) -> dict[int, dict[str, Any]]:
@@ -126,7 +126,7 @@ def units_from_infotext(params: Mapping[str, str]) -> dict[int, dict[str, Any]]:
         if parts.get("Model"):
             unit["model"] = parts["Model"]
         try:
-            for label, name in _FLOATS.items():
+            for label, name in _FLOATS:
                 if label in parts:
                     unit[name] = float(parts[label])
             if "Processor Res" in parts:

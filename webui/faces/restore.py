@@ -15,6 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from webui.upscale.spandrel_arch import Spandrel, describe
 
 log = logging.getLogger(__name__)
 
-RESTORERS = {"GFPGAN": "GFPGAN", "CodeFormer": "Codeformer"}  # name -> folder under models/ (A1111's)
+RESTORERS = MappingProxyType({"GFPGAN": "GFPGAN", "CodeFormer": "Codeformer"})  # name -> folder under models/
 SUFFIXES = (".pth", ".safetensors", ".pt")
 SIZE = 512  # both restore 512 x 512 faces
 MARGIN = 1.6  # the square crop's side, in face box sides: the chin, the hair line and some context
@@ -113,6 +114,16 @@ class FaceRestorers:
             return preferred
         log.info("face restorer %s has no weights here: using %s", preferred, present[0])
         return present[0]
+
+    def plan(self, request: Any, settings: Any) -> tuple[str, float] | None:
+        """The restorer and CodeFormer weight a generation asks for (a `GenerationRequest`'s own
+        fields, else the `Settings`'), None when it restores no faces; ModelError when none can run."""
+        wanted = request.restore_faces if request.restore_faces is not None else settings.face_restoration
+        if not wanted:
+            return None
+        name = self.pick(request.face_restoration_model or settings.face_restoration_model)
+        weight = request.code_former_weight if request.code_former_weight is not None else settings.code_former_weight
+        return name, weight
 
     def _model(self, restorer: Restorer, device: torch.device) -> Any:
         spandrel = self._spandrel()

@@ -5,6 +5,8 @@ taken from another tool's lists; A1111's are far longer, and a user's own list c
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 MEDIUMS = (
     "a photograph", "a digital painting", "an oil painting", "a watercolor painting", "a pencil sketch",
     "a charcoal drawing", "an ink drawing", "a 3D render", "a pixel art image", "a vector illustration",
@@ -40,4 +42,4 @@ FLAVOURS = (
     "warm tones", "cool tones", "film grain", "4k", "smooth", "rough brush strokes", "clean lines",
 )
 
-KINDS = {"mediums": MEDIUMS, "movements": MOVEMENTS, "artists": ARTISTS, "flavours": FLAVOURS}
+KINDS = MappingProxyType({"mediums": MEDIUMS, "movements": MOVEMENTS, "artists": ARTISTS, "flavours": FLAVOURS})

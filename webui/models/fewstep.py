@@ -20,7 +20,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from webui.models.errors import ModelError
 from webui.models.readers import safetensors_metadata
 
 # metadata fields that name or describe a model, as training tools write them
@@ -76,15 +75,11 @@ def _kind(text: str) -> str | None:
     return next((kind for kind, pattern in _KINDS if pattern.search(text)), None)
 
 
-def recognise(path: Path, name: str | None = None) -> FewStep | None:
-    """The few-step recommendation for a checkpoint or LoRA file, or None for an ordinary model."""
+def recognise(path: Path, name: str | None = None, metadata: dict[str, str] | None = None) -> FewStep | None:
+    """The few-step recommendation for a checkpoint or LoRA file, or None for an ordinary model.
+    `metadata`: the file's, when the caller has it already."""
     label = name or path.stem
-    meta: dict[str, str] = {}
-    if path.suffix.lower() == ".safetensors":
-        try:
-            meta = safetensors_metadata(path)
-        except (OSError, ModelError):
-            meta = {}  # an unreadable file is refused when it is loaded, with the reason
+    meta = safetensors_metadata(path) if metadata is None else metadata
     described = " ".join(meta.get(k, "") for k in _META_FIELDS).lower()
     for text, source in ((described, "metadata"), (path.stem.lower(), "file name")):
         kind = _kind(text)

@@ -83,10 +83,16 @@ def _apply(sd: StateDict, select: Select | None) -> StateDict:
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` table of a `.safetensors` file (training tools' notes; {} if none), read
-    from the header alone."""
-    with open(path, "rb") as f:
-        header, _ = _safetensors_header(f, os.fstat(f.fileno()).st_size, path)
+    """The `__metadata__` table of a weights file (training tools' notes), read from the header
+    alone; {} for a pickle, a file without one, or one whose header cannot be read (loading it
+    says why)."""
+    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            header, _ = _safetensors_header(f, os.fstat(f.fileno()).st_size, path)
+    except (OSError, ModelError):
+        return {}
     meta = header.get("__metadata__")
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 

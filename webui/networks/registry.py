@@ -15,6 +15,7 @@ from pathlib import Path
 
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
+from webui.models.readers import safetensors_metadata
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # pickles are read weights-only
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -78,6 +79,7 @@ class NetworkRegistry:
         self._lock = threading.Lock()
         self._loras: list[NetworkFile] = []
         self._embeddings: list[NetworkFile] = []
+        self._metadata: dict[tuple[str, int, int], dict[str, str]] = {}  # (path, mtime, size) -> metadata
 
     def refresh(self) -> None:
         """Rescan both folders."""
@@ -93,6 +95,22 @@ class NetworkRegistry:
     def embeddings(self) -> list[NetworkFile]:
         with self._lock:
             return list(self._embeddings)
+
+    def metadata(self, file: NetworkFile) -> dict[str, str]:
+        """The file's training metadata (safetensors header), read once per version of the file."""
+        try:
+            st = file.path.stat()
+        except OSError:
+            return {}
+        key = (str(file.path), st.st_mtime_ns, st.st_size)
+        with self._lock:
+            found = self._metadata.get(key)
+        if found is None:
+            found = safetensors_metadata(file.path)
+            with self._lock:
+                self._metadata = {k: v for k, v in self._metadata.items() if k[0] != key[0]}
+                self._metadata[key] = found
+        return found
 
     def find_lora(self, name: str) -> NetworkFile:
         """A LoRA by the name typed in `<lora:NAME:w>`: its relative path without extension, its

@@ -166,16 +166,13 @@ class Runner:
 
     def stage_plan_faces(self, job: JobState) -> None:
         """Which face restorer runs after decoding, if any (the request's choice, else the Settings')."""
-        r, settings = job.request, self.settings()
-        wanted = r.restore_faces if r.restore_faces is not None else settings.face_restoration
-        if not wanted:
+        if self.faces is None:  # the engine always gives its runner the restorers
+            if job.request.restore_faces:
+                raise ModelError("restore_faces: this runner has no face restorers")
             return
-        if self.faces is None:
-            raise ModelError("restore_faces: face restoration is not available in this runner")
-        name = self.faces.pick(r.face_restoration_model or settings.face_restoration_model)
-        weight = r.code_former_weight if r.code_former_weight is not None else settings.code_former_weight
-        job.faces = (name, weight)
-        job.infotext_fields["Face restoration"] = name
+        job.faces = self.faces.plan(job.request, self.settings())
+        if job.faces is not None:
+            job.infotext_fields["Face restoration"] = job.faces[0]
 
     def _run_batch(self, job: JobState, index: int, bundle: ModelBundle) -> None:
         r, cancel = job.request, job.control.cancel

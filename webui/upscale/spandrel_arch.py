@@ -105,12 +105,11 @@ def describe(spandrel: Any, sd: StateDict, path: Path | None) -> Any:
         raise ModelError(f"spandrel recognised no usable model in it ({type(e).__name__}: {text})", path) from None
 
 
-def build_network(spandrel: Any, sd: StateDict, path: Path | None = None,
-                  purposes: frozenset[str] = UPSCALE_PURPOSES) -> Network:
+def build_network(spandrel: Any, sd: StateDict, path: Path | None = None) -> Network:
     """The upscaler `sd` holds, through spandrel (on CPU, float32)."""
     descriptor = describe(spandrel, sd, path)
     purpose = getattr(descriptor, "purpose", "?")
-    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or purpose not in purposes:
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or purpose not in UPSCALE_PURPOSES:
         raise ModelError(f"a {descriptor.architecture.name} model for {_PURPOSE_TEXT.get(purpose, purpose)}, "
                          "not an upscaler", path)
     return Network(_Described(descriptor), scale=descriptor.scale, channels=descriptor.input_channels,

@@ -122,18 +122,15 @@ def _infotext(unit: DetailerUnit, suffix: str) -> dict[str, Any]:
         "ADetailer inpaint only masked": unit.ad_inpaint_only_masked,
         "ADetailer inpaint padding": unit.ad_inpaint_only_masked_padding,
     }
-    if unit.ad_prompt:
-        fields["ADetailer prompt"] = unit.ad_prompt
-    if unit.ad_negative_prompt:
-        fields["ADetailer negative prompt"] = unit.ad_negative_prompt
-    if unit.ad_mask_k_largest:
-        fields["ADetailer mask only top k largest"] = unit.ad_mask_k_largest
-    if unit.ad_use_steps:
-        fields["ADetailer steps"] = unit.ad_steps
-    if unit.ad_use_cfg_scale:
-        fields["ADetailer CFG scale"] = unit.ad_cfg_scale
-    if unit.ad_use_sampler:
-        fields["ADetailer sampler"] = unit.ad_sampler
+    optional = (  # (written when, key, value): ADetailer leaves these out at their defaults
+        (unit.ad_prompt, "ADetailer prompt", unit.ad_prompt),
+        (unit.ad_negative_prompt, "ADetailer negative prompt", unit.ad_negative_prompt),
+        (unit.ad_mask_k_largest, "ADetailer mask only top k largest", unit.ad_mask_k_largest),
+        (unit.ad_use_steps, "ADetailer steps", unit.ad_steps),
+        (unit.ad_use_cfg_scale, "ADetailer CFG scale", unit.ad_cfg_scale),
+        (unit.ad_use_sampler, "ADetailer sampler", unit.ad_sampler),
+    )
+    fields.update({key: value for used, key, value in optional if used})
     return {f"{k}{suffix}": v for k, v in fields.items()}
 
 
