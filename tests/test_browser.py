@@ -670,3 +670,27 @@ def test_interrogate_tagger_and_clip_fill_the_img2img_prompt(browser, tmp_path: 
     finally:
         page.close()
         stop_server(s)
+
+
+def test_two_workers_the_page_shows_which_one_runs_the_job(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    """With two CPU workers the progress says which one runs the job, and Settings lists both."""
+    from tests.conftest import add_checkpoint, start_server, stop_server
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    s = start_server(tmp_path, "--use-cpu", "--workers", "2")
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        small_txt2img(page, "a harbour", steps=150)
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function("() => /Step \\d+\\/150 on cpu\\/[01]/.test(document.body.innerText)", timeout=120_000)
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Steps: 150')", timeout=300_000)
+        page.get_by_role("tab", name="Settings").click()
+        runtime = page.locator("#settings_runtime")
+        runtime.wait_for(state="visible", timeout=30_000)
+        text = runtime.inner_text()
+        assert "cpu/0: device=cpu" in text and "cpu/1: device=cpu" in text, text
+    finally:
+        page.close()
+        stop_server(s)

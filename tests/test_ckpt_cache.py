@@ -94,7 +94,7 @@ def req(checkpoint: str) -> GenerationRequest:
 def parking_engine(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
     """An engine whose runtime parks models through the simulated transfer, with --ckpt-cache 1."""
     original = devices.pick_runtime
-    monkeypatch.setattr(devices, "pick_runtime", lambda config: dataclasses.replace(original(config), park=SimulatedTransfer()))
+    monkeypatch.setattr(devices, "pick_runtime", lambda config, index=0: dataclasses.replace(original(config, index), park=SimulatedTransfer()))
     return build_engine(Config(data_dir=data_dir, dtype="float32", use_cpu=True, ckpt_cache=1))
 
 

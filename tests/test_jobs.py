@@ -18,7 +18,7 @@ from webui.ui.jobs import JobBoard
 
 
 def gate_work(gate: threading.Event, log: list, name: str):
-    def work(progress, cancel, preview_every):
+    def work(progress, cancel, preview_every, worker):
         log.append(f"start {name}")
         while not gate.wait(0.01):
             if cancel.interrupted:

@@ -55,8 +55,8 @@ def engine_with(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
         moves: list[tuple[str, str]] = []
         original = devices.pick_runtime
 
-        def pick(config: Config):
-            rt = original(config)
+        def pick(config: Config, index: int = 0):
+            rt = original(config, index)
             if mode == "normal":
                 return rt
             manager = MemoryManager(mode, transfer or SimulatedTransfer(), on_move=lambda n, w: moves.append((n, w)))

@@ -283,7 +283,7 @@ def test_finished_jobs_keep_results_not_inputs(tmp_path: Path, checkpoint_store:
         assert job.request.init_images == () and job.request.mask is None
         assert job.events.qsize() == 1  # only the end marker: no previews left behind
         with pytest.raises(RuntimeError):
-            job.work(None, None, 0)  # the closure over the request is gone
+            job.work(None, None, 0, None)  # the closure over the request is gone
     count, size = engine.jobs.retained()
     assert count == 3 and 3 * 64 * 64 * 3 <= size < 4 * 64 * 64 * 3  # three 64x64 RGB results (and previews)
     assert engine.jobs.get(jobs[0].id) is None and engine.jobs.get(jobs[-1].id) is jobs[-1]
@@ -293,7 +293,7 @@ def test_retained_bytes_are_capped() -> None:
     from webui.jobs.queue import JobQueue
 
     queue = JobQueue(max_jobs=100, max_bytes=3 * 100 * 100 * 3)
-    done = [queue.submit("x", lambda p, c, e: [Image.new("RGB", (100, 100))]) for _ in range(5)]
+    done = [queue.submit("x", lambda p, c, e, w: [Image.new("RGB", (100, 100))]) for _ in range(5)]
     for job in done:
         job.done.wait(30)
     count, size = queue.retained()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from webui.outputs import OutputWriter
 from webui.prompts.styles import StyleStore
 from webui.samplers.table import resolve
 from webui.settings import Settings, SettingsStore
+from webui.workers import Worker, make_workers
 
 if TYPE_CHECKING:
     from webui.controlnet.units import ControlUnit
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from webui.pipeline.batch import FolderBatch
     from webui.pipeline.progress import CancelToken, ProgressFn
     from webui.pipeline.request import GenerationRequest
-    from webui.pipeline.runner import Runner
+    from webui.pipeline.runner import Library, Runner
     from webui.pipeline.state import GenerationResult
     from webui.prompts.tokenizer import TokenizerFactory
     from webui.runtime.devices import Runtime
@@ -50,12 +52,13 @@ log = logging.getLogger("webui")
 
 @dataclass(frozen=True)
 class _ModelSide:
-    runtime: Runtime
+    """What every worker shares on the model side (none of it is tied to a device)."""
+
     tokenizers: TokenizerFactory
     embeddings: EmbeddingLibrary
     upscalers: UpscalerRegistry
     faces: FaceRestorers
-    runner: Runner
+    library: Library
 
 
 class Engine:
@@ -70,13 +73,20 @@ class Engine:
         self.networks = networks
         self.styles = styles
         current = self.settings.get()
-        self.cache: ModelCache[ModelBundle] = ModelCache(park=self._park, unpark=self._unpark)
+        if config.ray:
+            from webui.scale.ray_serve import make_lanes
+
+            self.workers = make_lanes(config)
+        else:
+            self.workers = make_workers(config, park=self._park, unpark=self._unpark)
+        for worker in self.workers:
+            worker.make_runner = self._make_runner
         self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
         self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes)
         self.taggers = Taggers(config.models_path / "interrogators")
         self.clip_interrogator = ClipInterrogator(config.models_path)
         self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,
-                             max_bytes=config.job_retention_mb * 2**20)
+                             max_bytes=config.job_retention_mb * 2**20, workers=self.workers)
         self._apply_settings(current)
         self.settings.subscribe(self._apply_settings)
         # the model a request without a checkpoint runs on (the API's `sd_model_checkpoint`
@@ -90,8 +100,10 @@ class Engine:
         self.jobs.preview_every = s.show_progress_every_n_steps if s.live_previews_enable else 0
         # an explicit --model-cache-size / --ckpt-cache wins over the setting
         c = self.config
-        self.cache.capacity = max(1, c.model_cache_size if c.model_cache_size is not None else s.model_cache_size)
-        self.cache.ram_capacity = max(0, c.ckpt_cache if c.ckpt_cache is not None else s.ckpt_cache)
+        for worker in self.workers:
+            worker.cache.capacity = max(1, c.model_cache_size if c.model_cache_size is not None
+                                        else s.model_cache_size)
+            worker.cache.ram_capacity = max(0, c.ckpt_cache if c.ckpt_cache is not None else s.ckpt_cache)
         # PIL's process-wide limit is the one every decode obeys (ours and Gradio's; see images.open_untrusted)
         from PIL import Image
 
@@ -118,42 +130,62 @@ class Engine:
             if self._side is None:
                 from webui.faces import FaceRestorers
                 from webui.networks.embeddings import EmbeddingLibrary
-                from webui.pipeline.runner import Library, Runner
+                from webui.pipeline.runner import Library
                 from webui.prompts.tokenizer import TokenizerFactory
-                from webui.runtime.devices import pick_runtime
                 from webui.upscale import UpscalerRegistry
 
-                runtime = pick_runtime(self.config)
-                log.info("model runtime: %s", runtime.describe())
                 embeddings = EmbeddingLibrary(self.networks)
                 upscalers = UpscalerRegistry(self.config.models_path)
                 faces = FaceRestorers(self.config.models_path, upscalers.spandrel)  # one spandrel import for both
                 library = Library(self.styles, self.networks, embeddings, self.registry.hashes)
-
-                def upscale(image, name: str, size: tuple[int, int]):
-                    return upscalers.upscale(image, name, size=size, device=runtime.device)
-
-                runner = Runner(self.bundle, library, self.writer, upscale=upscale, models_path=self.config.models_path,
-                                extensions=self.extensions, settings=self.settings.get, data_dir=self.config.data_dir,
-                                controlnets=self.controlnets, faces=faces)
-                self._side = _ModelSide(runtime, TokenizerFactory(), embeddings, upscalers, faces, runner)
+                self._side = _ModelSide(TokenizerFactory(), embeddings, upscalers, faces, library)
             return self._side
+
+    def _make_runner(self, worker: Worker) -> Runner:
+        from webui.pipeline.runner import Runner
+
+        side = self._model_side()
+        device = worker.runtime.device
+
+        def upscale(image, name: str, size: tuple[int, int]):
+            return side.upscalers.upscale(image, name, size=size, device=device)
+
+        return Runner(lambda query: self.bundle(query, worker), side.library, self.writer, upscale=upscale,
+                      models_path=self.config.models_path, extensions=self.extensions, settings=self.settings.get,
+                      data_dir=self.config.data_dir, controlnets=self.controlnets, faces=side.faces)
+
+    @property
+    def worker(self) -> Worker:
+        """The first worker: what runs work called outside the queue (tests, the command line)."""
+        return self.workers[0]
 
     @property
     def runtime(self) -> Runtime:
-        return self._model_side().runtime
+        return self.worker.runtime
+
+    @property
+    def cache(self) -> ModelCache[ModelBundle]:
+        return self.worker.cache
 
     def extension_sampler_names(self) -> list[str]:
         return [s.name for s in self.extensions.sampler_specs()]
 
     def describe_runtime(self) -> str:
-        """Device, precision, attention backend (and why), memory mode, compile: one line."""
-        rt = self.runtime
-        return f"{rt.describe()}. Attention: {rt.attention_message or rt.attention}"
+        """Device, precision, attention backend (and why), memory mode, compile: one line (one a
+        worker when there are several)."""
+        lines = []
+        for w in self.workers:
+            if w.remote:
+                lines.append(f"{w.name}: a lane to Ray Serve replicas (each replica's device is the one Ray gave it)")
+                continue
+            rt = w.runtime
+            line = f"{rt.describe()}. Attention: {rt.attention_message or rt.attention}"
+            lines.append(line if len(self.workers) == 1 else f"{w.name}: {line}")
+        return "\n".join(lines)
 
     @property
     def runner(self) -> Runner:
-        return self._model_side().runner
+        return self.worker.runner
 
     @property
     def upscalers(self) -> UpscalerRegistry:
@@ -270,10 +302,13 @@ class Engine:
                 raise type(err)(f"{script.title}, image {i} of {len(planned)}: {err}") from None
 
     def run(self, request: GenerationRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-            preview_every: int = 0) -> GenerationResult:
-        """Generate now, on this thread: the request, or the script it names."""
+            preview_every: int = 0, worker: Worker | None = None) -> GenerationResult:
+        """Generate now, on this thread (with `worker`'s device and models; default the first):
+        the request, or the script it names."""
+        worker = worker or self.worker
+        runner = worker.runner
         if not request.script_name:
-            result = self.runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
+            result = runner.generate(request, progress=progress, cancel=cancel, preview_every=preview_every)
             from webui.scripts.grid import add_batch_grid
 
             return add_batch_grid(request, result, self.settings.get(), self.writer)
@@ -282,9 +317,9 @@ class Engine:
 
         script, args = self._script(request)
         env = self.script_env()
-        runtime = self.runtime
+        runtime = worker.runtime
         ctx = ScriptContext(
-            generate_fn=self.runner.generate, cancel=cancel or CancelToken(), progress=progress,
+            generate_fn=runner.generate, cancel=cancel or CancelToken(), progress=progress,
             preview_every=preview_every,
             save_fn=lambda image, kind, info, seed: self.writer.save(image, kind, info, seed=seed),
             upscale_fn=lambda image, name, size: self.upscalers.upscale(image, name, size=size, device=runtime.device),
@@ -296,17 +331,18 @@ class Engine:
         """Queue a generation (with `folder`: img2img over each image in it); answers at once."""
         kind = "img2img" if request.is_img2img or folder is not None else "txt2img"
 
-        def work(progress, cancel, preview_every: int):
+        def work(progress, cancel, preview_every: int, worker: Worker):
             if folder is not None:
                 from webui.pipeline.batch import img2img_folder
 
-                return img2img_folder(self.runner, request, folder, progress, cancel, preview_every)
-            return self.run(request, progress, cancel, preview_every)
+                return img2img_folder(worker.runner, request, folder, progress, cancel, preview_every)
+            return self.run(request, progress, cancel, preview_every, worker)
 
         def release(job: Job) -> None:  # a finished job keeps its request's text, not its images
             job.request = job.request.without_inputs()
 
-        return self.jobs.submit(kind, work, request=request, owner=owner, release=release)
+        return self.jobs.submit(kind, work, request=request, owner=owner, release=release,
+                                affinity=self.model_key(request.checkpoint))
 
     def warm_up(self) -> threading.Thread:
         """Import the model stack and build the CLIP tokenizers in the background, so the first
@@ -315,6 +351,8 @@ class Engine:
         def work() -> None:
             side = self._model_side()
             side.tokenizers.warm()
+            for worker in self.workers:  # each logs its device; a device that cannot be used says so now
+                worker.start()
 
         t = threading.Thread(target=work, name="warm-up", daemon=True)
         t.start()
@@ -352,22 +390,34 @@ class Engine:
         info = self.resolve_checkpoint(checkpoint)
         return recognise(info.path, info.name)
 
-    def bundle(self, query: str | None) -> ModelBundle:
-        """The loaded model for `query` (None: the start-up choice or the first listed)."""
-        info = self.resolve_checkpoint(query)
+    def _key(self, info: CheckpointInfo) -> tuple[tuple[str, str | None, str], Path | None, str]:
         vae = self._vae_for(info)
         forced = self.config.prediction
         prediction = forced if forced != "auto" else self.registry.prediction_for(info)
-        key = (str(info.path.resolve()), str(vae) if vae else None, prediction)
+        return (str(info.path.resolve()), str(vae) if vae else None, prediction), vae, prediction
+
+    def model_key(self, query: str | None) -> Hashable | None:
+        """What identifies the model `query` loads as in a worker's cache (None: no such model)."""
+        try:
+            return self._key(self.resolve_checkpoint(query))[0]
+        except (ModelError, OSError):
+            return None
+
+    def bundle(self, query: str | None, worker: Worker | None = None) -> ModelBundle:
+        """The loaded model for `query` (None: the start-up choice or the first listed) on
+        `worker` (default: the first)."""
+        worker = worker or self.worker
+        info = self.resolve_checkpoint(query)
+        key, vae, prediction = self._key(info)
         side = self._model_side()
 
         def load() -> ModelBundle:
             from webui.models.load import load_bundle
 
-            log.info("loading %s", info.title)
+            log.info("loading %s on %s", info.title, worker.name)
             bundle = load_bundle(
                 info.path,
-                runtime=side.runtime,
+                runtime=worker.runtime,
                 tokenizers=side.tokenizers,
                 name=info.name,
                 sha256=info.sha256,
@@ -377,7 +427,7 @@ class Engine:
             self.extensions.model_loaded(bundle)
             return bundle
 
-        return self.cache.get(key, load)
+        return worker.cache.get(key, load)
 
     def check_upscaler(self, name: str, field: str) -> None:
         """ValueError naming `field` when no upscaler is called `name` here."""
@@ -385,21 +435,27 @@ class Engine:
             raise ValueError(f"{field}: unknown upscaler {name!r} (available: {', '.join(names)})")
 
     def load_checkpoint(self, query: str | None) -> str:
-        """Make `query` the model for requests that name none, and load it now, on the device's
-        worker in queue order (A1111's `sd_model_checkpoint` option, `reload-checkpoint`). Its title;
+        """Make `query` the model for requests that name none, and load it now, on every worker in
+        queue order (A1111's `sd_model_checkpoint` option, `reload-checkpoint`). Its title;
         raises ModelError for a name not found or a file that does not load."""
         info = self.resolve_checkpoint(query)
-        job = self.jobs.submit("load", lambda progress, cancel, every: self.bundle(info.title), owner="api")
-        job.done.wait()
-        if job.error:
-            raise ModelError(job.error)
+        jobs = self._on_each_worker("load", lambda progress, cancel, every, worker: self.bundle(info.title, worker))
+        if errors := [job.error for job in jobs if job.error]:
+            raise ModelError(errors[0])
         self.current_checkpoint = info.title
         return info.title
 
     def unload_checkpoints(self) -> None:
-        """Free every loaded model (ready and parked), after the jobs already queued."""
-        job = self.jobs.submit("unload", lambda progress, cancel, every: self.cache.clear(), owner="api")
-        job.done.wait()
+        """Free every loaded model (ready and parked) on every worker, after the jobs already queued."""
+        self._on_each_worker("unload", lambda progress, cancel, every, worker: worker.cache.clear())
+
+    def _on_each_worker(self, kind: str, work) -> list[Job]:
+        """The same work on each local worker, in queue order on each; waits for all. Ray Serve
+        replicas are left out: Serve cannot address one, and each loads what its jobs name."""
+        jobs = [self.jobs.submit(kind, work, owner="api", pin=i) for i, w in enumerate(self.workers) if not w.remote]
+        for job in jobs:
+            job.done.wait()
+        return jobs
 
     def _vae_for(self, info: CheckpointInfo) -> Path | None:
         choice = self.config.vae

@@ -15,6 +15,17 @@ from webui.config import Config, parse_auth
 from webui.pipeline.request import MaskedContent, ResizeMode, labelled
 
 
+def device_ids(text: str) -> tuple[int, ...]:
+    """`0` or `0,1,3` -> device indices (argparse type)."""
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a device index or a list like 0,1") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct device indices >= 0, like 0,1")
+    return ids
+
+
 def _common(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("folders and models")
     g.add_argument("--data-dir", type=Path, default=Path("."), help="root for models/, outputs/ and caches (default: .)")
@@ -29,7 +40,17 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help='VAE to use: "Automatic" (default), "None", or a file name in the VAE folder')
     g = ap.add_argument_group("device and precision")
     g.add_argument("--use-cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    g.add_argument("--device-id", type=int, help="CUDA device index")
+    g.add_argument("--device-id", type=device_ids, default=(),
+                   help="GPU index, or several (0,1,2): one worker per device, all serving one queue")
+    g.add_argument("--all-gpus", action="store_true", help="one worker per visible GPU")
+    g.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="run the engine as Ray Serve replicas (the ray extra; docs/scaling.md): 'auto' (a local "
+                   "or the RAY_ADDRESS cluster) or a cluster address")
+    g.add_argument("--ray-min-replicas", type=int, default=1, help="with --ray: fewest replicas kept (default 1)")
+    g.add_argument("--ray-max-replicas", type=int, default=2,
+                   help="with --ray: most replicas, one GPU each on GPU nodes (default 2)")
+    g.add_argument("--workers", type=int, help="number of workers, spread over the devices in turn (default: one per "
+                   "device; with --use-cpu, N workers share the CPU)")
     g.add_argument("--no-half", action="store_true", help="run the whole model in float32")
     g.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32")
     g.add_argument("--precision", choices=("autocast", "full"), default="autocast", help="full = float32 (same as --no-half)")
@@ -198,7 +219,12 @@ def config_from_args(a: argparse.Namespace) -> Config:
         disable_all_extensions=getattr(a, "disable_all_extensions", False),
         enable_insecure_extension_access=getattr(a, "enable_insecure_extension_access", False),
         use_cpu=a.use_cpu,
-        device_id=a.device_id,
+        device_ids=a.device_id,
+        all_gpus=a.all_gpus,
+        workers=a.workers,
+        ray=a.ray,
+        ray_min_replicas=a.ray_min_replicas,
+        ray_max_replicas=a.ray_max_replicas,
         no_half=a.no_half or a.precision == "full",
         no_half_vae=a.no_half_vae,
         dtype=a.dtype,

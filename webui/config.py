@@ -55,7 +55,12 @@ class Config(BaseModel):
 
     # device and precision
     use_cpu: bool = False
-    device_id: int | None = None
+    device_ids: tuple[int, ...] = ()  # --device-id 0,1: one worker per device (empty: device 0)
+    all_gpus: bool = False  # one worker per visible GPU
+    workers: int | None = Field(None, ge=1, le=64)  # workers over those devices in turn (default: one each)
+    ray: str | None = None  # "auto" or a Ray cluster's address: the engine runs as Ray Serve replicas
+    ray_min_replicas: int = Field(1, ge=0, le=1024)
+    ray_max_replicas: int = Field(2, ge=1, le=1024)
     no_half: bool = False
     no_half_vae: bool = False
     dtype: DType = "auto"

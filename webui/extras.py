@@ -14,7 +14,10 @@ from webui.images import check_pixels, read_infotext
 from webui.models.errors import ModelError
 
 if TYPE_CHECKING:
+    import torch
+
     from webui.app import Engine
+    from webui.workers import Worker
 
 
 @dataclass(frozen=True)
@@ -75,16 +78,17 @@ def run(engine: Engine, images: list[Image.Image], how: Upscale, *, save: bool, 
         check_pixels(image)
     options = {"size": how.size} if how.size else {"scale": how.scale}
 
-    def work(progress, cancel, every) -> ExtrasResult:
+    def work(progress, cancel, every, worker: Worker) -> ExtrasResult:
         result = ExtrasResult([], [], [])
+        device = worker.runtime.device
         for image in images:
             def one(name: str) -> Image.Image:
-                return engine.upscalers.upscale(image, name, device=engine.runtime.device,
-                                                cancel=lambda: cancel.interrupted, **options)
+                return engine.upscalers.upscale(image, name, device=device, cancel=lambda: cancel.interrupted,
+                                                **options)
             out = one(how.upscaler).convert("RGB")
             if how.second and how.visibility > 0:
                 out = Image.blend(out, one(how.second).convert("RGB").resize(out.size, Image.LANCZOS), how.visibility)
-            out = restore_faces(engine, out, how)
+            out = restore_faces(engine, out, how, device)
             source = read_infotext(image)
             text = f"{source}\n{how.infotext(out)}" if source else how.infotext(out)
             result.images.append(out)
@@ -101,20 +105,22 @@ def run_folder(engine: Engine, src: Path, dst: Path, how: Upscale, *, owner: str
     check(engine, how)
     options = {"size": how.size} if how.size else {"scale": how.scale}
 
-    def save(image: Image.Image, folder: Path, stem: str, infotext: str) -> Path:
-        return engine.writer.save_as(restore_faces(engine, image, how), folder, stem, infotext)
+    def work(progress, cancel, every, worker: Worker) -> list[Path]:
+        device = worker.runtime.device
 
-    job = engine.jobs.submit("extras", lambda progress, cancel, every: engine.upscalers.upscale_folder(
-        src, dst, how.upscaler, save=save, device=engine.runtime.device,
-        cancel=lambda: cancel.interrupted, **options), owner=owner)
-    return _wait(job)
+        def save(image: Image.Image, folder: Path, stem: str, infotext: str) -> Path:
+            return engine.writer.save_as(restore_faces(engine, image, how, device), folder, stem, infotext)
+
+        return engine.upscalers.upscale_folder(src, dst, how.upscaler, save=save, device=device,
+                                               cancel=lambda: cancel.interrupted, **options)
+
+    return _wait(engine.jobs.submit("extras", work, owner=owner))
 
 
-def restore_faces(engine: Engine, image: Image.Image, how: Upscale) -> Image.Image:
-    """The faces of an upscaled image restored as `how` asks (GFPGAN, then CodeFormer)."""
+def restore_faces(engine: Engine, image: Image.Image, how: Upscale, device: torch.device) -> Image.Image:
+    """The faces of an upscaled image restored as `how` asks (GFPGAN, then CodeFormer), on `device`."""
     for name, visibility in how.restorers():
-        image = engine.faces.restore(image, name, visibility=visibility, weight=how.codeformer_weight,
-                                     device=engine.runtime.device)
+        image = engine.faces.restore(image, name, visibility=visibility, weight=how.codeformer_weight, device=device)
     return image
 
 

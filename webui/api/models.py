@@ -134,6 +134,7 @@ class JobStatus(BaseModel):
     type: str
     state: Literal["queued", "running", "done", "failed", "cancelled"]
     position: int = Field(description="0 once running or finished; else 1 + the jobs ahead")
+    worker: str | None = Field(None, description="the worker (device) running or that ran it: cuda:1, cpu/0")
     progress: float = 0.0
     eta_relative: float = 0.0
     step: int = 0

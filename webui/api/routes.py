@@ -18,7 +18,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +56,9 @@ from webui.jobs.queue import Job
 from webui.models.errors import ModelError
 from webui.pipeline.request import GenerationRequest
 from webui.samplers.table import SAMPLERS, SCHEDULES
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +322,22 @@ class Api:
         return ProgressResponse(progress=p.fraction, eta_relative=p.eta, state=state, current_image=image,
                                 textinfo=f"Step {p.step}/{p.total_steps}")
 
+    def workers(self) -> list[dict]:
+        running = {job.worker: job for job in self.engine.jobs.running_jobs()}
+        out = []
+        for w in self.engine.workers:
+            job = running.get(w.name)
+            device = None if w.remote else w.runtime.device  # a Ray lane's device is its replica's
+            out.append({"name": w.name, "device": str(device) if device else "ray", "busy": job is not None,
+                        "job": job.id if job is not None else None,
+                        "models": [Path(key[0]).name for key in w.loaded()],
+                        "cuda": _cuda(device) if device else None})
+        return out
+
     def job_status(self, job: Job, with_image: bool = True) -> JobStatus:
         p = job.progress
         status = JobStatus(
-            id=job.id, type=job.kind, state=job.state, position=self.engine.jobs.position(job),
+            id=job.id, type=job.kind, state=job.state, position=self.engine.jobs.position(job), worker=job.worker,
             progress=1.0 if job.state == "done" else (p.fraction if p else 0.0), eta_relative=p.eta if p else 0.0,
             step=p.step if p else 0, steps=p.total_steps if p else 0, error=job.error,
             current_image=_b64(job.preview) if with_image and job.preview is not None and job.state == "running"
@@ -374,17 +390,18 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.post("/interrupt")
     def interrupt() -> dict:
-        job = engine.jobs.running
-        if job is not None:
+        """Interrupt what runs now (every worker's job); DELETE /jobs/{id} stops one job only."""
+        jobs = engine.jobs.running_jobs()
+        for job in jobs:
             job.token.interrupt()
-        return {"interrupted": job.id if job else None}
+        return {"interrupted": jobs[0].id if jobs else None, "jobs": [job.id for job in jobs]}
 
     @router.post("/skip")
     def skip() -> dict:
-        job = engine.jobs.running
-        if job is not None:
+        jobs = engine.jobs.running_jobs()
+        for job in jobs:
             job.token.skip()
-        return {"skipped": job.id if job else None}
+        return {"skipped": jobs[0].id if jobs else None, "jobs": [job.id for job in jobs]}
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     def extra_single_image(body: ExtrasSingleImageBody) -> ExtrasSingleImageResponse:
@@ -506,7 +523,14 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/memory")
     def memory() -> dict:
-        return {"ram": _ram(), "cuda": _cuda()}
+        """A1111's `ram` and `cuda` (the first worker's GPU), and each worker's device memory."""
+        workers = api.workers()
+        return {"ram": _ram(), "cuda": _cuda(engine.runtime.device), "workers": workers}
+
+    @router.get("/workers")
+    def workers() -> list[dict]:
+        """Each worker: its device, whether it is busy (and with which job), the models it holds."""
+        return api.workers()
 
     @router.get("/scripts")
     def scripts() -> dict:
@@ -657,14 +681,14 @@ def _ram() -> dict:
     return {"free": free, "used": total - free, "total": total}
 
 
-def _cuda() -> dict:
+def _cuda(device: torch.device) -> dict:
     import torch
 
-    if not torch.cuda.is_available():
+    if device.type != "cuda" or not torch.cuda.is_available():
         return {"error": "no CUDA device"}
-    free, total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info(device)
     return {"system": {"free": free, "used": total - free, "total": total},
-            "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
+            "active": {"current": torch.cuda.memory_allocated(device), "peak": torch.cuda.max_memory_allocated(device)}}
 
 
 def attach(app: FastAPI, engine: Engine) -> None:

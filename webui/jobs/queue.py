@@ -1,6 +1,11 @@
-"""Queued jobs: submit answers at once with a job; one worker thread runs them in order.
+"""Queued jobs: submit answers at once with a job; worker threads, one per worker slot (one per
+device), take them in order.
 
-Each job has its own cancel token, progress, latest preview and result, so a page or an API
+A free worker takes the first queued job, except one that another free worker is better for: a
+job pinned to another worker; one whose checkpoint (`affinity`) another free worker already holds
+while this one does not (switching models is the expensive part); or one whose checkpoint no free
+worker holds, when this worker holds models and another free one holds none (so loading it evicts
+nothing). A job is never held back for a busy worker, so nothing waits while a worker is free. Each job has its own cancel token, progress, latest preview and result, so a page or an API
 client follows (and cancels) its own job only. Finished jobs are kept for `retention_s` seconds
 so a client polling for its result finds it, then forgotten; at most `max_jobs` of them and
 `max_bytes` of their images, the oldest dropped first. A finished job keeps what a client may
@@ -19,9 +24,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from webui.errors import classify
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
@@ -29,7 +34,37 @@ from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 log = logging.getLogger(__name__)
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
-Work = Callable[[ProgressFn, CancelToken, int], Any]  # (progress, cancel, preview_every) -> result
+# (progress, cancel, preview_every, worker) -> result; `worker` is the slot running it
+Work = Callable[[ProgressFn, CancelToken, int, Any], Any]
+
+
+class Slot(Protocol):
+    """What the queue needs of a worker: a name to show, and the models it holds."""
+
+    name: str
+
+    def holds(self, affinity: Hashable) -> bool: ...
+
+    def loaded(self) -> list[Hashable]: ...
+
+    def start(self) -> None:
+        """Called once on the worker's thread before it takes a job."""
+
+
+@dataclass(frozen=True)
+class PlainSlot:
+    """A worker slot that holds nothing (the queue's default, and tests')."""
+
+    name: str = "worker"
+
+    def holds(self, affinity: Hashable) -> bool:
+        return False
+
+    def loaded(self) -> list[Hashable]:
+        return []
+
+    def start(self) -> None:
+        pass
 
 
 @dataclass
@@ -53,6 +88,9 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     meta: dict[str, Any] = field(default_factory=dict)  # what the submitter keeps with the job (API body)
     release: Callable[["Job"], None] | None = None  # drops what the finished job needs no more
+    affinity: Hashable | None = None  # the model it runs on: a worker holding it is preferred
+    pin: int | None = None  # run on this worker only (loading or freeing one worker's models)
+    worker: str | None = None  # the name of the worker that runs (ran) it
 
     @property
     def finished_ok(self) -> bool:
@@ -61,7 +99,10 @@ class Job:
 
 class JobQueue:
     def __init__(self, preview_every: int = 3, retention_s: float = 600.0, max_jobs: int = 100,
-                 max_bytes: int = 1 << 30) -> None:
+                 max_bytes: int = 1 << 30, workers: Sequence[Slot] = (PlainSlot(),)) -> None:
+        if not workers:
+            raise ValueError("a job queue needs at least one worker")
+        self.workers: tuple[Slot, ...] = tuple(workers)
         self.preview_every = preview_every
         self.retention_s = retention_s
         self.max_jobs = max_jobs
@@ -69,24 +110,30 @@ class JobQueue:
         self._lock = threading.Condition()
         self._pending: list[Job] = []
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._running: Job | None = None
-        self._worker: threading.Thread | None = None
+        self._running: dict[int, Job] = {}  # worker index -> its job
+        self._threads: list[threading.Thread] = []
         self._closed = False
 
     # --- submitting and following --------------------------------------------------------------
 
     def submit(self, kind: str, work: Work, *, request: Any = None, owner: str | None = None,
-               release: Callable[[Job], None] | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex, kind=kind, work=work, owner=owner, request=request, release=release)
+               release: Callable[[Job], None] | None = None, affinity: Hashable | None = None,
+               pin: int | None = None) -> Job:
+        if pin is not None and not 0 <= pin < len(self.workers):
+            raise ValueError(f"no worker {pin} (there are {len(self.workers)})")
+        job = Job(id=uuid.uuid4().hex, kind=kind, work=work, owner=owner, request=request, release=release,
+                  affinity=affinity, pin=pin)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job queue is shut down")
             self._prune()
             self._jobs[job.id] = job
             self._pending.append(job)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="job-worker", daemon=True)
-                self._worker.start()
+            if not self._threads:  # started on first use: a server that never generates has no threads
+                for i, slot in enumerate(self.workers):
+                    thread = threading.Thread(target=self._work, args=(i,), name=f"job-worker-{i}", daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
             self._lock.notify_all()
         return job
 
@@ -105,7 +152,14 @@ class JobQueue:
 
     @property
     def running(self) -> Job | None:
-        return self._running
+        """The running job that started first (None when all workers are free)."""
+        jobs = self.running_jobs()
+        return jobs[0] if jobs else None
+
+    def running_jobs(self) -> list[Job]:
+        """The running jobs, the first started first."""
+        with self._lock:
+            return sorted(self._running.values(), key=lambda j: j.started or 0.0)
 
     def queued(self) -> int:
         with self._lock:
@@ -136,35 +190,57 @@ class JobQueue:
 
     # --- the worker ----------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
+        slot = self.workers[index]
+        slot.start()
         while True:
             with self._lock:
-                while not self._pending and not self._closed:
+                while not self._closed and (job := self._take(index)) is None:
                     self._lock.wait()
                 if self._closed:
                     return
-                job = self._pending.pop(0)
-                job.state, job.started = "running", time.time()
-                self._running = job
-            self._run(job)
+                self._pending.remove(job)
+                job.state, job.started, job.worker = "running", time.time(), slot.name
+                self._running[index] = job
+            self._run(job, slot)
             with self._lock:
-                self._running = None
+                del self._running[index]
+                self._lock.notify_all()  # jobs left for this worker while it was busy are its now
 
-    def _run(self, job: Job) -> None:
+    def _take(self, index: int) -> Job | None:
+        """The job worker `index` should run next, or None (called with the lock held)."""
+        me = self.workers[index]
+        idle = [i for i in range(len(self.workers)) if i != index and i not in self._running]
+        for job in self._pending:
+            if job.pin is not None:
+                if job.pin == index:
+                    return job
+                continue
+            if job.affinity is not None and not _holds(me, job.affinity):
+                if any(_holds(self.workers[i], job.affinity) for i in idle):
+                    continue  # a free worker that has its model takes it
+                if _loaded(me) and any(not _loaded(self.workers[i]) for i in idle):
+                    continue  # a free worker with nothing loaded takes it: loading there evicts nothing
+            return job
+        return None
+
+    def _run(self, job: Job, slot: Slot) -> None:
         def report(p: Progress) -> None:
+            job.worker = slot.name  # a remote worker learns which replica runs the job from its first report
             job.progress = p
             if p.preview:
                 job.preview = p.preview[0]
             job.events.put(p)
 
         try:
-            job.result = job.work(report, job.token, self.preview_every)
+            job.result = job.work(report, job.token, self.preview_every, slot)
             state: State = "done"
         except Exception as e:  # noqa: BLE001  a failed job must not stop the worker
             failure = classify(e)
             if failure.log_traceback:  # an extension's: where in it (the cause); the app's: where in it
                 log.error("job %s: %s", job.id, failure.message, exc_info=e.__cause__ or e)
             job.error, job.bad_input, state = failure.message, failure.bad_input, "failed"
+        job.worker = slot.name
         with self._lock:
             self._finish(job, state)
 
@@ -205,6 +281,22 @@ class JobQueue:
             return len(kept), sum(retained_bytes(j) for j in kept)
 
 
+def _holds(slot: Slot, affinity: Hashable) -> bool:
+    try:
+        return slot.holds(affinity)
+    except Exception:  # noqa: BLE001  a worker that cannot say is treated as not holding it
+        log.exception("worker %s: holds()", slot.name)
+        return False
+
+
+def _loaded(slot: Slot) -> bool:
+    try:
+        return bool(slot.loaded())
+    except Exception:  # noqa: BLE001
+        log.exception("worker %s: loaded()", slot.name)
+        return False
+
+
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -220,7 +312,7 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-def _finished(progress: ProgressFn, cancel: CancelToken, preview_every: int) -> Any:
+def _finished(progress: ProgressFn, cancel: CancelToken, preview_every: int, worker: Any) -> Any:
     raise RuntimeError("this job has finished")
 
 

@@ -84,20 +84,40 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def pick_device(config: Config) -> torch.device:
-    if not config.use_cpu and torch.cuda.is_available():
-        return torch.device("cuda", config.device_id or 0)
+def pick_device(config: Config, index: int = 0) -> torch.device:
+    """The accelerator with this index (CUDA, then Apple MPS, then Intel XPU), else the CPU.
+    ValueError for an index past the devices there are."""
+    if config.use_cpu:
+        return torch.device("cpu")
     mps = getattr(torch.backends, "mps", None)
-    if not config.use_cpu and mps is not None and mps.is_available():
-        return torch.device("mps")
     xpu = getattr(torch, "xpu", None)  # Intel GPUs, in torch builds that have them
-    if not config.use_cpu and xpu is not None and xpu.is_available():
-        return torch.device("xpu", config.device_id or 0)
+    for kind, module, available in (("cuda", torch.cuda, torch.cuda.is_available()),
+                                    ("mps", None, mps is not None and mps.is_available()),
+                                    ("xpu", xpu, xpu is not None and xpu.is_available())):
+        if not available:
+            continue
+        count = module.device_count() if module is not None else 1
+        if index >= count:
+            raise ValueError(f"--device-id {index}: this machine has {count} {kind} device(s), numbered from 0")
+        return torch.device(kind) if kind == "mps" else torch.device(kind, index)
     return torch.device("cpu")
 
 
-def pick_runtime(config: Config) -> Runtime:
-    device = pick_device(config)
+def accelerator_count(config: Config) -> int:
+    """How many devices --all-gpus means: the visible CUDA (or XPU) devices, 1 for MPS, 0 without."""
+    if config.use_cpu:
+        return 0
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return xpu.device_count()
+    mps = getattr(torch.backends, "mps", None)
+    return 1 if mps is not None and mps.is_available() else 0
+
+
+def pick_runtime(config: Config, index: int = 0) -> Runtime:
+    device = pick_device(config, index)
     if config.dtype != "auto":
         dtype = _DTYPES[config.dtype]
     elif device.type in ("cuda", "mps", "xpu"):

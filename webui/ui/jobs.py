@@ -74,7 +74,8 @@ def run_streaming(
                 continue
             if p is None:
                 break
-            progress(p.fraction, desc=f"Step {p.step}/{p.total_steps}, {p.eta:.0f}s left")
+            where = f" on {job.worker}" if len(board.engine.workers) > 1 else ""  # which device runs it
+            progress(p.fraction, desc=f"Step {p.step}/{p.total_steps}{where}, {p.eta:.0f}s left")
             if p.preview:
                 yield p.preview, f"Step {p.step}/{p.total_steps}"
     finally:

@@ -126,8 +126,16 @@ def build_settings_tab(store: SettingsStore, runtime: Callable[[], str] | None =
     gr.on(triggers=None, fn=stored_values, outputs=controls, api_visibility="private", queue=False,
           show_progress="hidden")
     if runtime is not None:
-        gr.on(triggers=None, fn=lambda: f"**Runtime** (set by start-up flags): {runtime()}", outputs=runtime_info,
-              api_visibility="private", show_progress="hidden")
+        gr.on(triggers=None, fn=lambda: runtime_markdown(runtime()), outputs=runtime_info, api_visibility="private",
+              show_progress="hidden")
+
+
+def runtime_markdown(text: str) -> str:
+    """The runtime line, or with several workers a list of one line a worker."""
+    lines = text.splitlines()
+    if len(lines) == 1:
+        return f"**Runtime** (set by start-up flags): {text}"
+    return "**Runtime** (set by start-up flags), one worker a line:\n\n" + "\n".join(f"- {line}" for line in lines)
 
 
 def _split(fields: Sequence[tuple[str | None, FieldSpec]],

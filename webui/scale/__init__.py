@@ -1,0 +1,1 @@
+"""Running the engine past one machine (Ray Serve)."""
