@@ -11,9 +11,13 @@ All figures come from one run, as ratios to the single worker measured in it (ne
                   so expect well under 2x: the figure says how much a second worker costs or gains.
   (b) OVERHEAD    submit -> start of a job on an idle worker (ms; median and 95th percentile
                   over 200 jobs that do nothing): what the queue adds before a runner starts.
+  (c) RAY (--ray) the same throughput through Ray Serve: a local Ray cluster with 2 CPU replicas
+                  (one CPU each), against the single local worker measured in the same run; and
+                  a round trip to an idle replica through the Serve handle (ms), what each job adds.
 
     python bench/workers.py             # full-size SD1.5 architecture (random weights), 256x256, 10 steps
     python bench/workers.py --quick     # tiny model at 64x64: a smoke check, < 1 min
+    python bench/workers.py --ray       # also through Ray Serve (the ray extra)
 
 Run it alone: two cores shared with anything else make its figures meaningless.
 """
@@ -79,7 +83,8 @@ def throughput(engine, jobs: int, size: int, steps: int) -> tuple[float, set[str
 
     reqs = [GenerationRequest(prompt=f"a lighthouse at dusk {i}", steps=steps, width=size, height=size, seed=i,
                               sampler_name="Euler", save_images=False) for i in range(jobs)]
-    engine.jobs.wait(engine.submit(reqs[0]))  # warm-up on one worker (first-call costs)
+    for job in [engine.submit(r) for r in reqs[:len(engine.workers)]]:  # warm-up: first-call costs, on each worker
+        engine.jobs.wait(job)
     t0 = time.perf_counter()
     submitted = [engine.submit(r) for r in reqs]
     for job in submitted:
@@ -101,10 +106,35 @@ def overhead(engine, n: int = 200) -> tuple[float, float]:
     return statistics.median(waits), waits[int(0.95 * (len(waits) - 1))]
 
 
+def ray_engine(root: Path):
+    import ray
+
+    from webui.app import build_engine
+    from webui.config import Config
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    engine = build_engine(Config(data_dir=root, use_cpu=True, ray="auto", ray_min_replicas=2, ray_max_replicas=2))
+    return engine
+
+
+def ray_round_trip(engine, n: int = 100) -> tuple[float, float]:
+    handle = engine.workers[0].cluster.handle.options(stream=False)
+    handle.ping.remote().result()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        handle.ping.remote().result()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return statistics.median(times), times[int(0.95 * (len(times) - 1))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, help="jobs submitted at once (default 8, quick 24)")
+    ap.add_argument("--ray", action="store_true", help="also measure through Ray Serve (2 CPU replicas)")
+    ap.add_argument("--only-ray", action="store_true", help="the single worker and Ray only")
     args = ap.parse_args()
     size, steps = (64, 4) if args.quick else (256, 10)
     jobs = args.jobs or (24 if args.quick else 8)
@@ -114,8 +144,8 @@ def main() -> None:
         f"{steps} Euler steps, {'tiny' if args.quick else 'full-size SD1.5'} model")
     root = data_dir(args.quick)
     results = {}
-    for label, workers, share in (("1 worker", 1, True), ("2 workers, CPU shared", 2, True),
-                                  ("2 workers, full thread teams", 2, False)):
+    configs = [("1 worker", 1, True), ("2 workers, CPU shared", 2, True), ("2 workers, full thread teams", 2, False)]
+    for label, workers, share in configs[:1] if args.only_ray else configs:
         engine = engine_for(root, workers, share)
         per_min, used = throughput(engine, jobs, size, steps)
         med, p95 = overhead(engine)
@@ -124,6 +154,14 @@ def main() -> None:
             f"{', '.join(sorted(used))}); submit->start {med:.2f} ms median, {p95:.2f} ms p95")
         engine.jobs.close()
         del engine
+    if args.ray or args.only_ray:
+        engine = ray_engine(root)
+        per_min, used = throughput(engine, jobs, size, steps)
+        med, p95 = ray_round_trip(engine)
+        results["Ray Serve, 2 replicas"] = per_min
+        log(f"{'Ray Serve, 2 replicas':30s} {per_min:7.2f} images/min  (ran on {', '.join(sorted(used))}); "
+            f"round trip to an idle replica {med:.2f} ms median, {p95:.2f} ms p95")
+        engine.jobs.close()
     base = results["1 worker"]
     log()
     for label, per_min in results.items():

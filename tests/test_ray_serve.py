@@ -140,3 +140,20 @@ def test_the_server_with_ray_runs_api_jobs_on_replicas(tmp_path: Path, checkpoin
         assert status["worker"].startswith("ray:") and "Seed: 5" in status["result"]["info"]
     finally:
         stop_server(server)
+
+
+def test_an_img2img_folder_batch_runs_on_the_replicas(cluster_engine: Engine, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from webui.pipeline.batch import FolderBatch
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        Image.new("RGB", (64, 64), colour).save(src / f"{name}.png")
+    request = GenerationRequest(prompt="a boat", steps=2, width=64, height=64, seed=9, denoising_strength=0.5,
+                                init_images=(Image.new("RGB", (64, 64)),))
+    job = cluster_engine.submit(request, folder=FolderBatch(src, dst))
+    assert cluster_engine.jobs.wait(job, 300) and job.state == "done", job.error
+    assert sorted(p.name for p in dst.iterdir()) == ["blue.png", "red.png"]
+    assert job.worker.startswith("ray:")

@@ -73,15 +73,15 @@ class Engine:
         self.networks = networks
         self.styles = styles
         current = self.settings.get()
+        self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
         if config.ray:
             from webui.scale.ray_serve import make_lanes
 
-            self.workers = make_lanes(config)
+            self.workers = make_lanes(config, self.writer)
         else:
             self.workers = make_workers(config, park=self._park, unpark=self._unpark)
         for worker in self.workers:
             worker.make_runner = self._make_runner
-        self.writer = OutputWriter(config.data_dir, config.outputs_path, self.settings.get, self.extensions)
         self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes)
         self.taggers = Taggers(config.models_path / "interrogators")
         self.clip_interrogator = ClipInterrogator(config.models_path)

@@ -36,6 +36,7 @@ from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.workers import Worker
 
 if TYPE_CHECKING:
+    from webui.outputs import OutputWriter
     from webui.pipeline.request import GenerationRequest
     from webui.pipeline.state import GenerationResult
 
@@ -140,6 +141,10 @@ class GenerationReplica:
                 seen_skips = skips
                 token.skip()
 
+    def ping(self) -> str:
+        """Answers at once: what a round trip through Serve costs (bench/workers.py)."""
+        return self.name
+
     def check_health(self) -> None:  # Serve calls it; a replica whose engine is gone is restarted
         if self.engine is None:
             raise RuntimeError("no engine")
@@ -215,10 +220,12 @@ def _lost_errors(ray: Any) -> tuple[type[BaseException], ...]:
 
 
 class RemoteRunner:
-    """What a lane gives the engine in place of a local runner: `generate` runs on a replica."""
+    """What a lane gives the engine in place of a local runner: `generate` runs on a replica;
+    `writer` is the front's (a folder batch writes its outputs where the front's user said)."""
 
-    def __init__(self, lane: RayLane) -> None:
+    def __init__(self, lane: RayLane, writer: OutputWriter) -> None:
         self.lane = lane
+        self.writer = writer
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
                  cancel: CancelToken | None = None, preview_every: int = 0) -> GenerationResult:
@@ -281,11 +288,11 @@ class RayLane(Worker):
 
     remote = True
 
-    def __init__(self, index: int, config: Config, cluster: RayCluster) -> None:
+    def __init__(self, index: int, config: Config, cluster: RayCluster, writer: OutputWriter) -> None:
         super().__init__(index, 0, config.model_copy(update={"workers": None}))
         self.cluster = cluster
         self.replica: str | None = None  # the replica running (or that ran) this lane's job
-        self._remote_runner = RemoteRunner(self)
+        self._remote_runner = RemoteRunner(self, writer)
 
     @property
     def name(self) -> str:
@@ -302,6 +309,8 @@ class RayLane(Worker):
         return []
 
 
-def make_lanes(config: Config) -> list[Worker]:
+def make_lanes(config: Config, writer: OutputWriter) -> list[Worker]:
+    """As many lanes as replicas may be: Serve queues what the replicas cannot take yet, which is
+    what its autoscaler scales on."""
     cluster = RayCluster(config)
-    return [RayLane(i, config, cluster) for i in range(max(config.ray_min_replicas, config.ray_max_replicas))]
+    return [RayLane(i, config, cluster, writer) for i in range(max(config.ray_min_replicas, config.ray_max_replicas))]
