@@ -18,6 +18,7 @@ All figures come from one run, as ratios to the single worker measured in it (ne
     python bench/workers.py             # full-size SD1.5 architecture (random weights), 256x256, 10 steps
     python bench/workers.py --quick     # tiny model at 64x64: a smoke check, < 1 min
     python bench/workers.py --ray       # also through Ray Serve (the ray extra)
+    python bench/workers.py --gpus 0,1  # on a GPU machine: one worker vs one worker a GPU
 
 Run it alone: two cores shared with anything else make its figures meaningless.
 """
@@ -57,7 +58,7 @@ def data_dir(quick: bool) -> Path:
     return root
 
 
-def engine_for(root: Path, workers: int, share: bool):
+def engine_for(root: Path, workers: int, share: bool, gpus: tuple[int, ...] = ()):
     import torch
 
     from webui import workers as workers_module
@@ -69,7 +70,9 @@ def engine_for(root: Path, workers: int, share: bool):
     if not share:  # the comparison the engine avoids: every worker with a full team of threads
         workers_module.share_cpu = lambda n: None
     try:
-        engine = build_engine(Config(data_dir=root, use_cpu=True, workers=workers))
+        config = Config(data_dir=root, device_ids=gpus[:workers]) if gpus else Config(data_dir=root, use_cpu=True,
+                                                                                   workers=workers)
+        engine = build_engine(config)
         for w in engine.workers:
             w.start()
     finally:
@@ -130,9 +133,12 @@ def ray_round_trip(engine, n: int = 100) -> tuple[float, float]:
 
 
 def main() -> None:
+    from webui.cli import device_ids
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, help="jobs submitted at once (default 8, quick 24)")
+    ap.add_argument("--gpus", type=device_ids, default=(), help="GPU indices (0,1,...): 1 worker vs one a GPU")
     ap.add_argument("--ray", action="store_true", help="also measure through Ray Serve (2 CPU replicas)")
     ap.add_argument("--only-ray", action="store_true", help="the single worker and Ray only")
     args = ap.parse_args()
@@ -145,8 +151,10 @@ def main() -> None:
     root = data_dir(args.quick)
     results = {}
     configs = [("1 worker", 1, True), ("2 workers, CPU shared", 2, True), ("2 workers, full thread teams", 2, False)]
+    if args.gpus:  # one worker on the first GPU, then one a GPU on all of them
+        configs = [("1 worker", 1, True), (f"{len(args.gpus)} workers, one a GPU", len(args.gpus), True)]
     for label, workers, share in configs[:1] if args.only_ray else configs:
-        engine = engine_for(root, workers, share)
+        engine = engine_for(root, workers, share, args.gpus)
         per_min, used = throughput(engine, jobs, size, steps)
         med, p95 = overhead(engine)
         results[label] = per_min
