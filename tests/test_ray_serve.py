@@ -157,3 +157,20 @@ def test_an_img2img_folder_batch_runs_on_the_replicas(cluster_engine: Engine, tm
     assert cluster_engine.jobs.wait(job, 300) and job.state == "done", job.error
     assert sorted(p.name for p in dst.iterdir()) == ["blue.png", "red.png"]
     assert job.worker.startswith("ray:")
+
+
+def test_replicas_find_a_model_added_later_and_say_so_when_none_has_it(cluster_engine: Engine,
+                                                                       checkpoint_store: Path) -> None:
+    import shutil
+
+    engine = cluster_engine
+    folder = engine.config.data_dir / "models" / "Stable-diffusion"
+    shutil.copy(checkpoint_store / "sd1-other.safetensors", folder / "later.safetensors")
+    engine.registry.refresh(compute_hashes=False)  # the page's refresh button; the replicas started before it
+    job = engine.submit(small(4).model_copy(update={"checkpoint": "later"}))
+    assert engine.jobs.wait(job, 120) and job.state == "done", job.error
+    (folder / "later.safetensors").unlink()  # the front still lists it; no replica has it now
+    job = engine.submit(small(5).model_copy(update={"checkpoint": "later"}))
+    assert engine.jobs.wait(job, 120) and job.state == "failed"
+    assert "no Ray replica has the model files" in job.error and "later" in job.error
+    engine.registry.refresh(compute_hashes=False)

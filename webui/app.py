@@ -332,6 +332,9 @@ class Engine:
         kind = "img2img" if request.is_img2img or folder is not None else "txt2img"
 
         def work(progress, cancel, preview_every: int, worker: Worker):
+            nonlocal request
+            if worker.remote and not request.checkpoint:  # the front's choice, not the replica's default
+                request = request.model_copy(update={"checkpoint": self.resolve_checkpoint(None).title})
             if folder is not None:
                 from webui.pipeline.batch import img2img_folder
 

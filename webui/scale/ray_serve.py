@@ -32,6 +32,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from webui.config import Config
+from webui.models.errors import ModelError
 from webui.pipeline.progress import CancelToken, Progress, ProgressFn
 from webui.workers import Worker
 
@@ -106,10 +107,14 @@ class GenerationReplica:
 
     def generate(self, request: GenerationRequest, preview_every: int, job_id: str):
         """Yields ("replica", name), ("progress", Progress)..., then ("result", GenerationResult)
-        or ("error", message, bad_input)."""
+        or ("error", message, bad_input); or, before starting, ("missing", message) when this
+        replica lacks a model file the request names (the front then tries another replica)."""
         from webui.errors import classify
 
         yield ("replica", self.name)
+        if (missing := self._missing(request)) is not None:
+            yield ("missing", missing)
+            return
         events: queue.Queue = queue.Queue()
         token = CancelToken()
 
@@ -141,6 +146,25 @@ class GenerationReplica:
                 seen_skips = skips
                 token.skip()
 
+    def _missing(self, request: GenerationRequest) -> str | None:
+        """Why this replica cannot find the request's checkpoints (None: it can). The list is read
+        again once first: a file put in the shared folder after the replica started is found."""
+        wanted = [("checkpoint", request.checkpoint)]
+        if request.refiner_checkpoint:
+            wanted.append(("refiner_checkpoint", request.refiner_checkpoint))
+        for refreshed in (False, True):
+            try:
+                for field, query in wanted:
+                    info = self.engine.resolve_checkpoint(query)
+                    if not info.path.is_file():
+                        raise ModelError(f"{field}: {info.path} is not on {self.name}")
+                return None
+            except (ModelError, OSError) as err:  # OSError: listed, but gone when read
+                if refreshed:
+                    return f"{self.name}: {err}"
+                self.engine.registry.refresh(compute_hashes=False)
+        return None
+
     def ping(self) -> str:
         """Answers at once: what a round trip through Serve costs (bench/workers.py)."""
         return self.name
@@ -162,6 +186,10 @@ class ReplicaLost(RuntimeError):
     pass
 
 
+class ReplicaLacksModel(RuntimeError):
+    pass
+
+
 class RayCluster:
     """The connection to Ray and the deployed application: made once by the front process."""
 
@@ -179,6 +207,7 @@ class RayCluster:
         gpus = ray.cluster_resources().get("GPU", 0)
         options = {"num_gpus": 1} if gpus and not config.use_cpu else {"num_cpus": 1}
         low, high = config.ray_min_replicas, max(config.ray_min_replicas, config.ray_max_replicas)
+        self.max_replicas = high
         serve.start(proxy_location="Disabled")
         deployment = serve.deployment(GenerationReplica, name=DEPLOYMENT, max_ongoing_requests=1,
                                       ray_actor_options=options, health_check_period_s=2,
@@ -191,16 +220,6 @@ class RayCluster:
                                 route_prefix=None).options(stream=True)
         self.lost_errors = _lost_errors(ray)
         atexit.register(self.shutdown)  # a Serve app outlives its driver on a shared cluster: free its GPUs
-
-    def replicas(self) -> list[dict]:
-        """The deployment's replicas as Serve reports them (state and id)."""
-        from ray import serve  # optional dependency (a RayCluster exists only where Ray is)
-
-        status = serve.status().applications.get(APP_NAME)
-        if status is None:
-            return []
-        deployment = status.deployments.get(DEPLOYMENT)
-        return [{"status": str(deployment.status), "replicas": dict(deployment.replica_states)}] if deployment else []
 
     def shutdown(self) -> None:
         from ray import serve  # optional dependency (a RayCluster exists only where Ray is)
@@ -231,15 +250,23 @@ class RemoteRunner:
                  cancel: CancelToken | None = None, preview_every: int = 0) -> GenerationResult:
         cancel = cancel or CancelToken()
         cluster = self.lane.cluster
-        for attempt in (1, 2):
+        lost, lacking = 0, []
+        while True:
             try:
                 return self._once(cluster, request, progress, cancel, preview_every)
-            except ReplicaLost as lost:
-                if attempt == 2 or cancel.interrupted:
-                    raise RuntimeError(f"the Ray replica running this job was lost ({lost}), and so was the one "
+            except ReplicaLost as err:
+                lost += 1
+                if lost == 2 or cancel.interrupted:
+                    raise RuntimeError(f"the Ray replica running this job was lost ({err}), and so was the one "
                                        f"that retried it") from None
-                log.warning("%s: %s; retrying the job once on another replica", self.lane.name, lost)
-        raise AssertionError("unreachable")
+                log.warning("%s: %s; retrying the job once on another replica", self.lane.name, err)
+            except ReplicaLacksModel as err:
+                # Serve cannot be told which replica to use: ask again, until each replica was
+                # likely asked (twice as many tries as there may be replicas)
+                lacking.append(str(err))
+                if len(lacking) >= 2 * cluster.max_replicas or cancel.interrupted:
+                    raise RuntimeError(f"no Ray replica has the model files this job names "
+                                       f"(tried {len(lacking)} times): {lacking[-1]}") from None
 
     def _once(self, cluster: RayCluster, request: GenerationRequest, progress: ProgressFn | None,
               cancel: CancelToken, preview_every: int) -> GenerationResult:
@@ -258,12 +285,19 @@ class RemoteRunner:
                     progress(item[1])
                 elif kind == "result":
                     return item[1]
+                elif kind == "missing":
+                    raise ReplicaLacksModel(item[1])
                 elif kind == "error":
                     _, message, bad_input = item
                     raise (ValueError if bad_input else RuntimeError)(message)
             raise ReplicaLost("the replica's stream ended without a result")
         except cluster.lost_errors as err:
             raise ReplicaLost(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        except cluster.ray.exceptions.RayTaskError as err:  # raised in the replica outside the job's own run
+            cause = getattr(err, "cause", None) or err
+            if isinstance(cause, (ValueError, ModelError)):
+                raise cause from None
+            raise RuntimeError(f"on {self.lane.name}: {type(cause).__name__}: {cause}") from None
         finally:
             done.set()
             cluster.board.forget.remote(job_id)
