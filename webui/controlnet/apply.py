@@ -7,6 +7,10 @@ only while the step is inside [guidance_start, guidance_end]. Control modes as t
 extension has them: "My prompt is more important" scales the residuals down towards the shallow
 layers (0.825 per layer); "ControlNet is more important" does that too and leaves the negative
 prompt's rows without control, so guidance pushes towards the control.
+
+A T2I-Adapter unit runs its adapter once per pass size and adds the feature maps inside the
+UNet's down blocks on every call in its step range (`down_intrablock_additional_residuals`),
+with the same weight, step range and control modes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import T2IAdapter
 from PIL import Image
 
 from webui.controlnet import preprocess
@@ -40,6 +45,7 @@ class PreparedUnit:
     title: str
     thresholds: tuple[float, float]
     tensors: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    features: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # a T2I-Adapter's, per size
 
     def control(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """[1, 3, H, W] in 0-1: the control image fitted to (W, H) with the unit's resize mode."""
@@ -100,26 +106,29 @@ def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: M
         rows = call.x.shape[0]
         down_sum: list[torch.Tensor] | None = None
         mid_sum: torch.Tensor | None = None
+        intra_sum: list[torch.Tensor] | None = None
         for u, net in models:
             if not u.unit.guidance_start <= fraction <= u.unit.guidance_end:
+                continue
+            if isinstance(net, T2IAdapter):
+                feats = [f * u.unit.weight for f in adapter_features(u, net, size, call.x.shape[-2:], device, dtype)]
+                feats = _shaped(u.unit.control_mode, call.uncond_rows, [f.expand(rows, -1, -1, -1) for f in feats])
+                intra_sum = feats if intra_sum is None else [a + b for a, b in zip(intra_sum, feats)]
                 continue
             hint = u.control(size, device, dtype).expand(rows, -1, -1, -1)
             down, mid = net(call.x[:, :channels], call.timestep, encoder_hidden_states=call.context,
                             controlnet_cond=hint, conditioning_scale=u.unit.weight,
                             added_cond_kwargs=call.added_cond_kwargs, return_dict=False)
-            residuals = [*down, mid]
-            if u.unit.control_mode != ControlMode.BALANCED:
-                n = len(residuals)
-                residuals = [r * SOFT ** (n - 1 - i) for i, r in enumerate(residuals)]
-            if u.unit.control_mode == ControlMode.CONTROL and call.uncond_rows:
-                keep = torch.ones(rows, 1, 1, 1, device=call.x.device, dtype=residuals[0].dtype)
-                keep[call.uncond_rows] = 0
-                residuals = [r * keep for r in residuals]
+            residuals = _shaped(u.unit.control_mode, call.uncond_rows, [*down, mid])
             if down_sum is None:
                 down_sum, mid_sum = residuals[:-1], residuals[-1]
             else:
                 down_sum = [a + b for a, b in zip(down_sum, residuals[:-1])]
                 mid_sum = mid_sum + residuals[-1]
+        if intra_sum is not None:  # the UNet pops these as it goes: a new list every call
+            given_intra = call.kwargs.get("down_intrablock_additional_residuals")
+            call.kwargs["down_intrablock_additional_residuals"] = (
+                intra_sum if given_intra is None else [a + b for a, b in zip(given_intra, intra_sum)])
         if down_sum is None:
             return
         given = call.kwargs.get("down_block_additional_residuals")
@@ -129,3 +138,40 @@ def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: M
         call.kwargs["mid_block_additional_residual"] = mid_sum if given_mid is None else given_mid + mid_sum
 
     return add
+
+
+def _shaped(mode: ControlMode, uncond_rows: Any, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Residuals (shallow to deep) as the control mode wants them: scaled down towards the shallow
+    layers unless balanced; without the negative prompt's rows when ControlNet is more important."""
+    if mode != ControlMode.BALANCED:
+        n = len(residuals)
+        residuals = [r * SOFT ** (n - 1 - i) for i, r in enumerate(residuals)]
+    if mode == ControlMode.CONTROL and uncond_rows:
+        keep = torch.ones(residuals[0].shape[0], 1, 1, 1, device=residuals[0].device, dtype=residuals[0].dtype)
+        keep[uncond_rows] = 0
+        residuals = [r * keep for r in residuals]
+    return residuals
+
+
+def adapter_features(u: PreparedUnit, net: torch.nn.Module, size: tuple[int, int], latent: tuple[int, int],
+                     device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """A T2I-Adapter's feature maps for the unit's control image at `size`, made once: one per UNet
+    level, at that level's size for a latent of `latent` (H, W). The adapter halves sizes by
+    pooling and the UNet by strided convolutions, which round differently at odd sizes: the
+    maps are resized to the UNet's where they differ."""
+    key = (size, tuple(latent))
+    if key not in u.features:
+        hint = u.control(size, device, dtype)
+        if net.config.in_channels == 1:  # sketch adapters read one grey channel
+            hint = hint.mean(dim=1, keepdim=True)
+        with torch.no_grad():
+            feats = net(hint)
+        h, w = int(latent[0]), int(latent[1])
+        out = []
+        for f in feats:
+            if tuple(f.shape[-2:]) != (h, w):
+                f = torch.nn.functional.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(f)
+            h, w = -(-h // 2), -(-w // 2)
+        u.features[key] = out
+    return u.features[key]

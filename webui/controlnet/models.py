@@ -5,7 +5,8 @@ A model is built on the loaded UNet's own configuration (`ControlNetModel.from_u
 ControlNet copies its UNet's encoder), so no config file is needed: original-layout files
 (lllyasviel's `control_model.*` keys) are converted with diffusers' converter, diffusers-layout
 files load as they are. A file whose weights do not fit that configuration (a ControlNet for
-another family) is refused by name, with the family it would need.
+another family) is refused by name, with the family it would need. T2I-Adapters in the same
+folder are recognised by their keys and built by `webui.controlnet.adapter`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from webui.controlnet import adapter
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 
@@ -91,6 +93,8 @@ class ControlNetLibrary:
             state = read_state_dict(f.path)
         except (OSError, ValueError) as err:
             raise ModelError(f"ControlNet {f.path.name}: cannot read it: {err}") from None
+        if adapter.is_adapter(state):
+            return adapter.build(state, f.name, bundle)
         with torch.device("meta"):
             model = ControlNetModel.from_unet(bundle.unet, load_weights_from_unet=False)
         if any(k.startswith(("control_model.", "input_hint_block.")) for k in state):

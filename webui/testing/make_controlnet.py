@@ -1,5 +1,6 @@
 """Tiny random-weight ControlNets for tests, in lllyasviel's original single-file layout
-(`control_model.*` keys) or diffusers' layout, built on a checkpoint's UNet configuration.
+(`control_model.*` keys) or diffusers' layout, built on a checkpoint's UNet configuration; and
+full T2I-Adapters, in TencentARC's original layout (`body.K.*`) or diffusers'.
 
 `strength` scales the zero convolutions, which a real ControlNet learns and a fresh one has at
 zero: 0 gives a ControlNet whose residuals are all zero (the image must not change), more gives
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from webui.testing.make_checkpoint import unet_keys_to_ldm
@@ -60,4 +61,44 @@ def write_controlnet(path: Path, unet: UNet2DConditionModel, strength: float = 0
     state = controlnet_to_ldm(net) if layout == "original" else {k: v.contiguous() for k, v in net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
+    return path
+
+
+def make_adapter(unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 0,
+                 in_channels: int = 3) -> T2IAdapter:
+    """A full T2I-Adapter for `unet` (one level per down block), random weights times `strength`."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter = T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels), num_res_blocks=2,
+                         downscale_factor=8, adapter_type="full_adapter")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 * strength)
+    return adapter
+
+
+def adapter_to_original(adapter: T2IAdapter) -> dict[str, torch.Tensor]:
+    """TencentARC's layout: the blocks as one list, `body.K` with K = level x blocks per level + block."""
+    per_level = adapter.config.num_res_blocks
+    out = {}
+    for k, v in adapter.state_dict().items():
+        parts = k.split(".")
+        if parts[1] == "conv_in":
+            out[".".join(parts[1:])] = v
+        elif parts[3] == "in_conv":
+            out[f"body.{int(parts[2]) * per_level}.in_conv.{parts[-1]}"] = v
+        else:  # adapter.body.L.resnets.R.blockN.param
+            out[f"body.{int(parts[2]) * per_level + int(parts[4])}.{parts[5]}.{parts[-1]}"] = v
+    return out
+
+
+def write_adapter(path: Path, unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 0,
+                  layout: str = "original", in_channels: int = 3) -> Path:
+    adapter = make_adapter(unet, strength, seed, in_channels)
+    state = adapter_to_original(adapter) if layout == "original" else adapter.state_dict()
+    state = {k: v.contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:  # TencentARC's files are torch.save pickles of a plain state dict
+        torch.save(state, path)
     return path

@@ -1,0 +1,115 @@
+"""T2I-Adapters in ControlNet units (#17): TencentARC's original layout and diffusers' load to the
+same network diffusers builds; a unit with an adapter steers the image (weight 0 changes
+nothing), in its step range, at sizes the adapter does not divide evenly, in the hires pass;
+an adapter for another UNet is refused by name; the API takes one as any ControlNet model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from webui.app import Engine, build_engine
+from webui.config import Config
+from webui.controlnet import adapter as adapter_module
+from webui.models.errors import ModelError
+from webui.models.readers import read_state_dict
+from webui.pipeline.request import GenerationRequest
+from webui.testing.make_controlnet import make_adapter, write_adapter
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt="a lighthouse", steps=3, width=64, height=64, seed=11, sampler_name="Euler",
+                save_images=False, checkpoint="sd1")
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def px(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def square(size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    image.paste((255, 255, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image
+
+
+def unit(**kw) -> dict:
+    return {"model": "t2iadapter_canny_sd15v2", "module": "canny", "image": square(), **kw}
+
+
+@pytest.fixture
+def engine(data_dir: Path) -> Engine:
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    unet = engine.bundle("sd1").unet
+    folder = data_dir / "models" / "ControlNet"
+    write_adapter(folder / "t2iadapter_canny_sd15v2.pth", unet, seed=1, layout="original")
+    write_adapter(folder / "diffusers" / "t2i_canny_diffusers.safetensors", unet, seed=1, layout="diffusers")
+    write_adapter(folder / "t2iadapter_sketch_sd15v2.safetensors", unet, seed=2, in_channels=1)
+    return engine
+
+
+def test_both_layouts_load_as_diffusers_builds_the_adapter(engine: Engine, data_dir: Path) -> None:
+    unet = engine.bundle("sd1").unet
+    reference = make_adapter(unet, seed=1)  # the network both files were written from
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    want = reference(hint)
+    for name in ("t2iadapter_canny_sd15v2", "t2i_canny_diffusers"):
+        net = engine.controlnets.load(name, engine.bundle("sd1"))
+        assert type(net).__name__ == "T2IAdapter"
+        got = net(hint)
+        assert len(got) == len(want) == len(unet.config.block_out_channels)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    state = read_state_dict(data_dir / "models" / "ControlNet" / "t2iadapter_canny_sd15v2.pth")
+    assert adapter_module.is_adapter(state) and not any(k.startswith("adapter.") for k in state)
+
+
+def test_an_adapter_unit_steers_within_its_weight_and_step_range(engine: Engine) -> None:
+    plain = px(engine.runner.generate(req()).images[0])
+    steered = engine.runner.generate(req(controlnet=[unit()]))
+    assert np.abs(px(steered.images[0]) - plain).mean() > 1
+    same = px(engine.runner.generate(req(controlnet=[unit(model="t2i_canny_diffusers")])).images[0])
+    assert np.array_equal(same, px(steered.images[0]))  # both layouts: the same weights, the same image
+    assert np.array_equal(px(engine.runner.generate(req(controlnet=[unit(weight=0)])).images[0]), plain)
+    late = px(engine.runner.generate(req(controlnet=[unit(guidance_start=1.0)])).images[0])
+    assert np.array_equal(late, plain)  # never inside [1, 1]: steps are at 0, 1/3, 2/3
+    control_more = px(engine.runner.generate(req(controlnet=[unit(control_mode=2)])).images[0])
+    assert not np.array_equal(control_more, px(steered.images[0]))
+    sketch = px(engine.runner.generate(req(controlnet=[unit(model="t2iadapter_sketch_sd15v2",
+                                                             module="invert")])).images[0])
+    assert np.abs(sketch - plain).mean() > 1  # a one-channel (sketch) adapter reads the grey image
+    assert "Model: t2iadapter_canny_sd15v2 [" in steered.infotexts[0]
+
+
+def test_odd_sizes_hires_and_a_controlnet_beside_it(engine: Engine, data_dir: Path) -> None:
+    from webui.testing.make_controlnet import write_controlnet
+
+    odd = engine.runner.generate(req(width=72, height=88, controlnet=[unit()]))  # 9x11 latents: not even
+    assert odd.images[0].size == (72, 88)
+    hires = engine.runner.generate(req(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6,
+                                       hr_second_pass_steps=2, controlnet=[unit()]))
+    assert hires.images[0].size == (96, 96)
+    write_controlnet(data_dir / "models" / "ControlNet" / "cn.safetensors", engine.bundle("sd1").unet,
+                     strength=0.5, seed=4)
+    alone = px(engine.runner.generate(req(controlnet=[unit()])).images[0])
+    both = px(engine.runner.generate(req(controlnet=[unit(), unit(model="cn")])).images[0])
+    assert not np.array_equal(alone, both)
+
+
+def test_an_adapter_for_another_unet_is_refused_by_name(engine: Engine, data_dir: Path,
+                                                        checkpoint_store: Path) -> None:
+    import shutil
+
+    shutil.copy(checkpoint_store / "sdxl.safetensors", data_dir / "models" / "Stable-diffusion" / "sdxl.safetensors")
+    engine.registry.refresh(compute_hashes=False)
+    with pytest.raises(ModelError, match=r"t2iadapter_canny_sd15v2 does not fit .*SDXL adapters are not supported"):
+        engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit()]))
+    light = {"adapter.conv_in.weight": torch.zeros(32, 192, 3, 3), "adapter.body.0.in_conv.weight": torch.zeros(1),
+             "adapter.body.0.out_conv.weight": torch.zeros(1)}
+    with pytest.raises(ModelError, match="light or style adapter"):
+        adapter_module.build(light, "t2iadapter_color_sd14v1", engine.bundle("sd1"))

@@ -1,0 +1,88 @@
+"""T2I-Adapters (TencentARC) in ControlNet units: recognised by their keys, built as diffusers'
+`T2IAdapter` on the loaded UNet's channels, checked against it.
+
+An adapter turns the control image into one feature map per UNet level, once per size; the UNet
+adds them inside its down blocks every step (diffusers' `down_intrablock_additional_residuals`),
+which is far cheaper than a ControlNet's second encoder pass. Two layouts are read:
+
+- diffusers' (`adapter.conv_in.*`, `adapter.body.L.in_conv.*`, `adapter.body.L.resnets.R.block1.*`);
+- TencentARC's original `.pth` files (`t2iadapter_*_sd14v1.pth`, `*_sd15v2.pth`): a flat list of
+  blocks `body.K.{in_conv,block1,block2}` (K = level x blocks per level + block), 1x1 second
+  convolutions and average-pool downsampling, which is the layout diffusers' full adapter has.
+
+The "light" and "style" adapters (other architectures) are refused by name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from webui.models.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from webui.models.load import ModelBundle
+
+_ORIGINAL = re.compile(r"^body\.(\d+)\.(in_conv|block1|block2)\.(weight|bias)$")
+
+
+def is_adapter(state: dict[str, torch.Tensor]) -> bool:
+    return "adapter.conv_in.weight" in state or ("conv_in.weight" in state and "body.0.block1.weight" in state)
+
+
+def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original-layout adapter's weights under diffusers' names (diffusers' own are kept)."""
+    if "adapter.conv_in.weight" in state:
+        return state
+    blocks = sorted({int(m.group(1)) for k in state if (m := _ORIGINAL.match(k))})
+    # a level starts at each block that changes the width (has in_conv); level 0 has none
+    starts = [0, *(k for k in blocks if f"body.{k}.in_conv.weight" in state)]
+    per_level = starts[1] if len(starts) > 1 else len(blocks)
+    out = {f"adapter.conv_in.{p}": state[f"conv_in.{p}"] for p in ("weight", "bias")}
+    for k in blocks:
+        level, block = divmod(k, per_level)
+        for part in ("block1", "block2"):
+            for p in ("weight", "bias"):
+                out[f"adapter.body.{level}.resnets.{block}.{part}.{p}"] = state[f"body.{k}.{part}.{p}"]
+        if block == 0 and f"body.{k}.in_conv.weight" in state:
+            for p in ("weight", "bias"):
+                out[f"adapter.body.{level}.in_conv.{p}"] = state[f"body.{k}.in_conv.{p}"]
+    return out
+
+
+def build(state: dict[str, torch.Tensor], name: str, bundle: ModelBundle) -> torch.nn.Module:
+    """The adapter in `state` (either layout), on `bundle`'s device and dtype; ModelError when it
+    is not a full adapter or its levels do not match `bundle`'s UNet."""
+    import torch
+    from diffusers import T2IAdapter
+
+    state = to_diffusers(state)
+    if any(".out_conv." in k or k.startswith(("adapter.body.0.body.", "transformer_layes", "style_embedding"))
+           for k in state):
+        raise ModelError(f"T2I-Adapter {name}: a light or style adapter; only the full adapters (canny, sketch, "
+                         "depth, openpose, ...) are supported")
+    levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("adapter.body.")})
+    channels = [state[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0] for i in levels]
+    blocks = len({k.split(".")[4] for k in state if k.startswith("adapter.body.0.resnets.")})
+    conv_in = state["adapter.conv_in.weight"]
+    unet = bundle.unet.config
+    factor = 8
+    in_channels, rest = divmod(conv_in.shape[1], factor * factor)
+    wanted = list(unet.block_out_channels)  # one adapter level per down block, as wide as its output
+    xl = unet.addition_embed_type == "text_time"  # SDXL's levels are built otherwise (full_adapter_xl)
+    if rest or in_channels not in (1, 3) or channels != wanted or xl:
+        raise ModelError(f"T2I-Adapter {name} does not fit {bundle.model_name} ({bundle.family.label}): its levels "
+                         f"have {channels} channels, this UNet needs {wanted}{' and an SDXL adapter' if xl else ''} "
+                         "(an adapter is made for one model family; SDXL adapters are not supported yet)")
+    with torch.device("meta"):
+        model = T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=blocks,
+                           downscale_factor=factor, adapter_type="full_adapter")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ModelError(f"T2I-Adapter {name}: {len(missing)} weights missing (first: {missing[0]})")
+    rt = bundle.runtime
+    model.load_state_dict({k: state[k].to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
+    return model.eval().requires_grad_(False)
