@@ -61,7 +61,7 @@ def test_jobs_from_several_clients_run_on_the_replicas_with_the_same_images(clus
     import torch
 
     engine = cluster_engine
-    reqs = [small(i) for i in range(8)]
+    reqs = [small(i) for i in range(12)]
     jobs: list = [None] * len(reqs)
 
     def client(k: int) -> None:

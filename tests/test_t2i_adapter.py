@@ -113,3 +113,28 @@ def test_an_adapter_for_another_unet_is_refused_by_name(engine: Engine, data_dir
              "adapter.body.0.out_conv.weight": torch.zeros(1)}
     with pytest.raises(ModelError, match="light or style adapter"):
         adapter_module.build(light, "t2iadapter_color_sd14v1", engine.bundle("sd1"))
+
+
+def test_an_adapter_unit_matches_diffusers_adapter_pipeline(engine: Engine) -> None:
+    """An independent computation: diffusers' StableDiffusionAdapterPipeline on the same weights,
+    control image, initial noise and Euler schedule."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionAdapterPipeline
+
+    ours = engine.runner.generate(req(steps=6, cfg_scale=5.0, controlnet=[unit(module="none")])).images[0]
+    bundle = engine.bundle("sd1")
+    te = bundle.text_encoders[0]
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace", steps_offset=1)
+    pipe = StableDiffusionAdapterPipeline(
+        vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
+        adapter=engine.controlnets.load("t2iadapter_canny_sd15v2", bundle), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(11))
+    theirs = pipe(prompt="a lighthouse", negative_prompt="", image=square(), num_inference_steps=6, guidance_scale=5.0,
+                  latents=noise, height=64, width=64, adapter_conditioning_scale=1.0, output_type="np").images[0]
+    theirs = np.round(theirs * 255).astype(np.int16)
+    diff = np.abs(px(ours) - theirs)
+    plain = px(engine.runner.generate(req(steps=6, cfg_scale=5.0)).images[0])
+    assert np.abs(plain - theirs).mean() > 2  # the adapter changes the image, so agreeing means something
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
