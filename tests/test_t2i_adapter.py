@@ -101,14 +101,24 @@ def test_odd_sizes_hires_and_a_controlnet_beside_it(engine: Engine, data_dir: Pa
     assert not np.array_equal(alone, both)
 
 
-def test_an_adapter_for_another_unet_is_refused_by_name(engine: Engine, data_dir: Path,
-                                                        checkpoint_store: Path) -> None:
+def test_sdxl_adapters_and_adapters_for_another_unet_refused_by_name(engine: Engine, data_dir: Path,
+                                                                       checkpoint_store: Path) -> None:
     import shutil
 
     shutil.copy(checkpoint_store / "sdxl.safetensors", data_dir / "models" / "Stable-diffusion" / "sdxl.safetensors")
     engine.registry.refresh(compute_hashes=False)
-    with pytest.raises(ModelError, match=r"t2iadapter_canny_sd15v2 does not fit .*SDXL adapters are not supported"):
+    write_adapter(data_dir / "models" / "ControlNet" / "t2i-adapter-canny-sdxl-1.0.safetensors",
+                  engine.bundle("sdxl").unet, seed=5, layout="diffusers")
+    xl = {"checkpoint": "sdxl", "controlnet": [unit(model="t2i-adapter-canny-sdxl-1.0")]}
+    plain = px(engine.runner.generate(req(checkpoint="sdxl")).images[0])
+    steered = px(engine.runner.generate(req(**xl)).images[0])
+    assert np.abs(steered - plain).mean() > 1
+    zero = req(**{**xl, "controlnet": [unit(model="t2i-adapter-canny-sdxl-1.0", weight=0)]})
+    assert np.array_equal(px(engine.runner.generate(zero).images[0]), plain)
+    with pytest.raises(ModelError, match=r"t2iadapter_canny_sd15v2 does not fit .*an SD 1.x/2.x adapter"):
         engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit()]))
+    with pytest.raises(ModelError, match=r"t2i-adapter-canny-sdxl-1.0 does not fit .*an SDXL adapter"):
+        engine.runner.generate(req(controlnet=[unit(model="t2i-adapter-canny-sdxl-1.0")]))
     light = {"adapter.conv_in.weight": torch.zeros(32, 192, 3, 3), "adapter.body.0.in_conv.weight": torch.zeros(1),
              "adapter.body.0.out_conv.weight": torch.zeros(1)}
     with pytest.raises(ModelError, match="light or style adapter"):

@@ -10,7 +10,9 @@ which is far cheaper than a ControlNet's second encoder pass. Two layouts are re
   blocks `body.K.{in_conv,block1,block2}` (K = level x blocks per level + block), 1x1 second
   convolutions and average-pool downsampling, which is the layout diffusers' full adapter has.
 
-The "light" and "style" adapters (other architectures) are refused by name.
+SDXL adapters (TencentARC's `t2i-adapter-*-sdxl-1.0`, diffusers' layout) unshuffle by 16 and give
+four maps for SDXL's three levels, the last for the middle block. The "light" and "style"
+adapters (other architectures) are refused by name.
 """
 
 from __future__ import annotations
@@ -66,19 +68,26 @@ def build(state: dict[str, torch.Tensor], name: str, bundle: ModelBundle) -> tor
     levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("adapter.body.")})
     channels = [state[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0] for i in levels]
     blocks = len({k.split(".")[4] for k in state if k.startswith("adapter.body.0.resnets.")})
-    conv_in = state["adapter.conv_in.weight"]
+    pixels = state["adapter.conv_in.weight"].shape[1]  # input channels x downscale factor²
+    xl = pixels in (256, 768)  # SDXL adapters unshuffle by 16, the others by 8
+    factor = 16 if xl else 8
+    in_channels, rest = divmod(pixels, factor * factor)
     unet = bundle.unet.config
-    factor = 8
-    in_channels, rest = divmod(conv_in.shape[1], factor * factor)
-    wanted = list(unet.block_out_channels)  # one adapter level per down block, as wide as its output
-    xl = unet.addition_embed_type == "text_time"  # SDXL's levels are built otherwise (full_adapter_xl)
-    if rest or in_channels not in (1, 3) or channels != wanted or xl:
-        raise ModelError(f"T2I-Adapter {name} does not fit {bundle.model_name} ({bundle.family.label}): its levels "
-                         f"have {channels} channels, this UNet needs {wanted}{' and an SDXL adapter' if xl else ''} "
-                         "(an adapter is made for one model family; SDXL adapters are not supported yet)")
+    widths = list(unet.block_out_channels)
+    unet_xl = unet.addition_embed_type == "text_time"
+    if xl:  # one level per down block, the last repeated (its map goes to the middle block)
+        fits = unet_xl and channels[:len(widths)] == widths and set(channels[len(widths):]) <= {widths[-1]}
+        wanted = f"an SDXL adapter with {widths} + {widths[-1]} channels"
+    else:  # one level per down block, as wide as its output
+        fits = not unet_xl and channels == widths
+        wanted = f"an SDXL adapter with {widths} + {widths[-1]} channels" if unet_xl else f"{widths} channels"
+    if rest or in_channels not in (1, 3) or not fits:
+        raise ModelError(f"T2I-Adapter {name} does not fit {bundle.model_name} ({bundle.family.label}): it is "
+                         f"{'an SDXL' if xl else 'an SD 1.x/2.x'} adapter with {channels} channels, this UNet needs "
+                         f"{wanted} (an adapter is made for one model family)")
     with torch.device("meta"):
-        model = T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=blocks,
-                           downscale_factor=factor, adapter_type="full_adapter")
+        model = T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=blocks, downscale_factor=factor,
+                           adapter_type="full_adapter_xl" if xl else "full_adapter")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:

@@ -16,6 +16,7 @@ with the same weight, step range and control modes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,12 +167,14 @@ def adapter_features(u: PreparedUnit, net: torch.nn.Module, size: tuple[int, int
             hint = hint.mean(dim=1, keepdim=True)
         with torch.no_grad():
             feats = net(hint)
-        h, w = int(latent[0]), int(latent[1])
         out = []
-        for f in feats:
+        for f in feats:  # the UNet level a map is for: how many halvings below the latent it is
+            halvings = round(math.log2(max(1.0, size[1] / 8 / f.shape[-2])))
+            h, w = int(latent[0]), int(latent[1])
+            for _ in range(halvings):
+                h, w = -(-h // 2), -(-w // 2)
             if tuple(f.shape[-2:]) != (h, w):
                 f = torch.nn.functional.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
             out.append(f)
-            h, w = -(-h // 2), -(-w // 2)
         u.features[key] = out
     return u.features[key]

@@ -66,10 +66,16 @@ def write_controlnet(path: Path, unet: UNet2DConditionModel, strength: float = 0
 
 def make_adapter(unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 0,
                  in_channels: int = 3) -> T2IAdapter:
-    """A full T2I-Adapter for `unet` (one level per down block), random weights times `strength`."""
+    """A full T2I-Adapter for `unet` (one level per down block; for SDXL's UNet the XL adapter,
+    whose last level repeats), random weights times `strength`."""
     gen = torch.Generator().manual_seed(seed)
-    adapter = T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels), num_res_blocks=2,
-                         downscale_factor=8, adapter_type="full_adapter")
+    widths = list(unet.config.block_out_channels)
+    if unet.config.addition_embed_type == "text_time":
+        adapter = T2IAdapter(in_channels=in_channels, channels=[*widths, *[widths[-1]] * (4 - len(widths))],
+                             num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl")
+    else:
+        adapter = T2IAdapter(in_channels=in_channels, channels=widths, num_res_blocks=2, downscale_factor=8,
+                             adapter_type="full_adapter")
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1 * strength)
