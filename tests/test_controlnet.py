@@ -117,7 +117,7 @@ def test_img2img_hires_and_the_units_image(engine: Engine) -> None:
 def test_bad_units_are_named_before_the_job(engine: Engine) -> None:
     for fields, error, message in [
         (unit(model="missing"), ModelError, "controlnet unit 0: ControlNet model 'missing' not found"),
-        (unit(module="openpose"), ValueError, "unknown preprocessor 'openpose'.*need weights"),
+        (unit(module="openpose"), ValueError, "unknown preprocessor 'openpose'.*openpose, lineart.*not available yet"),
         (unit(image=None), ValueError, "controlnet unit 0: no image"),
     ]:
         with pytest.raises(error, match=message):
@@ -230,6 +230,10 @@ def test_the_extensions_api(data_dir: Path) -> None:
         wrong = requests.post(s.url + "/controlnet/detect", timeout=60,
                               json={"controlnet_module": "openpose", "controlnet_input_images": [b64(square())]})
         assert wrong.status_code == 422 and "openpose" in wrong.text
+        depth = requests.post(s.url + "/controlnet/detect", timeout=60,
+                              json={"controlnet_module": "depth_anything", "controlnet_input_images": [b64(square())]})
+        assert depth.status_code == 422 and "annotators/depth_anything" in depth.text  # says what to put where
+        assert "depth_anything" in get("/controlnet/module_list")["module_list"]
     finally:
         stop_server(s)
 

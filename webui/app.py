@@ -268,7 +268,7 @@ class Engine:
         from webui.controlnet import preprocess
 
         try:
-            preprocess.find(unit.module)
+            preprocess.find(unit.module, self.controlnets.annotators)
             self.controlnets.find(unit.model)
         except (ValueError, ModelError) as err:
             raise type(err)(f"controlnet unit {i}: {err}") from None

@@ -46,7 +46,7 @@ def build_controlnet_router(engine: Engine, route_class: type) -> APIRouter:
 
     @router.get("/module_list")
     def module_list(alias_names: bool = False) -> dict:
-        names = list(preprocess.PREPROCESSORS)
+        names = preprocess.names()
         return {"module_list": names, "module_detail": {
             n: {"model_free": False, "sliders": []} for n in names}}
 
@@ -57,6 +57,7 @@ def build_controlnet_router(engine: Engine, route_class: type) -> APIRouter:
     @router.post("/detect")
     def detect(body: DetectBody) -> dict:
         try:
+            preprocess.find(body.controlnet_module, engine.controlnets.annotators)
             defaults = preprocess.defaults(body.controlnet_module)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
@@ -64,7 +65,8 @@ def build_controlnet_router(engine: Engine, route_class: type) -> APIRouter:
             raise HTTPException(422, "controlnet_input_images: give at least one image")
         a = body.controlnet_threshold_a if body.controlnet_threshold_a != -1 else defaults[0]
         b = body.controlnet_threshold_b if body.controlnet_threshold_b != -1 else defaults[1]
-        images = [preprocess.run(body.controlnet_module, im, body.controlnet_processor_res, a, b)
+        images = [preprocess.run(body.controlnet_module, im, body.controlnet_processor_res, a, b,
+                                 engine.controlnets.annotators)
                   for im in body.controlnet_input_images]
         return {"images": [_png(im) for im in images], "info": "Success"}
 

@@ -3,7 +3,8 @@ as the A1111 extension's users and clients know them.
 
 - `units`: a unit's fields, with that extension's names and values (no torch: the page and the
   request import it);
-- `preprocess`: the preprocessors that need no weights (canny, threshold, invert, blur, tile);
+- `preprocess`: the preprocessors (canny, threshold, invert, blur, tile, shuffle; depth through
+  `annotators`, from weights the user put in `models/ControlNet/annotators/`);
 - `models`: the models in `models/ControlNet/`, original (lllyasviel) or diffusers layout, built
   on the loaded checkpoint's UNet configuration and checked against it;
 - `apply`: the per-call model inputs (the denoiser's `model_inputs` seam) that add each unit's

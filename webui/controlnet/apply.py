@@ -77,7 +77,7 @@ def prepare(request: GenerationRequest, library: ControlNetLibrary, bundle: Mode
         default_a, default_b = preprocess.defaults(unit.module)
         a = unit.threshold_a if unit.threshold_a != -1 else default_a
         b = unit.threshold_b if unit.threshold_b != -1 else default_b
-        image = preprocess.run(unit.module, source, resolution, a, b)
+        image = preprocess.run(unit.module, source, resolution, a, b, library.annotators, str(bundle.runtime.device))
         out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b)))
     return out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from webui.controlnet import adapter
+from webui.controlnet.annotators import Annotators
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 
@@ -43,6 +44,7 @@ class ControlNetLibrary:
     def __init__(self, folder: Path, hashes: HashCache) -> None:
         self.folder = Path(folder)
         self.hashes = hashes
+        self.annotators = Annotators(self.folder / "annotators")  # the preprocessors' own weights
         self._loaded: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -1,6 +1,7 @@
-"""ControlNet preprocessors that need no weights, on numpy, scipy and Pillow, under the A1111
-extension's module names. Each takes an RGB image (already at the processor resolution) and the
-unit's two thresholds, and returns the control image (RGB)."""
+"""ControlNet preprocessors under the A1111 extension's module names: those that need no weights,
+on numpy, scipy and Pillow, here (each takes an RGB image already at the processor resolution and
+the unit's two thresholds, and returns the control image, RGB); those that need weights (depth)
+through `webui.controlnet.annotators`, from the user's models folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
+
+from webui.controlnet.annotators import KINDS, Annotators, is_annotator
 
 Preprocessor = Callable[[Image.Image, float, float], Image.Image]
 
@@ -99,28 +102,44 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
 ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold"}
 
 
+def names() -> list[str]:
+    """Every preprocessor's name: those that need no weights, then the annotators."""
+    return [*PREPROCESSORS, *KINDS]
+
+
 def _entry(name: str) -> tuple[Preprocessor, tuple[float, float]]:
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in PREPROCESSORS:
-        raise ValueError(f"ControlNet: unknown preprocessor {name!r} (available: {', '.join(PREPROCESSORS)}; "
-                         "those that need weights, such as depth or openpose, are not available yet)")
+        raise ValueError(f"ControlNet: unknown preprocessor {name!r} (available: {', '.join(names())}; "
+                         "openpose, lineart, HED and normal maps are not available yet)")
     return PREPROCESSORS[key]
 
 
-def find(name: str) -> Preprocessor:
-    return _entry(name)[0]
+def find(name: str, annotators: Annotators | None = None) -> None:
+    """ValueError when `name` is not a preprocessor, or is one whose weights are not in `annotators`' folder."""
+    if is_annotator(name):
+        if annotators is not None and (why := annotators.problem(name)) is not None:
+            raise ValueError(why)
+        return
+    _entry(name)
 
 
 def defaults(name: str) -> tuple[float, float]:
     """The thresholds `name` uses when a request leaves them at -1."""
-    return _entry(name)[1]
+    return (0, 0) if is_annotator(name) else _entry(name)[1]
 
 
-def run(name: str, image: Image.Image, resolution: int, a: float, b: float) -> Image.Image:
-    """`image` through preprocessor `name`, worked at `resolution` (its shorter side)."""
+def run(name: str, image: Image.Image, resolution: int, a: float, b: float, annotators: Annotators | None = None,
+        device: str = "cpu") -> Image.Image:
+    """`image` through preprocessor `name`, worked at `resolution` (its shorter side); an
+    annotator's model (from `annotators`' folder) runs on `device`."""
     scale = resolution / min(image.size)
     work = image.convert("RGB")
     if name.strip().lower() != "none" and abs(scale - 1) > 1e-3:
         work = work.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                            Image.Resampling.LANCZOS)
-    return find(name)(work, a, b)
+    if is_annotator(name):
+        if annotators is None:
+            raise ValueError(f"preprocessor {name} needs a models folder")
+        return annotators.run(name, work, device)
+    return _entry(name)[0](work, a, b)

@@ -39,7 +39,7 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
                     add(n, "enabled", gr.Checkbox(False, label="Enable", elem_id=f"{p}_cn_{n}_enabled"))
                     add(n, "pixel_perfect", gr.Checkbox(False, label="Pixel perfect", elem_id=f"{p}_cn_{n}_pixel_perfect"))
                 with gr.Row():
-                    module = add(n, "module", gr.Dropdown(list(preprocess.PREPROCESSORS), value="none",
+                    module = add(n, "module", gr.Dropdown(preprocess.names(), value="none",
                                                           label="Preprocessor", elem_id=f"{p}_cn_{n}_module"))
                     model = add(n, "model", gr.Dropdown([NONE, *engine.controlnets.titles()], value=NONE, label="Model",
                                                         elem_id=f"{p}_cn_{n}_model", allow_custom_value=True))
@@ -64,15 +64,17 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
                                                elem_id=f"{p}_cn_{n}_resize_mode"))
             refresh.click(lambda: gr.update(choices=[NONE, *engine.controlnets.titles()]), outputs=[model],
                           api_visibility="private", queue=False)
-            show.click(_preview, inputs=[image, module, res, a, b], outputs=[preview], api_visibility="private")
+            show.click(lambda *args: _preview(engine, *args), inputs=[image, module, res, a, b], outputs=[preview],
+                       api_visibility="private")
 
 
-def _preview(image: Any, module: str, resolution: float, a: float, b: float) -> Any:
+def _preview(engine: Engine, image: Any, module: str, resolution: float, a: float, b: float) -> Any:
     if image is None:
         raise user_error("Upload a control image first.")
     try:
         da, db = preprocess.defaults(module)
-        return preprocess.run(module, image, int(resolution), a if a != -1 else da, b if b != -1 else db)
+        return preprocess.run(module, image, int(resolution), a if a != -1 else da, b if b != -1 else db,
+                              engine.controlnets.annotators)
     except ValueError as err:
         raise user_error(str(err)) from None
 

@@ -1,0 +1,89 @@
+"""ControlNet preprocessors that need weights (#17): depth from a Depth Anything or DPT model the
+user put in models/ControlNet/annotators/ (tiny random-weight ones here, in transformers' own
+format); listed always, refused with what to put where when the folder is empty."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui.app import build_engine
+from webui.config import Config
+from webui.controlnet import preprocess
+from webui.pipeline.request import GenerationRequest
+from webui.testing.make_controlnet import write_controlnet
+
+
+def write_depth_model(folder: Path, kind: str = "depth_anything") -> Path:
+    """A tiny random-weight depth model saved as transformers saves one (config.json + model.safetensors)."""
+    import torch
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTConfig,
+        DPTForDepthEstimation,
+    )
+
+    torch.manual_seed(0)
+    if kind == "depth_anything":
+        backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                                reshape_hidden_states=False)
+        model = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+            backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+            fusion_hidden_size=16, head_hidden_size=8, patch_size=14))
+    else:
+        model = DPTForDepthEstimation(DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                                intermediate_size=64, image_size=64, patch_size=16,
+                                                backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                                                fusion_hidden_size=16, head_in_index=-1))
+    model.save_pretrained(folder)
+    return folder
+
+
+def picture() -> Image.Image:
+    """A left-to-right grey ramp with a bright square: something with structure."""
+    ramp = np.tile(np.linspace(0, 255, 96, dtype=np.float32), (80, 1))
+    ramp[20:50, 30:60] = 255
+    return Image.fromarray(ramp.astype(np.uint8)).convert("RGB")
+
+
+def test_depth_preprocessors_run_the_users_model_and_say_what_is_missing(data_dir: Path) -> None:
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    annotators = engine.controlnets.annotators
+    assert {"depth_anything", "depth_anything_v2", "depth_midas"} <= set(preprocess.names())
+    with pytest.raises(ValueError, match=r"depth_anything needs a depth model .* in .*annotators/depth_anything"):
+        preprocess.find("depth_anything", annotators)
+    write_depth_model(annotators.folder / "depth_anything")
+    write_depth_model(annotators.folder / "depth_midas", kind="dpt")
+    for name in ("depth_anything", "depth_midas"):
+        preprocess.find(name, annotators)
+        depth = preprocess.run(name, picture(), 64, -1, -1, annotators)
+        grey = np.asarray(depth.convert("L"), dtype=np.float32)
+        assert depth.size == (77, 64) and depth.mode == "RGB"  # the picture at the processor resolution
+        assert grey.min() == 0 and grey.max() == 255  # stretched to the full range, near = white
+    (annotators.folder / "depth_anything_v2").mkdir()
+    (annotators.folder / "depth_anything_v2" / "config.json").write_text('{"model_type": "dpt"}')
+    with pytest.raises(ValueError, match="model.safetensors"):
+        preprocess.find("depth_anything_v2", annotators)
+
+
+def test_a_depth_unit_in_a_generation_and_over_the_api(data_dir: Path) -> None:
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    write_controlnet(data_dir / "models" / "ControlNet" / "control_v11f1p_sd15_depth.safetensors",
+                     engine.bundle("sd1").unet, strength=0.5, seed=2)
+    base = dict(prompt="a room", steps=2, width=64, height=64, seed=3, save_images=False, checkpoint="sd1")
+    unit = {"model": "control_v11f1p_sd15_depth", "module": "depth_anything", "image": picture()}
+    request = GenerationRequest(**base, controlnet=[unit])
+    with pytest.raises(ValueError, match="annotators/depth_anything"):
+        engine.check(request)  # before the job: the user learns what to put where
+    write_depth_model(engine.controlnets.annotators.folder / "depth_anything")
+    engine.check(request)
+    result = engine.runner.generate(request)
+    assert 'Module: depth_anything' in result.infotexts[0]
+    plain = engine.runner.generate(GenerationRequest(**base))
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
