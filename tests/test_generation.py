@@ -236,3 +236,20 @@ def test_zero_terminal_snr_models(data_dir: Path, checkpoint_store: Path) -> Non
     assert not engine.bundle("xl-vpred").zero_terminal_snr
     assert np.isfinite(pixels(ztsnr)).all() and pixels(ztsnr).std() > 1
     assert np.abs(pixels(ztsnr) - pixels(vpred)).mean() > 1
+    # the Settings' (or a request's) "Zero Terminal SNR" noise schedule: the v-pred file without the
+    # key then samples exactly as the file with it; the file with it is not rescaled twice
+    on = req(checkpoint="xl-vpred", steps=4, noise_schedule="Zero Terminal SNR")
+    chosen = engine.runner.generate(on)
+    assert np.array_equal(pixels(chosen.images[0]), pixels(ztsnr))
+    assert parse_infotext(chosen.infotexts[0])["Noise Schedule"] == "Zero Terminal SNR"
+    twice = engine.runner.generate(req(checkpoint="xl-ztsnr", steps=4, noise_schedule="Zero Terminal SNR"))
+    assert np.array_equal(pixels(twice.images[0]), pixels(ztsnr))
+    engine.settings.update({"sd_noise_schedule": "Zero Terminal SNR"})
+    assert np.array_equal(pixels(engine.runner.generate(req(checkpoint="xl-vpred", steps=4)).images[0]),
+                          pixels(ztsnr))
+    off = engine.runner.generate(req(checkpoint="xl-vpred", steps=4, noise_schedule="Default"))
+    assert np.array_equal(pixels(off.images[0]), pixels(vpred)) and "Noise Schedule" not in off.infotexts[0]
+    from webui.api.models import GenerationBody
+
+    body = GenerationBody(prompt="x", override_settings={"sd_noise_schedule": "Zero Terminal SNR"})
+    assert body.to_request()[0].noise_schedule == "Zero Terminal SNR"

@@ -138,6 +138,12 @@ class Settings(BaseModel):
         1, "Checkpoints loaded at the same time",
         "How many checkpoints stay ready on the device (A1111: sd_checkpoints_limit). --model-cache-size overrides it.",
         MODELS, note="applies to the next model load", ge=1, le=8)
+    sd_noise_schedule: Literal["Default", "Zero Terminal SNR"] = _setting(
+        "Default", "Noise schedule for sampling",
+        "Zero Terminal SNR rescales the model's schedule so that its last step is pure noise, as v-prediction "
+        "models trained that way (NoobAI-XL v-pred and others) need when their file does not say so (a file with a "
+        "`ztsnr` key always samples that way). A1111's sd_noise_schedule.", MODELS,
+        note="applies from the next generation")
     ckpt_cache: int = _setting(
         0, "Checkpoints cached in RAM",
         "How many more checkpoints wait in RAM after being switched away from, so switching back does not "

@@ -31,6 +31,7 @@ OVERRIDE_FIELDS = {
     "token_merging_ratio_hr": "token_merging_ratio_hr",
     "token_merging_ratio_img2img": "token_merging_ratio_img2img",
     "deepcache_interval": "deepcache_interval",
+    "sd_noise_schedule": "noise_schedule",
     "deepcache_branch": "deepcache_branch",
     "face_restoration": "restore_faces",
     "face_restoration_model": "face_restoration_model",

@@ -164,6 +164,7 @@ class GenerationRequest(BaseModel):
     token_merging_ratio_img2img: float | None = Field(None, ge=0.0, le=0.9)  # img2img, when the first is None
     # step caching (DeepCache, webui.pipeline.stepcache): the whole model every `interval` calls
     # (0 or 1: off); `branch`: how much is recomputed on the others; None: the Settings' values
+    noise_schedule: Literal["Default", "Zero Terminal SNR"] | None = None  # None: the Settings' (sd_noise_schedule)
     deepcache_interval: int | None = Field(None, ge=0, le=20)
     deepcache_branch: int | None = Field(None, ge=0, le=6)
     # ControlNet units (A1111 extension's fields; the API's alwayson_scripts "controlnet" args)

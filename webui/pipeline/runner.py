@@ -143,7 +143,8 @@ class Runner:
         return job.result
 
     def stage_speedups(self, job: JobState) -> None:
-        """Token merging and step caching for this job: the request's values, else the Settings'."""
+        """Token merging, step caching and the noise schedule for this job: the request's values,
+        else the Settings'."""
         r, settings = job.request, self.settings()
 
         def pick(*values: Any) -> Any:
@@ -160,6 +161,9 @@ class Runner:
             job.infotext_fields["Token merging ratio"] = tome
         if tome_hr and r.enable_hr and not r.is_img2img:
             job.infotext_fields["Token merging ratio hr"] = tome_hr
+        if pick(r.noise_schedule, settings.sd_noise_schedule) == "Zero Terminal SNR":  # not a speed-up: read here too
+            job.zero_terminal_snr = True
+            job.infotext_fields["Noise Schedule"] = "Zero Terminal SNR"
         interval = pick(r.deepcache_interval, settings.deepcache_interval)
         if interval > 1:  # the infotext says so once a sampling run has it (webui.pipeline.sampling)
             job.step_cache = (interval, pick(r.deepcache_branch, settings.deepcache_branch))
@@ -233,7 +237,8 @@ class Runner:
 
     def stage_sample(self, job: JobState, batch: BatchState, p: PassState) -> None:
         r, device = job.request, batch.bundle.runtime.device
-        sigmas = self.sampling.sigmas(batch.bundle, r.sampler_name, r.scheduler, r.steps).to(device)
+        sigmas = self.sampling.sigmas(batch.bundle, r.sampler_name, r.scheduler, r.steps,
+                                      job.zero_terminal_snr).to(device)
         assert batch.noise is not None
         noise = batch.noise.to(device)
         if p.init_latents is None:
@@ -305,7 +310,7 @@ class Runner:
             prompts, negatives = batch.prompts, batch.negative_prompts
         p.conditioning = self.stage_conditioning(job, batch, prompts, negatives, steps)
         sampler = r.hr_sampler_name or r.sampler_name
-        sigmas = self.sampling.sigmas(batch.bundle, sampler, r.scheduler, steps)
+        sigmas = self.sampling.sigmas(batch.bundle, sampler, r.scheduler, steps, job.zero_terminal_snr)
         sigmas = sigmas[len(sigmas) - t_enc - 1 :].to(batch.bundle.runtime.device)
         x = start + fresh_noise(batch.generators, start) * sigmas[0]
         p.latents = self._sample_with_refiner(job, batch, p, sampler, sigmas, x, steps)

@@ -27,6 +27,15 @@ from webui.samplers.table import resolve
 Previewer = Callable[[torch.Tensor], list[Image.Image]]
 
 
+def noise_schedule(bundle: ModelBundle, zero_snr: bool = False) -> DiscreteSchedule:
+    """The model's schedule; with `zero_snr` rescaled to zero terminal SNR (the Settings' or the
+    request's choice), unless the file's `ztsnr` key already had it rescaled at load."""
+    from webui.models.load import rescale_zero_terminal_snr
+
+    alphas = bundle.alphas_cumprod
+    return DiscreteSchedule(rescale_zero_terminal_snr(alphas) if zero_snr and not bundle.zero_terminal_snr else alphas)
+
+
 def fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
     """The next noise of each image's seeded generator, shaped like one image of `like`.
 
@@ -59,10 +68,11 @@ class Sampling:
         """The built-in sampler or an extension's, and the schedule type (ValueError if unknown)."""
         return resolve(sampler_name, scheduler, self.extensions.sampler_specs())
 
-    def sigmas(self, bundle: ModelBundle, sampler_name: str, scheduler: str, steps: int) -> torch.Tensor:
+    def sigmas(self, bundle: ModelBundle, sampler_name: str, scheduler: str, steps: int,
+               zero_snr: bool = False) -> torch.Tensor:
         """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
         spec, schedule = self.resolve(sampler_name, scheduler)
-        return sampler_sigmas(DiscreteSchedule(bundle.alphas_cumprod), spec, schedule, steps,
+        return sampler_sigmas(noise_schedule(bundle, zero_snr), spec, schedule, steps,
                               family=bundle.family.ays_sigmas)
 
     def run(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str, sigmas: torch.Tensor,
@@ -76,7 +86,7 @@ class Sampling:
         time_ids, uncond_time_ids = (torch.tensor([row], dtype=torch.float32).repeat(len(batch), 1) if row else None
                                      for row in rows)
         denoiser = CFGDenoiser(
-            bundle, DiscreteSchedule(bundle.alphas_cumprod), p.conditioning, r.cfg_scale,
+            bundle, noise_schedule(bundle, job.zero_terminal_snr), p.conditioning, r.cfg_scale,
             image_cond=p.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
             keep=p.keep, init_latents=p.init_latents,
         )

@@ -73,6 +73,7 @@ class JobState:
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], [], [], [], []))
     controls: list[Any] = field(default_factory=list)  # ControlNet units prepared (webui.controlnet.apply)
     token_merging: tuple[float, float] = (0.0, 0.0)  # ToMe ratio of the first pass, of the hires pass
+    zero_terminal_snr: bool = False  # sample on the schedule rescaled to zero terminal SNR (Settings / request)
     step_cache: tuple[int, int] = (0, 0)  # DeepCache interval (0: off) and branch (webui.pipeline.stepcache)
     faces: tuple[str, float] | None = None  # face restorer and CodeFormer weight, when restoring faces
     # one per (model, embeddings): each caches the encoding of every distinct text it met
