@@ -87,3 +87,35 @@ def test_a_depth_unit_in_a_generation_and_over_the_api(data_dir: Path) -> None:
     assert 'Module: depth_anything' in result.infotexts[0]
     plain = engine.runner.generate(GenerationRequest(**base))
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
+
+
+def test_hed_and_line_art_networks_from_the_files_users_have(tmp_path: Path) -> None:
+    """ControlNetHED.pth and sk_model.pth / sk_model2.pth (random weights here, written in the
+    layout of those files) found anywhere under the annotators folder, run at the image's size."""
+    import torch
+
+    from webui.controlnet.annotator_nets import HED, LineArt
+    from webui.controlnet.annotators import Annotators
+
+    annotators = Annotators(tmp_path / "annotators")
+    with pytest.raises(ValueError, match=r"softedge_hed needs ControlNetHED.pth .*annotators"):
+        preprocess.find("softedge_hed", annotators)
+    torch.manual_seed(0)
+    (tmp_path / "annotators" / "hed").mkdir(parents=True)
+    torch.save(HED().state_dict(), tmp_path / "annotators" / "hed" / "ControlNetHED.pth")
+    torch.save(LineArt().state_dict(), tmp_path / "annotators" / "sk_model.pth")
+    torch.save({"model0.1.weight": torch.zeros(1)}, tmp_path / "annotators" / "sk_model2.pth")  # not the network
+    for name in ("softedge_hed", "hed", "lineart_realistic"):
+        out = preprocess.run(name, picture(), 80, -1, -1, annotators)
+        grey = np.asarray(out.convert("L"))
+        assert out.size == (96, 80) and grey.std() > 0, name  # the picture's size; a map, not a flat image
+    with pytest.raises(ValueError, match="sk_model2.pth is not the lineart network"):
+        preprocess.run("lineart_coarse", picture(), 80, -1, -1, annotators)
+
+
+def test_lineart_standard_finds_dark_lines_without_weights() -> None:
+    drawing = Image.new("RGB", (64, 64), "white")
+    for x in range(20, 44):
+        drawing.putpixel((x, 32), (0, 0, 0))  # one black line on white
+    lines = np.asarray(preprocess.run("lineart_standard (from white bg & black line)", drawing, 64, -1, -1))
+    assert lines[32, 30].min() > 100 and lines[10, 10].max() == 0  # white line where it was drawn, black elsewhere

@@ -9,8 +9,16 @@ offer it), read with `AutoModelForDepthEstimation`:
 - `depth_midas`: DPT (e.g. Intel's `dpt-hybrid-midas`, the model A1111's `depth_midas` is).
 
 The map is relative inverse depth, stretched to 0-255: near is white, as the depth models were
-trained on. A name whose folder is missing is listed all the same, and a unit that asks for it
-is told which files to put where.
+trained on.
+
+Edges and lines, from the single files the A1111 extension's users have (anywhere under the
+annotators folder; the networks are in `webui.controlnet.annotator_nets`):
+
+- `softedge_hed` (and its older name `hed`): `ControlNetHED.pth`;
+- `lineart_realistic`: `sk_model.pth`; `lineart_coarse`: `sk_model2.pth`.
+
+A name whose files are missing is listed all the same, and a unit that asks for it is told which
+files to put where.
 """
 
 from __future__ import annotations
@@ -45,8 +53,23 @@ KINDS: dict[str, Kind] = {
 }
 
 
+@dataclass(frozen=True)
+class Net:
+    file: str  # the weight file's name, found anywhere under the annotators folder
+    kind: str  # "hed" or "lineart" (webui.controlnet.annotator_nets)
+
+
+NETS: dict[str, Net] = {
+    "softedge_hed": Net("ControlNetHED.pth", "hed"),
+    "hed": Net("ControlNetHED.pth", "hed"),
+    "lineart_realistic": Net("sk_model.pth", "lineart"),
+    "lineart_coarse": Net("sk_model2.pth", "lineart"),
+}
+NAMES = (*KINDS, *NETS)
+
+
 def is_annotator(name: str) -> bool:
-    return name.strip().lower() in KINDS
+    return name.strip().lower() in NAMES
 
 
 class Annotators:
@@ -60,21 +83,73 @@ class Annotators:
     def problem(self, name: str) -> str | None:
         """Why `name` cannot run here (None: it can)."""
         key = name.strip().lower()
+        if key in NETS:
+            if self._net_file(key) is not None:
+                return None
+            return (f"preprocessor {key} needs {NETS[key].file} (the file the A1111 ControlNet extension "
+                    f"downloads for it): put it in {self.folder}")
         folder = self.folder / key
         if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
             return None
         return (f"preprocessor {key} needs a depth model that is not there: put its config.json and "
                 f"model.safetensors (e.g. from {KINDS[key].example}) in {folder}")
 
+    def _net_file(self, key: str) -> Path | None:
+        if not self.folder.is_dir():
+            return None
+        return next(iter(sorted(self.folder.rglob(NETS[key].file))), None)
+
     def run(self, name: str, image: Image.Image, device: torch.device | str = "cpu") -> Image.Image:
-        """The depth map of `image` at its own size (RGB, near = white)."""
+        """The preprocessor's map of `image` at its own size (RGB)."""
         import torch
 
         key = name.strip().lower()
         if (why := self.problem(key)) is not None:
             raise ValueError(why)
+        if key in NETS:
+            return self._run_net(key, image, torch.device(device))
+        return self._depth(key, image, torch.device(device))
+
+    def _run_net(self, key: str, image: Image.Image, device: torch.device) -> Image.Image:
+        from webui.controlnet import annotator_nets as nets
+
+        net = self._net(key, device)
+        rgb = np.asarray(image.convert("RGB"))
+        found = nets.hed_edges(net, rgb, device) if NETS[key].kind == "hed" else nets.lineart_lines(net, rgb, device)
+        return Image.fromarray(found).convert("RGB")
+
+    def _net(self, key: str, device: torch.device) -> Any:
+        import torch
+
+        from webui.controlnet import annotator_nets as nets
+        from webui.models.errors import ModelError
+        from webui.models.readers import read_state_dict
+
+        spec = NETS[key]
+        with self._lock:
+            if (spec.file, str(device)) not in self._loaded:
+                path = self._net_file(key)
+                assert path is not None  # problem() said it is there
+                try:
+                    state = read_state_dict(path)
+                except (OSError, ValueError, ModelError) as err:  # ModelError: a pickle refused as unsafe
+                    raise ValueError(f"preprocessor {key}: cannot read {path.name}: {err}") from None
+                state = {k.removeprefix("module."): v for k, v in state.items()}
+                net = nets.HED() if spec.kind == "hed" else nets.LineArt(nets.residual_blocks(state))
+                try:
+                    net.load_state_dict(state)
+                except RuntimeError as err:
+                    raise ValueError(f"preprocessor {key}: {path.name} is not the {spec.kind} network "
+                                     f"({str(err).splitlines()[0]})") from None
+                self._loaded[(spec.file, str(device))] = net.to(device=device, dtype=torch.float32).eval()
+            return self._loaded[(spec.file, str(device))]
+
+    def _depth(self, key: str, image: Image.Image, device: torch.device) -> Image.Image:
+        """The depth map of `image` at its own size (near = white)."""
+        import torch
+
         kind = KINDS[key]
-        model = self._model(key, torch.device(device))
+        model = self._model(key, device)
         rgb = image.convert("RGB")
         w, h = (max(kind.multiple, round(side / kind.multiple) * kind.multiple) for side in rgb.size)
         array = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0

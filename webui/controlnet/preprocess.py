@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 
-from webui.controlnet.annotators import KINDS, Annotators, is_annotator
+from webui.controlnet.annotators import NAMES, Annotators, is_annotator
 
 Preprocessor = Callable[[Image.Image, float, float], Image.Image]
 
@@ -85,6 +85,17 @@ def shuffle(image: Image.Image, seed: float, _: float) -> Image.Image:
     return Image.fromarray(np.clip(moved + 0.5, 0, 255).astype(np.uint8))
 
 
+def lineart_standard(image: Image.Image, _a: float, _b: float) -> Image.Image:
+    """Lines of a drawing or photo without a network: where the image is darker than its blurred
+    self (by the darkest channel), scaled so a typical line is mid-grey; white lines on black."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blurred = ndimage.gaussian_filter(rgb, sigma=(6.0, 6.0, 0))
+    darker = np.min(blurred - rgb, axis=2).clip(0, 255)
+    lines = darker[darker > 8]
+    scale = max(16.0, float(np.median(lines))) if lines.size else 16.0
+    return Image.fromarray((darker / scale * 127.0).clip(0, 255).astype(np.uint8)).convert("RGB")
+
+
 def none(image: Image.Image, _a: float, _b: float) -> Image.Image:
     return image.convert("RGB")
 
@@ -98,20 +109,22 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "blur_gaussian": (blur, (9, 0)),
     "tile_resample": (tile_resample, (1, 0)),
     "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
+    "lineart_standard": (lineart_standard, (0, 0)),
 }
-ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold"}
+ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold",
+           "lineart_standard (from white bg & black line)": "lineart_standard"}
 
 
 def names() -> list[str]:
     """Every preprocessor's name: those that need no weights, then the annotators."""
-    return [*PREPROCESSORS, *KINDS]
+    return [*PREPROCESSORS, *NAMES]
 
 
 def _entry(name: str) -> tuple[Preprocessor, tuple[float, float]]:
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in PREPROCESSORS:
         raise ValueError(f"ControlNet: unknown preprocessor {name!r} (available: {', '.join(names())}; "
-                         "openpose, lineart, HED and normal maps are not available yet)")
+                         "openpose and normal maps are not available yet)")
     return PREPROCESSORS[key]
 
 
