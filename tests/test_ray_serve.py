@@ -174,3 +174,20 @@ def test_replicas_find_a_model_added_later_and_say_so_when_none_has_it(cluster_e
     assert engine.jobs.wait(job, 120) and job.state == "failed"
     assert "no Ray replica has the model files" in job.error and "later" in job.error
     engine.registry.refresh(compute_hashes=False)
+
+
+def test_a_checkpoints_jobs_go_to_the_replica_that_holds_it(cluster_engine: Engine, checkpoint_store: Path) -> None:
+    import shutil
+
+    engine = cluster_engine
+    folder = engine.config.data_dir / "models" / "Stable-diffusion"
+    shutil.copy(checkpoint_store / "sd1-other.safetensors", folder / "other.safetensors")
+    engine.registry.refresh(compute_hashes=False)
+    where: dict[str, list[str]] = {"sd1": [], "other": []}
+    for _ in range(4):
+        for name in where:
+            job = engine.submit(small(6).model_copy(update={"checkpoint": name}))
+            assert engine.jobs.wait(job, 120) and job.state == "done", job.error
+            where[name].append(job.worker)
+    # once each model is on a replica, its jobs stay there (Serve's multiplexed routing)
+    assert len(set(where["sd1"][1:])) == 1 and len(set(where["other"][1:])) == 1, where

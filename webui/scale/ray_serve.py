@@ -14,6 +14,8 @@ them (`target_ongoing_requests=1`: one job a replica at a time, as on a local wo
 - A replica that dies mid-job (killed, out of memory) makes the lane retry the job once (Serve
   starts another replica), then fail it with a clear message; a dead replica raises in the
   stream, so the front never waits on it.
+- A job for a checkpoint goes to a replica that already holds it: the lane names the checkpoint as
+  Serve's multiplexed model id, and each replica reports what it loaded (`serve.multiplexed`).
 - Nothing about a job lives only in a replica: the request and its result go through the lane.
 
 Ray is an optional extra (`pip install 'sd-webui[ray]'`); nothing imports it unless --ray is given.
@@ -21,6 +23,7 @@ Ray is an optional extra (`pip install 'sd-webui[ray]'`); nothing imports it unl
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -105,16 +108,20 @@ class GenerationReplica:
         self.engine.warm_up().join()
         log.info("replica %s ready: %s", self.name, self.engine.describe_runtime())
 
-    def generate(self, request: GenerationRequest, preview_every: int, job_id: str):
+    async def generate(self, request: GenerationRequest, preview_every: int, job_id: str):
         """Yields ("replica", name), ("progress", Progress)..., then ("result", GenerationResult)
         or ("error", message, bad_input); or, before starting, ("missing", message) when this
         replica lacks a model file the request names (the front then tries another replica)."""
+        from ray import serve  # optional dependency (a replica runs only where Ray is)
+
         from webui.errors import classify
 
         yield ("replica", self.name)
-        if (missing := self._missing(request)) is not None:
+        if (missing := await asyncio.to_thread(self._missing, request)) is not None:
             yield ("missing", missing)
             return
+        if model_id := serve.get_multiplexed_model_id():
+            await self.hold(model_id)
         events: queue.Queue = queue.Queue()
         token = CancelToken()
 
@@ -131,7 +138,7 @@ class GenerationReplica:
         seen_skips = 0
         while True:
             try:
-                item = events.get(timeout=POLL_S)
+                item = await asyncio.to_thread(events.get, True, POLL_S)
             except queue.Empty:
                 item = None
             if isinstance(item, Progress):
@@ -139,12 +146,19 @@ class GenerationReplica:
             elif item is not None:
                 yield item
                 return
-            interrupted, skips = _state(self.board, job_id)
+            interrupted, skips = await self.board.state.remote(job_id)
             if interrupted and not token.interrupted:
                 token.interrupt()
             if skips > seen_skips:
                 seen_skips = skips
                 token.skip()
+
+    async def hold(self, model_id: str) -> str:
+        """Load the job's model here. The deployment's class wraps this in `serve.multiplexed`
+        (see `replica_class`), so Serve knows which replica holds which model and sends the next
+        job for it there."""
+        await asyncio.to_thread(self.engine.bundle, model_id)
+        return model_id
 
     def _missing(self, request: GenerationRequest) -> str | None:
         """Why this replica cannot find the request's checkpoints (None: it can). The list is read
@@ -174,10 +188,16 @@ class GenerationReplica:
             raise RuntimeError("no engine")
 
 
-def _state(board: Any, job_id: str) -> tuple[bool, int]:
-    import ray  # optional dependency (a replica runs only where Ray is)
+def replica_class(serve: Any, models_per_replica: int) -> type:
+    """The replica class the deployment runs: `hold` wrapped in `serve.multiplexed` (a decorator
+    of Ray's, so it is applied here, where Ray is imported, not where the class is written)."""
 
-    return ray.get(board.state.remote(job_id))
+    class Replica(GenerationReplica):
+        @serve.multiplexed(max_num_models_per_replica=models_per_replica)
+        async def hold(self, model_id: str) -> str:
+            return await GenerationReplica.hold(self, model_id)
+
+    return Replica
 
 
 # --- the front side ----------------------------------------------------------------------------
@@ -209,7 +229,7 @@ class RayCluster:
         low, high = config.ray_min_replicas, max(config.ray_min_replicas, config.ray_max_replicas)
         self.max_replicas = high
         serve.start(proxy_location="Disabled")
-        deployment = serve.deployment(GenerationReplica, name=DEPLOYMENT, max_ongoing_requests=1,
+        deployment = serve.deployment(replica_class(serve, max(1, config.model_cache_size or 1)), name=DEPLOYMENT, max_ongoing_requests=1,
                                       ray_actor_options=options, health_check_period_s=2,
                                       autoscaling_config={"min_replicas": low, "max_replicas": high,
                                                           "initial_replicas": low,
@@ -272,7 +292,10 @@ class RemoteRunner:
               cancel: CancelToken, preview_every: int) -> GenerationResult:
         job_id = uuid.uuid4().hex
         self.lane.replica = None
-        stream = cluster.handle.generate.remote(request, preview_every, job_id)
+        handle = cluster.handle  # a checkpoint's jobs go to a replica that holds it (Serve's model multiplexing)
+        if request.checkpoint:
+            handle = handle.options(multiplexed_model_id=request.checkpoint)
+        stream = handle.generate.remote(request, preview_every, job_id)
         done = threading.Event()
         forwarder = threading.Thread(target=_forward_cancel, args=(cluster, job_id, cancel, done), daemon=True)
         forwarder.start()
