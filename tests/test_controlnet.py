@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from tests.conftest import start_server, stop_server
@@ -252,3 +253,29 @@ def test_an_sdxl_controlnet_gets_the_size_conditioning(data_dir: Path, checkpoin
     assert np.abs(px(steered.images[0]) - plain).mean() > 1
     converted = engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit(model="xl_original")]))
     assert np.array_equal(px(converted.images[0]), px(steered.images[0]))
+
+
+def test_the_inpaint_preprocessor_marks_the_masked_pixels(engine: Engine) -> None:
+    """The inpaint ControlNet's input is the picture with the pixels to repaint at -1: the unit's
+    own mask (A1111's {"image", "mask"}), else img2img's inpaint mask; none is an error up front."""
+    from webui.controlnet import apply
+    from webui.controlnet.units import ControlUnit
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the left half is to be repainted
+    cn_unit = ControlUnit(**unit(module="inpaint_only", image={"image": b64(square()), "mask": b64(mask)}))
+    assert cn_unit.mask is not None
+    request = req(checkpoint="sd1", controlnet=[cn_unit])
+    (prepared,) = apply.prepare(request, engine.controlnets, engine.bundle("sd1"))
+    hint = prepared.control((64, 64), torch.device("cpu"), torch.float32)[0]
+    assert (hint[:, :, :32] == -1).all() and (hint[:, :, 32:] >= 0).all()
+    assert hint[:, 32, 40].min() == 1.0  # the square's white, kept where it is not masked
+    masked = px(engine.runner.generate(request).images[0])
+    plain = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(module="none")])).images[0])
+    assert not np.array_equal(masked, plain)
+    with pytest.raises(ValueError, match="controlnet unit 0: the inpaint preprocessor needs a mask"):
+        engine.check(req(checkpoint="sd1", controlnet=[unit(module="inpaint_only")]))
+    inpaint = req(checkpoint="sd1", init_images=(square(),), mask=mask, denoising_strength=0.8,
+                  controlnet=[{"model": "cn_canny", "module": "inpaint"}])  # img2img's mask, img2img's image
+    engine.check(inpaint)
+    assert engine.runner.generate(inpaint).images[0].size == (64, 64)

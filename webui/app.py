@@ -266,10 +266,13 @@ class Engine:
 
     def _check_control_unit(self, i: int, unit: ControlUnit, request: GenerationRequest) -> None:
         from webui.controlnet import preprocess
+        from webui.controlnet.units import NO_MASK
 
         try:
             preprocess.find(unit.module, self.controlnets.annotators)
             self.controlnets.find(unit.model)
+            if preprocess.is_inpaint(unit.module) and unit.inpaint_mask(request.mask) is None:
+                raise ValueError(NO_MASK)
         except (ValueError, ModelError) as err:
             raise type(err)(f"controlnet unit {i}: {err}") from None
         if unit.image is None and not request.is_img2img:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from webui.controlnet import preprocess
 from webui.controlnet.models import ControlNetLibrary
-from webui.controlnet.units import ControlMode, ControlUnit
+from webui.controlnet.units import NO_MASK, ControlMode, ControlUnit
 from webui.models.errors import ModelError
 from webui.models.load import ModelBundle
 from webui.pipeline.init_image import resize_image
@@ -45,6 +45,7 @@ class PreparedUnit:
     image: Image.Image  # preprocessed, before it is fitted to a pass's size
     title: str
     thresholds: tuple[float, float]
+    mask: Image.Image | None = None  # the inpaint preprocessor's: these pixels become -1 in the control image
     tensors: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     features: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # a T2I-Adapter's, per size
 
@@ -53,6 +54,9 @@ class PreparedUnit:
         if size not in self.tensors:
             fitted = resize_image(self.image, int(self.unit.resize_mode), *size).convert("RGB")
             array = np.asarray(fitted, dtype=np.float32) / 255.0
+            if self.mask is not None:  # the inpaint ControlNet reads -1 as "to be painted"
+                mask = np.asarray(resize_image(self.mask, int(self.unit.resize_mode), *size).convert("L"))
+                array[mask > 127] = -1.0
             self.tensors[size] = torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
         return self.tensors[size]
 
@@ -78,7 +82,13 @@ def prepare(request: GenerationRequest, library: ControlNetLibrary, bundle: Mode
         a = unit.threshold_a if unit.threshold_a != -1 else default_a
         b = unit.threshold_b if unit.threshold_b != -1 else default_b
         image = preprocess.run(unit.module, source, resolution, a, b, library.annotators, str(bundle.runtime.device))
-        out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b)))
+        mask = None
+        if preprocess.is_inpaint(unit.module):
+            mask = unit.inpaint_mask(request.mask)
+            if mask is None:
+                raise ValueError(f"ControlNet unit {i}: {NO_MASK}")
+            image = source.convert("RGB")  # the picture itself: its masked pixels are marked when fitted
+        out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b), mask))
     return out
 
 

@@ -96,6 +96,15 @@ def lineart_standard(image: Image.Image, _a: float, _b: float) -> Image.Image:
     return Image.fromarray((darker / scale * 127.0).clip(0, 255).astype(np.uint8)).convert("RGB")
 
 
+def inpaint(image: Image.Image, _a: float, _b: float) -> Image.Image:
+    """The picture as it is: the unit's mask marks what to repaint (webui.controlnet.apply)."""
+    return image.convert("RGB")
+
+
+def is_inpaint(name: str) -> bool:
+    return ALIASES.get(name.strip().lower(), name.strip().lower()) == "inpaint"
+
+
 def none(image: Image.Image, _a: float, _b: float) -> Image.Image:
     return image.convert("RGB")
 
@@ -110,9 +119,11 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "tile_resample": (tile_resample, (1, 0)),
     "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
     "lineart_standard": (lineart_standard, (0, 0)),
+    "inpaint": (inpaint, (0, 0)),  # the inpaint ControlNet's input: the masked pixels set to -1
 }
 ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold",
-           "lineart_standard (from white bg & black line)": "lineart_standard"}
+           "lineart_standard (from white bg & black line)": "lineart_standard", "inpaint_only": "inpaint",
+           "inpaint_global_harmonious": "inpaint"}
 
 
 def names() -> list[str]:

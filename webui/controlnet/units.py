@@ -40,6 +40,9 @@ def _by_name(value: Any, names: dict[str, int], what: str) -> Any:
     return value
 
 
+NO_MASK = "the inpaint preprocessor needs a mask (paint one in img2img's inpaint, or give the unit's image a mask)"
+
+
 class ControlUnit(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True)
 
@@ -48,6 +51,7 @@ class ControlUnit(BaseModel):
     model: str = "None"
     weight: float = Field(1.0, ge=0.0, le=2.0)
     image: ImageInput | None = None  # None: img2img's init image
+    mask: ImageInput | None = None  # white = repaint, for the inpaint preprocessor (None: img2img's inpaint mask)
     resize_mode: ResizeMode = ResizeMode.CROP_AND_RESIZE
     processor_res: int = Field(512, ge=64, le=2048)
     threshold_a: float = -1  # -1: the preprocessor's own default (canny: 100 and 200)
@@ -66,6 +70,10 @@ class ControlUnit(BaseModel):
         image = data.get("image")
         if isinstance(image, dict):  # {"image": ..., "mask": ...}
             data["image"] = image.get("image")
+            if image.get("mask") not in ("", None) and "mask" not in data:
+                data["mask"] = image["mask"]
+        if data.get("mask") in ("", None):
+            data.pop("mask", None)
         if data.get("image") in ("", None):
             data.pop("image", None)
         if "input_image" in data and "image" not in data:  # the extension's older name
@@ -91,6 +99,13 @@ class ControlUnit(BaseModel):
         if self.guidance_start > self.guidance_end:
             raise ValueError(f"guidance_start {self.guidance_start} is after guidance_end {self.guidance_end}")
         return self
+
+    def inpaint_mask(self, request_mask: Any) -> Any:
+        """The inpaint preprocessor's mask: the unit's own, else img2img's inpaint mask when the unit
+        takes the init image; None when there is none."""
+        if self.mask is not None:
+            return self.mask
+        return request_mask if self.image is None else None
 
     @property
     def active(self) -> bool:
