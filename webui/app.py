@@ -82,7 +82,8 @@ class Engine:
             self.workers = make_workers(config, park=self._park, unpark=self._unpark)
         for worker in self.workers:
             worker.make_runner = self._make_runner
-        self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes)
+        self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes,
+                                             clip_vision=config.models_path / "clip_vision")
         self.taggers = Taggers(config.models_path / "interrogators")
         self.clip_interrogator = ClipInterrogator(config.models_path)
         self.jobs = JobQueue(retention_s=config.job_retention_s, max_jobs=config.job_retention_count,

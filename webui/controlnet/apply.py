@@ -26,7 +26,7 @@ import torch
 from diffusers import T2IAdapter
 from PIL import Image
 
-from webui.controlnet import preprocess
+from webui.controlnet import ip_adapter, preprocess
 from webui.controlnet.models import ControlNetLibrary
 from webui.controlnet.units import NO_MASK, ControlMode, ControlUnit
 from webui.models.errors import ModelError
@@ -104,9 +104,12 @@ def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: M
     models = []
     for u in units:
         try:
-            models.append((u, library.load(u.unit.model, bundle)))
+            net = library.load(u.unit.model, bundle)
         except ModelError as err:
             log.warning("ControlNet unit %d skipped on %s: %s", u.index, bundle.model_name, err)
+            continue
+        if not isinstance(net, ip_adapter.IPAdapterModel):  # those go in through `ip_adapter_run`
+            models.append((u, net))
     if not models:
         return None
     channels = bundle.family.latent_channels
@@ -149,6 +152,44 @@ def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: M
         call.kwargs["mid_block_additional_residual"] = mid_sum if given_mid is None else given_mid + mid_sum
 
     return add
+
+
+def ip_adapter_run(units: list[PreparedUnit], library: ControlNetLibrary, bundle: ModelBundle,
+                   steps: int) -> tuple[Any, Callable[[Any], None]] | None:
+    """For a sampling run with an IP-Adapter unit: (a context manager that installs the adapter on
+    `bundle`'s UNet for the run, the per-call model input giving each row its image embeddings);
+    None without one, or when it does not fit this model (a refiner: skipped there, and logged).
+    One IP-Adapter unit a job (ValueError for more)."""
+    found = []
+    for u in units:
+        try:
+            net = library.load(u.unit.model, bundle)
+        except ModelError as err:
+            log.warning("ControlNet unit %d skipped on %s: %s", u.index, bundle.model_name, err)
+            continue
+        if isinstance(net, ip_adapter.IPAdapterModel):
+            found.append((u, net))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"ControlNet units {', '.join(str(u.index) for u, _ in found)}: one IP-Adapter a job")
+    u, adapter = found[0]
+    key = ("ip", adapter.name, str(bundle.runtime.device))
+    if key not in u.features:
+        encoder = library.clip_vision.encoder_for(adapter, bundle.runtime.device)
+        u.features[key] = list(ip_adapter.embeddings(adapter, encoder, u.image))
+    positive, negative = (e.to(dtype=bundle.runtime.dtype) for e in u.features[key])
+
+    def add(call: Any) -> None:
+        fraction = (call.step - 1) / max(steps, 1)
+        inside = u.unit.guidance_start <= fraction <= u.unit.guidance_end
+        ip_adapter.set_scale(adapter, u.unit.weight if inside else 0.0)
+        rows = positive.expand(len(call.row_image), *positive.shape[1:]).clone()
+        if call.uncond_rows:
+            rows[call.uncond_rows] = negative
+        call.added_cond_kwargs = {**(call.added_cond_kwargs or {}), "image_embeds": [rows]}
+
+    return ip_adapter.installed(bundle.unet, adapter), add
 
 
 def _shaped(mode: ControlMode, uncond_rows: Any, residuals: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from webui.controlnet import adapter
+from webui.controlnet import adapter, ip_adapter
 from webui.controlnet.annotators import Annotators
+from webui.controlnet.ip_adapter import ClipVision
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 
@@ -41,10 +42,11 @@ class ControlNetFile:
 
 
 class ControlNetLibrary:
-    def __init__(self, folder: Path, hashes: HashCache) -> None:
+    def __init__(self, folder: Path, hashes: HashCache, clip_vision: Path | None = None) -> None:
         self.folder = Path(folder)
         self.hashes = hashes
         self.annotators = Annotators(self.folder / "annotators")  # the preprocessors' own weights
+        self.clip_vision = ClipVision(clip_vision or self.folder.parent / "clip_vision")  # IP-Adapter's encoders
         self._loaded: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -97,6 +99,8 @@ class ControlNetLibrary:
             raise ModelError(f"ControlNet {f.path.name}: cannot read it: {err}") from None
         if adapter.is_adapter(state):
             return adapter.build(state, f.name, bundle)
+        if ip_adapter.is_ip_adapter(state):
+            return ip_adapter.build(state, f.name, bundle)
         with torch.device("meta"):
             model = ControlNetModel.from_unet(bundle.unet, load_weights_from_unet=False)
         if any(k.startswith(("control_model.", "input_hint_block.")) for k in state):

@@ -120,10 +120,12 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
     "lineart_standard": (lineart_standard, (0, 0)),
     "inpaint": (inpaint, (0, 0)),  # the inpaint ControlNet's input: the masked pixels set to -1
+    "ip-adapter": (none, (0, 0)),  # the picture as it is: its CLIP encoding is the prompt (webui.controlnet.ip_adapter)
 }
 ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold",
            "lineart_standard (from white bg & black line)": "lineart_standard", "inpaint_only": "inpaint",
-           "inpaint_global_harmonious": "inpaint"}
+           "inpaint_global_harmonious": "inpaint", **{f"ip-adapter_clip_{n}": "ip-adapter" for n in (
+               "sd15", "h", "sdxl", "g", "sdxl_plus_vith")}, "ip-adapter-auto": "ip-adapter"}
 
 
 def names() -> list[str]:

@@ -94,7 +94,7 @@ class ModelCall:
     row_image: list[int]
     uncond_rows: list[int] | None
     kwargs: dict[str, Any] = field(default_factory=dict)
-    added_cond_kwargs: Any = None  # since 1.2: SDXL's pooled text and size conditioning for this call
+    added_cond_kwargs: Any = None  # since 1.2: SDXL's pooled text and size conditioning; a model input may extend it
 
 
 @dataclass

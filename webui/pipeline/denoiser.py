@@ -81,7 +81,7 @@ class CFGDenoiser:
                              list(sc.uncond_rows) if sc.uncond_rows is not None else None, added_cond_kwargs=added)
             for add in self.model_inputs:
                 add(call)
-            extra = call.kwargs
+            extra, added = call.kwargs, call.added_cond_kwargs
         out = self.unet(unet_in, timestep, encoder_hidden_states=context, added_cond_kwargs=added,
                         return_dict=False, **extra)[0].float()
         if self.v_prediction:

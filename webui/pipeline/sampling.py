@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -94,10 +95,13 @@ class Sampling:
         p.conditioning.prepare(range(first_step, first_step + len(sigmas) - 1))  # the steps this run samples
         make_preview = self.previewer(bundle)
         model_fn = self._setup_denoiser(job, bundle, denoiser, sampler_name, len(sigmas) - 1)
+        ip_run = None
         if job.controls and self.controlnets is not None:
             add = cn.model_input(job.controls, self.controlnets, bundle, p.size, steps or len(sigmas) - 1)
             if add is not None:
                 denoiser.model_inputs.insert(0, add)
+            if ip_run := cn.ip_adapter_run(job.controls, self.controlnets, bundle, steps or len(sigmas) - 1):
+                denoiser.model_inputs.insert(0, ip_run[1])
         step_hooks = self.extensions.has("step_end")
 
         def noise(like: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,7 @@ class Sampling:
         w, h = p.size
         try:
             with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)), \
-                    step_cache(bundle.unet, *job.step_cache) as cache:
+                    step_cache(bundle.unet, *job.step_cache) as cache, ip_run[0] if ip_run else nullcontext():
                 if cache is not None:
                     job.infotext_fields.update({"DeepCache interval": job.step_cache[0],
                                                 "DeepCache branch": job.step_cache[1]})

@@ -108,3 +108,47 @@ def write_adapter(path: Path, unet: UNet2DConditionModel, strength: float = 1.0,
     else:  # TencentARC's files are torch.save pickles of a plain state dict
         torch.save(state, path)
     return path
+
+
+def make_clip_vision(hidden: int = 32, projection: int = 24, layers: int = 2, image_size: int = 28,
+                     patch: int = 14, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny CLIP vision model with projection, as transformers names its weights (the layout of
+    the `models/clip_vision/*.safetensors` files)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=projection,
+                              num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), patch_size=patch,
+                              image_size=image_size, hidden_act="gelu", layer_norm_eps=1e-5)
+    return {k: v.contiguous() for k, v in CLIPVisionModelWithProjection(config).state_dict().items()}
+
+
+def make_ip_adapter(unet: UNet2DConditionModel, image_embed_dim: int, tokens: int = 4, seed: int = 0,
+                    strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """A plain IP-Adapter for `unet` in h94's layout: `image_proj.proj/norm` (the image embedding to
+    `tokens` context tokens) and `ip_adapter.N.to_k_ip/to_v_ip` for each cross-attention layer,
+    N = 1, 3, 5, ... in the UNet's processor order."""
+    gen = torch.Generator().manual_seed(seed)
+    context = unet.config.cross_attention_dim
+    widths = list(unet.config.block_out_channels)
+
+    def rand(*shape: int, scale: float = 0.1) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * scale * strength
+
+    state = {"image_proj.proj.weight": rand(context * tokens, image_embed_dim, scale=0.5),
+             "image_proj.proj.bias": rand(context * tokens), "image_proj.norm.weight": torch.ones(context),
+             "image_proj.norm.bias": torch.zeros(context)}
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = widths[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(widths))[int(name[len("up_blocks.")])]
+        else:
+            hidden = widths[int(name[len("down_blocks.")])]
+        state[f"ip_adapter.{key}.to_k_ip.weight"] = rand(hidden, context)
+        state[f"ip_adapter.{key}.to_v_ip.weight"] = rand(hidden, context)
+        key += 2
+    return state
