@@ -96,20 +96,24 @@ def infotext(units: list[PreparedUnit]) -> dict[str, str]:
     return {f"ControlNet {u.index}": u.unit.infotext(u.title, u.thresholds) for u in units}
 
 
-def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: ModelBundle, size: tuple[int, int],
-                steps: int) -> Callable[[Any], None] | None:
-    """The `model_inputs` entry for one sampling run of `steps` steps at `size` on `bundle`; None
-    when no unit fits the model (a refiner of another family: each unit that does not fit is
-    skipped there, and logged)."""
-    models = []
+def load_units(units: list[PreparedUnit], library: ControlNetLibrary,
+               bundle: ModelBundle) -> list[tuple[PreparedUnit, Any]]:
+    """Each unit with its model loaded for `bundle`; a unit whose model does not fit it (a refiner
+    of another family) is skipped there, and logged."""
+    loaded = []
     for u in units:
         try:
-            net = library.load(u.unit.model, bundle)
+            loaded.append((u, library.load(u.unit.model, bundle)))
         except ModelError as err:
             log.warning("ControlNet unit %d skipped on %s: %s", u.index, bundle.model_name, err)
-            continue
-        if not isinstance(net, ip_adapter.IPAdapterModel):  # those go in through `ip_adapter_run`
-            models.append((u, net))
+    return loaded
+
+
+def model_input(loaded: list[tuple[PreparedUnit, Any]], bundle: ModelBundle, size: tuple[int, int],
+                steps: int) -> Callable[[Any], None] | None:
+    """The `model_inputs` entry of the ControlNets and T2I-Adapters among `loaded` (see
+    `load_units`) for one sampling run of `steps` steps at `size` on `bundle`; None without any."""
+    models = [(u, net) for u, net in loaded if not isinstance(net, ip_adapter.IPAdapterModel)]
     if not models:
         return None
     channels = bundle.family.latent_channels
@@ -154,21 +158,12 @@ def model_input(units: list[PreparedUnit], library: ControlNetLibrary, bundle: M
     return add
 
 
-def ip_adapter_run(units: list[PreparedUnit], library: ControlNetLibrary, bundle: ModelBundle,
+def ip_adapter_run(loaded: list[tuple[PreparedUnit, Any]], library: ControlNetLibrary, bundle: ModelBundle,
                    steps: int) -> tuple[Any, Callable[[Any], None]] | None:
-    """For a sampling run with an IP-Adapter unit: (a context manager that installs the adapter on
-    `bundle`'s UNet for the run, the per-call model input giving each row its image embeddings);
-    None without one, or when it does not fit this model (a refiner: skipped there, and logged).
-    One IP-Adapter unit a job (ValueError for more)."""
-    found = []
-    for u in units:
-        try:
-            net = library.load(u.unit.model, bundle)
-        except ModelError as err:
-            log.warning("ControlNet unit %d skipped on %s: %s", u.index, bundle.model_name, err)
-            continue
-        if isinstance(net, ip_adapter.IPAdapterModel):
-            found.append((u, net))
+    """For a sampling run with an IP-Adapter among `loaded`: (a context manager that installs the
+    adapter on `bundle`'s UNet for the run, the per-call model input giving each row its image
+    embeddings); None without one. One IP-Adapter unit a job (ValueError for more)."""
+    found = [(u, net) for u, net in loaded if isinstance(net, ip_adapter.IPAdapterModel)]
     if not found:
         return None
     if len(found) > 1:

@@ -97,10 +97,11 @@ class Sampling:
         model_fn = self._setup_denoiser(job, bundle, denoiser, sampler_name, len(sigmas) - 1)
         ip_run = None
         if job.controls and self.controlnets is not None:
-            add = cn.model_input(job.controls, self.controlnets, bundle, p.size, steps or len(sigmas) - 1)
+            loaded = cn.load_units(job.controls, self.controlnets, bundle)
+            add = cn.model_input(loaded, bundle, p.size, steps or len(sigmas) - 1)
             if add is not None:
                 denoiser.model_inputs.insert(0, add)
-            if ip_run := cn.ip_adapter_run(job.controls, self.controlnets, bundle, steps or len(sigmas) - 1):
+            if ip_run := cn.ip_adapter_run(loaded, self.controlnets, bundle, steps or len(sigmas) - 1):
                 denoiser.model_inputs.insert(0, ip_run[1])
         step_hooks = self.extensions.has("step_end")
 
