@@ -37,6 +37,13 @@ def picture() -> Image.Image:
     return image
 
 
+def as_the_unit_sees_it() -> Image.Image:
+    """The unit's picture as its preprocessor passes it on (at the 512 px processor resolution)."""
+    from webui.controlnet import preprocess
+
+    return preprocess.run("ip-adapter_clip_sd15", picture(), 512, 0, 0)
+
+
 def unit(**kw) -> dict:
     return {"model": "ip-adapter_sd15", "module": "ip-adapter_clip_sd15", "image": picture(), **kw}
 
@@ -77,7 +84,7 @@ def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data
     bundle = engine.bundle("sd1")
     adapter = engine.controlnets.load("ip-adapter_sd15", bundle)
     encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
-    positive, negative = ip_adapter.embeddings(adapter, encoder, picture().resize((640, 512)))
+    positive, negative = ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())
     te = bundle.text_encoders[0]
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="linspace", steps_offset=1)
@@ -96,9 +103,9 @@ def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data
                       latents=noise, height=64, width=64, output_type="np",
                       ip_adapter_image_embeds=[torch.cat([negative, positive])]).images[0]
     finally:
-        bundle.unet.set_attn_processor(before)
         bundle.unet.encoder_hid_proj = None
         bundle.unet.config.encoder_hid_dim_type = None
+        bundle.unet.set_attn_processor(before)
     theirs = np.round(theirs * 255).astype(np.int16)
     diff = np.abs(px(ours) - theirs)
     assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
@@ -115,3 +122,43 @@ def test_a_missing_encoder_or_an_adapter_for_another_model_is_named(engine: Engi
     (data_dir / "models" / "clip_vision" / "CLIP-ViT-H-14.safetensors").unlink()
     with pytest.raises(ModelError, match=r"needs a CLIP vision model giving 24-wide embeddings in .*clip_vision"):
         engine.runner.generate(req(controlnet=[unit()]))
+
+
+def test_a_plus_adapter_reads_clips_tokens_as_diffusers_does(engine: Engine, data_dir: Path) -> None:
+    """ip-adapter-plus (h94's Resampler): the penultimate CLIP tokens of the image, those of a black
+    image for the negative; equal to diffusers with the same weights and embeddings."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    bundle = engine.bundle("sd1")
+    state = make_ip_adapter(bundle.unet, image_embed_dim=32, seed=2, plus=True)  # the encoder's hidden width
+    save_file(state, data_dir / "models" / "ControlNet" / "ip-adapter-plus_sd15.safetensors")
+    plain = px(engine.runner.generate(req()).images[0])
+    ours = engine.runner.generate(req(controlnet=[unit(model="ip-adapter-plus_sd15")])).images[0]
+    assert np.abs(px(ours) - plain).mean() > 1
+    adapter = engine.controlnets.load("ip-adapter-plus_sd15", bundle)
+    assert adapter.plus and adapter.embed_width == 32
+    encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
+    positive, negative = ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())
+    assert positive.shape == (1, 1, 5, 32)  # one image, 2x2 patches (28 px at 14 a patch) + CLS, 32 wide
+    te = bundle.text_encoders[0]
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    grouped = {"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
+               "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}}
+    before = bundle.unet.attn_processors
+    bundle.unet._load_ip_adapter_weights([grouped], low_cpu_mem_usage=False)
+    try:
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(21))
+        theirs = pipe(prompt="a lighthouse", negative_prompt="", num_inference_steps=4, guidance_scale=5.0,
+                      latents=noise, height=64, width=64, output_type="np",
+                      ip_adapter_image_embeds=[torch.cat([negative, positive])]).images[0]
+    finally:
+        bundle.unet.encoder_hid_proj = None
+        bundle.unet.config.encoder_hid_dim_type = None
+        bundle.unet.set_attn_processor(before)
+    diff = np.abs(px(ours) - np.round(theirs * 255).astype(np.int16))
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())

@@ -171,7 +171,7 @@ def embeddings(adapter: IPAdapterModel, encoder: Any, image: Image.Image) -> tup
             return embeds[:, None], torch.zeros_like(embeds)[:, None]
         black = torch.from_numpy(clip_pixels(Image.new("RGB", (size, size)), size))[None].to(encoder.device)
         both = encoder(pixel_values=torch.cat([pixels, black]), output_hidden_states=True).hidden_states[-2]
-        return both[:1], both[1:]
+        return both[:1, None], both[1:, None]  # [1, images, tokens, width], as the Resampler takes them
 
 
 @contextmanager
@@ -186,10 +186,10 @@ def installed(unet: Any, adapter: IPAdapterModel) -> Iterator[None]:
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     try:
         yield
-    finally:
-        unet.set_attn_processor(before)
+    finally:  # the projection first: a "plus" one has attention layers of its own, which would count
         unet.encoder_hid_proj = hid_proj
         unet.config.encoder_hid_dim_type = hid_type
+        unet.set_attn_processor(before)
 
 
 def set_scale(adapter: IPAdapterModel, scale: float) -> None:

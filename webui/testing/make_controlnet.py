@@ -124,10 +124,11 @@ def make_clip_vision(hidden: int = 32, projection: int = 24, layers: int = 2, im
 
 
 def make_ip_adapter(unet: UNet2DConditionModel, image_embed_dim: int, tokens: int = 4, seed: int = 0,
-                    strength: float = 1.0) -> dict[str, torch.Tensor]:
-    """A plain IP-Adapter for `unet` in h94's layout: `image_proj.proj/norm` (the image embedding to
-    `tokens` context tokens) and `ip_adapter.N.to_k_ip/to_v_ip` for each cross-attention layer,
-    N = 1, 3, 5, ... in the UNet's processor order."""
+                    strength: float = 1.0, plus: bool = False) -> dict[str, torch.Tensor]:
+    """An IP-Adapter for `unet` in h94's layout: `image_proj.proj/norm` (plain: the image embedding to
+    `tokens` context tokens) or h94's Resampler (`plus`: `image_proj.latents`, `proj_in`, `layers.*`,
+    reading CLIP's `image_embed_dim`-wide hidden tokens), and `ip_adapter.N.to_k_ip/to_v_ip` for each
+    cross-attention layer, N = 1, 3, 5, ... in the UNet's processor order."""
     gen = torch.Generator().manual_seed(seed)
     context = unet.config.cross_attention_dim
     widths = list(unet.config.block_out_channels)
@@ -135,9 +136,23 @@ def make_ip_adapter(unet: UNet2DConditionModel, image_embed_dim: int, tokens: in
     def rand(*shape: int, scale: float = 0.1) -> torch.Tensor:
         return torch.randn(shape, generator=gen) * scale * strength
 
-    state = {"image_proj.proj.weight": rand(context * tokens, image_embed_dim, scale=0.5),
-             "image_proj.proj.bias": rand(context * tokens), "image_proj.norm.weight": torch.ones(context),
-             "image_proj.norm.bias": torch.zeros(context)}
+    if plus:  # h94's Resampler: learnt queries attending to the CLIP tokens, 4 layers
+        dim = 64  # one head of 64
+        state = {"image_proj.latents": rand(1, tokens, dim), "image_proj.proj_in.weight": rand(dim, image_embed_dim),
+                 "image_proj.proj_in.bias": rand(dim), "image_proj.proj_out.weight": rand(context, dim),
+                 "image_proj.proj_out.bias": rand(context), "image_proj.norm_out.weight": torch.ones(context),
+                 "image_proj.norm_out.bias": torch.zeros(context)}
+        for i in range(4):
+            layer = f"image_proj.layers.{i}"
+            for norm in ("0.norm1", "0.norm2", "1.0"):
+                state[f"{layer}.{norm}.weight"], state[f"{layer}.{norm}.bias"] = torch.ones(dim), torch.zeros(dim)
+            state.update({f"{layer}.0.to_q.weight": rand(dim, dim), f"{layer}.0.to_kv.weight": rand(2 * dim, dim),
+                          f"{layer}.0.to_out.weight": rand(dim, dim), f"{layer}.1.1.weight": rand(4 * dim, dim),
+                          f"{layer}.1.3.weight": rand(dim, 4 * dim)})
+    else:
+        state = {"image_proj.proj.weight": rand(context * tokens, image_embed_dim, scale=0.5),
+                 "image_proj.proj.bias": rand(context * tokens), "image_proj.norm.weight": torch.ones(context),
+                 "image_proj.norm.bias": torch.zeros(context)}
     key = 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
