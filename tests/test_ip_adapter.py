@@ -84,7 +84,9 @@ def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data
     bundle = engine.bundle("sd1")
     adapter = engine.controlnets.load("ip-adapter_sd15", bundle)
     encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
+    assert not any(b.is_meta for b in encoder.buffers())  # position_ids made, not left on the meta device
     positive, negative = ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())
+    assert torch.equal(positive, ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())[0])
     te = bundle.text_encoders[0]
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="linspace", steps_offset=1)

@@ -107,6 +107,7 @@ class ClipVision:
         import torch
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+        from webui.models.load import load_meta_module
         from webui.models.readers import read_state_dict
 
         key = (str(path), str(device))
@@ -125,14 +126,10 @@ class ClipVision:
                     image_size=round((positions - 1) ** 0.5) * patch, hidden_act="gelu", layer_norm_eps=1e-5)
                 with torch.device("meta"):
                     model = CLIPVisionModelWithProjection(config)
-                expected = model.state_dict()
-                missing = [k for k in expected if k not in state]
-                if missing:
-                    raise ModelError(f"{path.name}: not a CLIP vision model ({len(missing)} weights missing, "
-                                     f"first {missing[0]})")
-                model.load_state_dict({k: state[k].to(device=device, dtype=torch.float32) for k in expected},
-                                      assign=True)
-                self._loaded[key] = model.eval().requires_grad_(False)
+                try:
+                    self._loaded[key] = load_meta_module(model, state, device, torch.float32)
+                except ModelError as err:
+                    raise ModelError(f"{path.name}: not a CLIP vision model ({err})") from None
             return self._loaded[key]
 
 

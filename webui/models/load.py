@@ -170,8 +170,14 @@ def _take(sd: StateDict, prefix: str, strip: bool) -> StateDict:
 
 
 def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype: torch.dtype) -> torch.nn.Module:
-    """Load `weights` into a meta-built module, casting tensor by tensor, and move it to the device."""
-    device = runtime.weights_device
+    return load_meta_module(module, weights, runtime.weights_device, dtype)
+
+
+def load_meta_module(module: torch.nn.Module, weights: StateDict, device: torch.device,
+                     dtype: torch.dtype) -> torch.nn.Module:
+    """Load `weights` into a module built on the meta device, casting tensor by tensor onto
+    `device`; the non-persistent `position_ids` buffers that files do not hold are made here (a
+    meta buffer left behind would be read as garbage). ModelError when the weights do not fit."""
     for k in list(weights):
         weights[k] = weights.pop(k).to(device=device, dtype=dtype)
     result = module.load_state_dict(weights, strict=False, assign=True)
