@@ -57,11 +57,11 @@ def test_depth_preprocessors_run_the_users_model_and_say_what_is_missing(data_di
     annotators = engine.controlnets.annotators
     assert {"depth_anything", "depth_anything_v2", "depth_midas"} <= set(preprocess.names())
     with pytest.raises(ValueError, match=r"depth_anything needs a depth model .* in .*annotators/depth_anything"):
-        preprocess.find("depth_anything", annotators)
+        preprocess.check("depth_anything", annotators)
     write_depth_model(annotators.folder / "depth_anything")
     write_depth_model(annotators.folder / "depth_midas", kind="dpt")
     for name in ("depth_anything", "depth_midas"):
-        preprocess.find(name, annotators)
+        preprocess.check(name, annotators)
         depth = preprocess.run(name, picture(), 64, -1, -1, annotators)
         grey = np.asarray(depth.convert("L"), dtype=np.float32)
         assert depth.size == (77, 64) and depth.mode == "RGB"  # the picture at the processor resolution
@@ -69,7 +69,7 @@ def test_depth_preprocessors_run_the_users_model_and_say_what_is_missing(data_di
     (annotators.folder / "depth_anything_v2").mkdir()
     (annotators.folder / "depth_anything_v2" / "config.json").write_text('{"model_type": "dpt"}')
     with pytest.raises(ValueError, match="model.safetensors"):
-        preprocess.find("depth_anything_v2", annotators)
+        preprocess.check("depth_anything_v2", annotators)
 
 
 def test_a_depth_unit_in_a_generation_and_over_the_api(data_dir: Path) -> None:
@@ -99,7 +99,7 @@ def test_hed_and_line_art_networks_from_the_files_users_have(tmp_path: Path) -> 
 
     annotators = Annotators(tmp_path / "annotators")
     with pytest.raises(ValueError, match=r"softedge_hed needs ControlNetHED.pth .*annotators"):
-        preprocess.find("softedge_hed", annotators)
+        preprocess.check("softedge_hed", annotators)
     torch.manual_seed(0)
     (tmp_path / "annotators" / "hed").mkdir(parents=True)
     torch.save(HED().state_dict(), tmp_path / "annotators" / "hed" / "ControlNetHED.pth")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.test_controlnet import px
 from webui.app import Engine, build_engine
 from webui.config import Config
 from webui.controlnet import ip_adapter
@@ -25,10 +26,6 @@ def req(**kw) -> GenerationRequest:
     base = {"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64, "seed": 21, "sampler_name": "Euler",
             "save_images": False, "checkpoint": "sd1", "cfg_scale": 5.0}
     return GenerationRequest(**{**base, **kw})
-
-
-def px(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def picture() -> Image.Image:
@@ -75,18 +72,11 @@ def test_an_image_prompt_steers_and_leaves_the_unet_as_it_was(engine: Engine) ->
     assert "Module: ip-adapter_clip_sd15, Model: ip-adapter_sd15 [" in steered.infotexts[0]
 
 
-def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data_dir: Path) -> None:
+def diffusers_image(bundle, state: dict, positive: torch.Tensor, negative: torch.Tensor) -> np.ndarray:
+    """diffusers' own pipeline on the same model, with the adapter in `state` loaded by diffusers
+    and the given image embeddings; the UNet put back as it was afterwards."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from webui.models.readers import read_state_dict
-
-    ours = engine.runner.generate(req(controlnet=[unit()])).images[0]
-    bundle = engine.bundle("sd1")
-    adapter = engine.controlnets.load("ip-adapter_sd15", bundle)
-    encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
-    assert not any(b.is_meta for b in encoder.buffers())  # position_ids made, not left on the meta device
-    positive, negative = ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())
-    assert torch.equal(positive, ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())[0])
     te = bundle.text_encoders[0]
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="linspace", steps_offset=1)
@@ -94,7 +84,6 @@ def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    state = read_state_dict(data_dir / "models" / "ControlNet" / "ip-adapter_sd15.safetensors")
     grouped = {"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
                "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}}
     before = bundle.unet.attn_processors
@@ -104,11 +93,25 @@ def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data
         theirs = pipe(prompt="a lighthouse", negative_prompt="", num_inference_steps=4, guidance_scale=5.0,
                       latents=noise, height=64, width=64, output_type="np",
                       ip_adapter_image_embeds=[torch.cat([negative, positive])]).images[0]
-    finally:
+    finally:  # the projection first: a plus one has attention layers of its own
         bundle.unet.encoder_hid_proj = None
         bundle.unet.config.encoder_hid_dim_type = None
         bundle.unet.set_attn_processor(before)
-    theirs = np.round(theirs * 255).astype(np.int16)
+    return np.round(theirs * 255).astype(np.int16)
+
+
+def test_it_equals_diffusers_pipeline_with_the_same_adapter(engine: Engine, data_dir: Path) -> None:
+    from webui.models.readers import read_state_dict
+
+    ours = engine.runner.generate(req(controlnet=[unit()])).images[0]
+    bundle = engine.bundle("sd1")
+    adapter = engine.controlnets.load("ip-adapter_sd15", bundle)
+    encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
+    assert not any(b.is_meta for b in encoder.buffers())  # position_ids made, not left on the meta device
+    positive, negative = ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())
+    assert torch.equal(positive, ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())[0])
+    state = read_state_dict(data_dir / "models" / "ControlNet" / "ip-adapter_sd15.safetensors")
+    theirs = diffusers_image(bundle, state, positive, negative)
     diff = np.abs(px(ours) - theirs)
     assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
@@ -129,8 +132,6 @@ def test_a_missing_encoder_or_an_adapter_for_another_model_is_named(engine: Engi
 def test_a_plus_adapter_reads_clips_tokens_as_diffusers_does(engine: Engine, data_dir: Path) -> None:
     """ip-adapter-plus (h94's Resampler): the penultimate CLIP tokens of the image, those of a black
     image for the negative; equal to diffusers with the same weights and embeddings."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
     bundle = engine.bundle("sd1")
     state = make_ip_adapter(bundle.unet, image_embed_dim=32, seed=2, plus=True)  # the encoder's hidden width
     save_file(state, data_dir / "models" / "ControlNet" / "ip-adapter-plus_sd15.safetensors")
@@ -142,25 +143,6 @@ def test_a_plus_adapter_reads_clips_tokens_as_diffusers_does(engine: Engine, dat
     encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
     positive, negative = ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it())
     assert positive.shape == (1, 1, 5, 32)  # one image, 2x2 patches (28 px at 14 a patch) + CLS, 32 wide
-    te = bundle.text_encoders[0]
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="linspace", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    grouped = {"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
-               "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}}
-    before = bundle.unet.attn_processors
-    bundle.unet._load_ip_adapter_weights([grouped], low_cpu_mem_usage=False)
-    try:
-        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(21))
-        theirs = pipe(prompt="a lighthouse", negative_prompt="", num_inference_steps=4, guidance_scale=5.0,
-                      latents=noise, height=64, width=64, output_type="np",
-                      ip_adapter_image_embeds=[torch.cat([negative, positive])]).images[0]
-    finally:
-        bundle.unet.encoder_hid_proj = None
-        bundle.unet.config.encoder_hid_dim_type = None
-        bundle.unet.set_attn_processor(before)
-    diff = np.abs(px(ours) - np.round(theirs * 255).astype(np.int16))
+    theirs = diffusers_image(bundle, state, positive, negative)
+    diff = np.abs(px(ours) - theirs)
     assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.test_controlnet import px, square
 from webui.app import Engine, build_engine
 from webui.config import Config
 from webui.controlnet import adapter as adapter_module
@@ -26,16 +26,6 @@ def req(**kw) -> GenerationRequest:
                 save_images=False, checkpoint="sd1")
     base.update(kw)
     return GenerationRequest(**base)
-
-
-def px(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def square(size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), (0, 0, 0))
-    image.paste((255, 255, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    return image
 
 
 def unit(**kw) -> dict:

@@ -79,9 +79,7 @@ class Engine:
 
             self.workers = make_lanes(config, self.writer)
         else:
-            self.workers = make_workers(config, park=self._park, unpark=self._unpark)
-        for worker in self.workers:
-            worker.make_runner = self._make_runner
+            self.workers = make_workers(config, self._make_runner, park=self._park, unpark=self._unpark)
         self.controlnets = ControlNetLibrary(config.controlnet_path, registry.hashes,
                                              clip_vision=config.models_path / "clip_vision")
         self.taggers = Taggers(config.models_path / "interrogators")
@@ -270,7 +268,7 @@ class Engine:
         from webui.controlnet.units import NO_MASK
 
         try:
-            preprocess.find(unit.module, self.controlnets.annotators)
+            preprocess.check(unit.module, self.controlnets.annotators)
             self.controlnets.find(unit.model)
             if preprocess.is_inpaint(unit.module) and unit.inpaint_mask(request.mask) is None:
                 raise ValueError(NO_MASK)
@@ -278,6 +276,26 @@ class Engine:
             raise type(err)(f"controlnet unit {i}: {err}") from None
         if unit.image is None and not request.is_img2img:
             raise ValueError(f"controlnet unit {i}: no image (give one, or use img2img, whose image it then takes)")
+
+    def preprocess(self, module: str, images: list[Any], resolution: int, a: float = -1,
+                   b: float = -1) -> list[Any]:
+        """Control images made by preprocessor `module` (the page's preview, the API's detect), as a
+        job on a worker: an annotator's model runs on its device. -1 thresholds: the module's own.
+        ValueError for an unknown module or one whose weights are missing."""
+        from webui.controlnet import preprocess
+
+        preprocess.check(module, self.controlnets.annotators)
+        da, db = preprocess.defaults(module)
+
+        def work(progress, cancel, every, worker: Worker) -> list[Any]:
+            return [preprocess.run(module, image, resolution, a if a != -1 else da, b if b != -1 else db,
+                                   self.controlnets.annotators, str(worker.runtime.device)) for image in images]
+
+        job = self.jobs.submit("preprocess", work, owner="api")
+        job.done.wait()
+        if job.error:
+            raise ValueError(job.error)
+        return job.result
 
     # --- scripts (the Script dropdown) ----------------------------------------------------------
 
@@ -348,8 +366,9 @@ class Engine:
         def release(job: Job) -> None:  # a finished job keeps its request's text, not its images
             job.request = job.request.without_inputs()
 
-        return self.jobs.submit(kind, work, request=request, owner=owner, release=release,
-                                affinity=self.model_key(request.checkpoint))
+        local = [w for w in self.workers if not w.remote]
+        affinity = self.model_key(request.checkpoint) if len(local) > 1 else None  # only a choice among several
+        return self.jobs.submit(kind, work, request=request, owner=owner, release=release, affinity=affinity)
 
     def warm_up(self) -> threading.Thread:
         """Import the model stack and build the CLIP tokenizers in the background, so the first

@@ -29,9 +29,10 @@ def plan_devices(config: Config) -> list[int]:
     else device 0), one worker each, or `--workers N` spread over them in turn."""
     ids: tuple[int, ...] = config.device_ids
     if config.all_gpus and not config.use_cpu:
-        from webui.runtime.devices import accelerator_count
+        from webui.runtime.devices import accelerator
 
-        if (count := accelerator_count(config)) == 0:
+        count = found[1] if (found := accelerator(config)) else 0
+        if count == 0:
             log.warning("--all-gpus: no GPU found; one worker on the CPU")
         ids = tuple(range(count))
     ids = ids or (0,)
@@ -47,6 +48,7 @@ class Worker:
     remote = False  # True for a lane to Ray Serve replicas (webui.scale.ray_serve)
 
     def __init__(self, index: int, device_index: int, config: Config, *, share: int = 1, rank: int = 0,
+                 make_runner: Callable[[Worker], Runner] | None = None,
                  park: Callable[[ModelBundle], None] | None = None,
                  unpark: Callable[[ModelBundle], None] | None = None) -> None:
         self.index = index
@@ -58,7 +60,7 @@ class Worker:
         self._runtime: Runtime | None = None
         self._runner: Runner | None = None
         self._lock = threading.RLock()  # the runner's factory asks for the runtime
-        self.make_runner: Callable[[Worker], Runner] | None = None  # set by the engine that owns it
+        self.make_runner = make_runner  # the engine's: a runner on this worker's device and models
 
     @property
     def name(self) -> str:
@@ -118,8 +120,9 @@ def share_cpu(workers: int) -> None:
         log.info("%d workers share the CPU: %d thread(s) each", workers, threads)
 
 
-def make_workers(config: Config, park: Callable[[ModelBundle], None] | None = None,
+def make_workers(config: Config, make_runner: Callable[[Worker], Runner],
+                 park: Callable[[ModelBundle], None] | None = None,
                  unpark: Callable[[ModelBundle], None] | None = None) -> list[Worker]:
     devices = plan_devices(config)
-    return [Worker(i, d, config, share=devices.count(d), rank=devices[:i].count(d), park=park, unpark=unpark)
-            for i, d in enumerate(devices)]
+    return [Worker(i, d, config, share=devices.count(d), rank=devices[:i].count(d), make_runner=make_runner,
+                   park=park, unpark=unpark) for i, d in enumerate(devices)]

@@ -56,18 +56,14 @@ def build_controlnet_router(engine: Engine, route_class: type) -> APIRouter:
 
     @router.post("/detect")
     def detect(body: DetectBody) -> dict:
-        try:
-            preprocess.find(body.controlnet_module, engine.controlnets.annotators)
-            defaults = preprocess.defaults(body.controlnet_module)
-        except ValueError as err:
-            raise HTTPException(422, str(err)) from None
         if not body.controlnet_input_images:
             raise HTTPException(422, "controlnet_input_images: give at least one image")
-        a = body.controlnet_threshold_a if body.controlnet_threshold_a != -1 else defaults[0]
-        b = body.controlnet_threshold_b if body.controlnet_threshold_b != -1 else defaults[1]
-        images = [preprocess.run(body.controlnet_module, im, body.controlnet_processor_res, a, b,
-                                 engine.controlnets.annotators)
-                  for im in body.controlnet_input_images]
+        try:
+            images = engine.preprocess(body.controlnet_module, list(body.controlnet_input_images),
+                                       body.controlnet_processor_res, body.controlnet_threshold_a,
+                                       body.controlnet_threshold_b)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
         return {"images": [_png(im) for im in images], "info": "Success"}
 
     return router

@@ -128,6 +128,8 @@ OPTION_ALIASES = {"sd_checkpoint_cache": "ckpt_cache", "sd_checkpoints_limit": "
 OPTION_VALUES = {("samples_format", "jpg"): "jpeg"}
 # read-only facts in A1111's option list: accepted in a POST (clients send back what GET gave), never stored
 DERIVED_OPTIONS = {"sd_checkpoint_hash"}
+
+
 class Api:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

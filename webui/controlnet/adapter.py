@@ -60,6 +60,8 @@ def build(state: dict[str, torch.Tensor], name: str, bundle: ModelBundle) -> tor
     import torch
     from diffusers import T2IAdapter
 
+    from webui.models.load import load_meta_module
+
     state = to_diffusers(state)
     if any(".out_conv." in k or k.startswith(("adapter.body.0.body.", "transformer_layes", "style_embedding"))
            for k in state):
@@ -88,10 +90,7 @@ def build(state: dict[str, torch.Tensor], name: str, bundle: ModelBundle) -> tor
     with torch.device("meta"):
         model = T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=blocks, downscale_factor=factor,
                            adapter_type="full_adapter_xl" if xl else "full_adapter")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ModelError(f"T2I-Adapter {name}: {len(missing)} weights missing (first: {missing[0]})")
-    rt = bundle.runtime
-    model.load_state_dict({k: state[k].to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
-    return model.eval().requires_grad_(False)
+    try:
+        return load_meta_module(model, state, bundle.runtime.device, bundle.runtime.dtype)
+    except ModelError as err:
+        raise ModelError(f"T2I-Adapter {name}: {err}") from None

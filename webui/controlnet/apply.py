@@ -83,11 +83,8 @@ def prepare(request: GenerationRequest, library: ControlNetLibrary, bundle: Mode
         b = unit.threshold_b if unit.threshold_b != -1 else default_b
         image = preprocess.run(unit.module, source, resolution, a, b, library.annotators, str(bundle.runtime.device))
         mask = None
-        if preprocess.is_inpaint(unit.module):
-            mask = unit.inpaint_mask(request.mask)
-            if mask is None:
-                raise ValueError(f"ControlNet unit {i}: {NO_MASK}")
-            image = source.convert("RGB")  # the picture itself: its masked pixels are marked when fitted
+        if preprocess.is_inpaint(unit.module) and (mask := unit.inpaint_mask(request.mask)) is None:
+            raise ValueError(f"ControlNet unit {i}: {NO_MASK}")
         out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b), mask))
     return out
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 
 from webui.models.errors import ModelError
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 
     from webui.models.load import ModelBundle
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}  # CLIP ViT-B, L, H, bigG: not readable from the shapes
 
 
@@ -135,39 +132,30 @@ class ClipVision:
 
 def _widths(path: Path) -> tuple[int, int]:
     """(hidden, projection) widths of a CLIP vision file, from its header (no weights read)."""
-    import json
-    import struct
+    from webui.models.readers import safetensors_shapes  # torch comes with it: not at start-up
 
-    with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    hidden = header.get("vision_model.embeddings.class_embedding", {}).get("shape", [0])[0]
-    projection = header.get("visual_projection.weight", {}).get("shape", [0])[0]
-    return hidden, projection
-
-
-def clip_pixels(image: Image.Image, size: int) -> np.ndarray:
-    """CLIP's input: the shorter side to `size` (bicubic), the centre square, normalised; [3, S, S]."""
-    rgb = image.convert("RGB")
-    scale = size / min(rgb.size)
-    rgb = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))),
-                     Image.Resampling.BICUBIC)
-    left, top = (rgb.width - size) // 2, (rgb.height - size) // 2
-    array = np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    return ((array - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)).transpose(2, 0, 1)
+    shapes = safetensors_shapes(path)
+    return (shapes.get("vision_model.embeddings.class_embedding", (0,))[0],
+            shapes.get("visual_projection.weight", (0,))[0])
 
 
 def embeddings(adapter: IPAdapterModel, encoder: Any, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
     """(the image's, the negative's) embeddings as the adapter's projection takes them, [1, ...]."""
     import torch
+    from transformers import CLIPImageProcessor
 
-    size = encoder.config.image_size
-    pixels = torch.from_numpy(clip_pixels(image, size))[None].to(encoder.device)
+    size = encoder.config.image_size  # CLIP's own preprocessing (shorter side, centre crop, CLIP's mean and std)
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    def pixels(*images: Image.Image) -> torch.Tensor:
+        return processor(images=[i.convert("RGB") for i in images], return_tensors="pt").pixel_values.to(encoder.device)
+
     with torch.no_grad():
         if not adapter.plus:
-            embeds = encoder(pixel_values=pixels).image_embeds
+            embeds = encoder(pixel_values=pixels(image)).image_embeds
             return embeds[:, None], torch.zeros_like(embeds)[:, None]
-        black = torch.from_numpy(clip_pixels(Image.new("RGB", (size, size)), size))[None].to(encoder.device)
-        both = encoder(pixel_values=torch.cat([pixels, black]), output_hidden_states=True).hidden_states[-2]
+        black = Image.new("RGB", (size, size))
+        both = encoder(pixel_values=pixels(image, black), output_hidden_states=True).hidden_states[-2]
         return both[:1, None], both[1:, None]  # [1, images, tokens, width], as the Resampler takes them
 
 

@@ -96,11 +96,6 @@ def lineart_standard(image: Image.Image, _a: float, _b: float) -> Image.Image:
     return Image.fromarray((darker / scale * 127.0).clip(0, 255).astype(np.uint8)).convert("RGB")
 
 
-def inpaint(image: Image.Image, _a: float, _b: float) -> Image.Image:
-    """The picture as it is: the unit's mask marks what to repaint (webui.controlnet.apply)."""
-    return image.convert("RGB")
-
-
 def is_inpaint(name: str) -> bool:
     return ALIASES.get(name.strip().lower(), name.strip().lower()) == "inpaint"
 
@@ -119,7 +114,7 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "tile_resample": (tile_resample, (1, 0)),
     "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
     "lineart_standard": (lineart_standard, (0, 0)),
-    "inpaint": (inpaint, (0, 0)),  # the inpaint ControlNet's input: the masked pixels set to -1
+    "inpaint": (none, (0, 0)),  # the picture: the unit's mask sets its pixels to -1 (webui.controlnet.apply)
     "ip-adapter": (none, (0, 0)),  # the picture as it is: its CLIP encoding is the prompt (webui.controlnet.ip_adapter)
 }
 ALIASES = {"invert (from white bg & black line)": "invert", "scribble_threshold": "threshold",
@@ -141,7 +136,7 @@ def _entry(name: str) -> tuple[Preprocessor, tuple[float, float]]:
     return PREPROCESSORS[key]
 
 
-def find(name: str, annotators: Annotators | None = None) -> None:
+def check(name: str, annotators: Annotators | None = None) -> None:
     """ValueError when `name` is not a preprocessor, or is one whose weights are not in `annotators`' folder."""
     if is_annotator(name):
         if annotators is not None and (why := annotators.problem(name)) is not None:

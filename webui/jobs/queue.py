@@ -5,7 +5,9 @@ A free worker takes the first queued job, except one that another free worker is
 job pinned to another worker; one whose checkpoint (`affinity`) another free worker already holds
 while this one does not (switching models is the expensive part); or one whose checkpoint no free
 worker holds, when this worker holds models and another free one holds none (so loading it evicts
-nothing). A job is never held back for a busy worker, so nothing waits while a worker is free. Each job has its own cancel token, progress, latest preview and result, so a page or an API
+nothing). A job is never held back for a busy worker, so nothing waits while a worker is free.
+
+Each job has its own cancel token, progress, latest preview and result, so a page or an API
 client follows (and cancels) its own job only. Finished jobs are kept for `retention_s` seconds
 so a client polling for its result finds it, then forgotten; at most `max_jobs` of them and
 `max_bytes` of their images, the oldest dropped first. A finished job keeps what a client may
@@ -216,10 +218,10 @@ class JobQueue:
                 if job.pin == index:
                     return job
                 continue
-            if job.affinity is not None and not _holds(me, job.affinity):
-                if any(_holds(self.workers[i], job.affinity) for i in idle):
+            if job.affinity is not None and not me.holds(job.affinity):
+                if any(self.workers[i].holds(job.affinity) for i in idle):
                     continue  # a free worker that has its model takes it
-                if _loaded(me) and any(not _loaded(self.workers[i]) for i in idle):
+                if me.loaded() and any(not self.workers[i].loaded() for i in idle):
                     continue  # a free worker with nothing loaded takes it: loading there evicts nothing
             return job
         return None
@@ -279,22 +281,6 @@ class JobQueue:
             self._prune()
             kept = [j for j in self._jobs.values() if j.finished is not None]
             return len(kept), sum(retained_bytes(j) for j in kept)
-
-
-def _holds(slot: Slot, affinity: Hashable) -> bool:
-    try:
-        return slot.holds(affinity)
-    except Exception:  # noqa: BLE001  a worker that cannot say is treated as not holding it
-        log.exception("worker %s: holds()", slot.name)
-        return False
-
-
-def _loaded(slot: Slot) -> bool:
-    try:
-        return bool(slot.loaded())
-    except Exception:  # noqa: BLE001
-        log.exception("worker %s: loaded()", slot.name)
-        return False
 
 
 @functools.cache

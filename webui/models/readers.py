@@ -86,15 +86,24 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` table of a weights file (training tools' notes), read from the header
     alone; {} for a pickle, a file without one, or one whose header cannot be read (loading it
     says why)."""
+    meta = _header_of(path).get("__metadata__")
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, read from a safetensors header alone ({} as `safetensors_metadata`)."""
+    return {k: tuple(v["shape"]) for k, v in _header_of(path).items()
+            if isinstance(v, dict) and isinstance(v.get("shape"), list)}
+
+
+def _header_of(path: Path) -> dict:
     if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
         return {}
     try:
         with open(path, "rb") as f:
-            header, _ = _safetensors_header(f, os.fstat(f.fileno()).st_size, path)
+            return _safetensors_header(f, os.fstat(f.fileno()).st_size, path)[0]
     except (OSError, ModelError):
         return {}
-    meta = header.get("__metadata__")
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:

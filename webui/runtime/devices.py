@@ -84,36 +84,30 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def pick_device(config: Config, index: int = 0) -> torch.device:
-    """The accelerator with this index (CUDA, then Apple MPS, then Intel XPU), else the CPU.
-    ValueError for an index past the devices there are."""
+def accelerator(config: Config) -> tuple[str, int] | None:
+    """The accelerator kind the app uses (CUDA, then Apple MPS, then Intel XPU) and how many
+    devices of it there are; None on the CPU (or with --use-cpu)."""
     if config.use_cpu:
-        return torch.device("cpu")
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)  # Intel GPUs, in torch builds that have them
-    for kind, module, available in (("cuda", torch.cuda, torch.cuda.is_available()),
-                                    ("mps", None, mps is not None and mps.is_available()),
-                                    ("xpu", xpu, xpu is not None and xpu.is_available())):
-        if not available:
-            continue
-        count = module.device_count() if module is not None else 1
-        if index >= count:
-            raise ValueError(f"--device-id {index}: this machine has {count} {kind} device(s), numbered from 0")
-        return torch.device(kind) if kind == "mps" else torch.device(kind, index)
-    return torch.device("cpu")
-
-
-def accelerator_count(config: Config) -> int:
-    """How many devices --all-gpus means: the visible CUDA (or XPU) devices, 1 for MPS, 0 without."""
-    if config.use_cpu:
-        return 0
+        return None
     if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return xpu.device_count()
+        return "cuda", torch.cuda.device_count()
     mps = getattr(torch.backends, "mps", None)
-    return 1 if mps is not None and mps.is_available() else 0
+    if mps is not None and mps.is_available():
+        return "mps", 1
+    xpu = getattr(torch, "xpu", None)  # Intel GPUs, in torch builds that have them
+    if xpu is not None and xpu.is_available():
+        return "xpu", xpu.device_count()
+    return None
+
+
+def pick_device(config: Config, index: int = 0) -> torch.device:
+    """The accelerator with this index, else the CPU. ValueError for an index past the devices there are."""
+    if (found := accelerator(config)) is None:
+        return torch.device("cpu")
+    kind, count = found
+    if index >= count:
+        raise ValueError(f"--device-id {index}: this machine has {count} {kind} device(s), numbered from 0")
+    return torch.device(kind) if kind == "mps" else torch.device(kind, index)
 
 
 def pick_runtime(config: Config, index: int = 0) -> Runtime:

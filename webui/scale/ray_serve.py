@@ -183,10 +183,6 @@ class GenerationReplica:
         """Answers at once: what a round trip through Serve costs (bench/workers.py)."""
         return self.name
 
-    def check_health(self) -> None:  # Serve calls it; a replica whose engine is gone is restarted
-        if self.engine is None:
-            raise RuntimeError("no engine")
-
 
 def replica_class(serve: Any, models_per_replica: int) -> type:
     """The replica class the deployment runs: `hold` wrapped in `serve.multiplexed` (a decorator
@@ -229,7 +225,8 @@ class RayCluster:
         low, high = config.ray_min_replicas, max(config.ray_min_replicas, config.ray_max_replicas)
         self.max_replicas = high
         serve.start(proxy_location="Disabled")
-        deployment = serve.deployment(replica_class(serve, max(1, config.model_cache_size or 1)), name=DEPLOYMENT, max_ongoing_requests=1,
+        replica = replica_class(serve, max(1, config.model_cache_size or 1))
+        deployment = serve.deployment(replica, name=DEPLOYMENT, max_ongoing_requests=1,
                                       ray_actor_options=options, health_check_period_s=2,
                                       autoscaling_config={"min_replicas": low, "max_replicas": high,
                                                           "initial_replicas": low,
@@ -370,4 +367,4 @@ def make_lanes(config: Config, writer: OutputWriter) -> list[Worker]:
     """As many lanes as replicas may be: Serve queues what the replicas cannot take yet, which is
     what its autoscaler scales on."""
     cluster = RayCluster(config)
-    return [RayLane(i, config, cluster, writer) for i in range(max(config.ray_min_replicas, config.ray_max_replicas))]
+    return [RayLane(i, config, cluster, writer) for i in range(cluster.max_replicas)]

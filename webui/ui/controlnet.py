@@ -72,9 +72,7 @@ def _preview(engine: Engine, image: Any, module: str, resolution: float, a: floa
     if image is None:
         raise user_error("Upload a control image first.")
     try:
-        da, db = preprocess.defaults(module)
-        return preprocess.run(module, image, int(resolution), a if a != -1 else da, b if b != -1 else db,
-                              engine.controlnets.annotators)
+        return engine.preprocess(module, [image], int(resolution), a, b)[0]
     except ValueError as err:
         raise user_error(str(err)) from None
 
