@@ -156,3 +156,16 @@ def test_xyz_plot_from_the_command_line(data_dir: Path) -> None:
         errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
         assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
         assert len(errors) == 1 and expected in errors[0], bad.stderr
+
+
+def test_ray_flag_without_ray_installed_says_how_to_get_it(tmp_path: Path) -> None:
+    """`--ray` where Ray is not installed: one line naming the extra, exit 2, no traceback. A
+    STAND-IN `ray` module (on PYTHONPATH) that fails to import plays the missing package."""
+    (tmp_path / "stand_in").mkdir()
+    (tmp_path / "stand_in" / "ray.py").write_text('raise ImportError("No module named ray (stand-in)")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stand_in")}
+    r = subprocess.run([sys.executable, "-m", "webui", "--data-dir", str(tmp_path), "--nowebui", "--ray", "auto"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sd-webui[ray]" in errors[0], r.stderr

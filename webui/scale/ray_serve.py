@@ -54,7 +54,7 @@ MISSING = ("--ray needs Ray Serve, an optional extra: pip install 'sd-webui[ray]
            "(or: pip install 'ray[serve]')")
 
 
-class RayUnavailable(RuntimeError):
+class RayUnavailable(ValueError):  # a flag asking for what is not installed: one line, exit 2
     pass
 
 
