@@ -70,9 +70,10 @@ class Server:
 
 
 def start_server(data_dir: Path, *args: str, timeout: float = 90, ready: str = "/",
-                 python_path: Path | None = None) -> Server:
+                 python_path: Path | None = None, first_answer_ready: bool = False) -> Server:
     """Start `python -m webui` and wait until `ready` answers (200, or 401 behind auth).
-    `python_path`: a folder put first on the server's PYTHONPATH (a stand-in a test provides)."""
+    `python_path`: a folder put first on the server's PYTHONPATH (a stand-in a test provides).
+    `first_answer_ready`: poll `ready` tightly and fail unless the very first answer is 200/401."""
     port = free_port()
     log = data_dir / f"server-{port}.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
@@ -92,10 +93,15 @@ def start_server(data_dir: Path, *args: str, timeout: float = 90, ready: str = "
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
         try:
-            if requests.get(server.url + ready, timeout=2).status_code in (200, 401):
-                return server
+            answer = requests.get(server.url + ready, timeout=2)
         except requests.RequestException:
-            pass
+            time.sleep(0.01 if first_answer_ready else 0.2)
+            continue
+        if answer.status_code in (200, 401):
+            return server
+        if first_answer_ready:
+            stop_server(server)
+            raise AssertionError(f"the first answer on {ready} was {answer.status_code}: {answer.text[:200]}")
         time.sleep(0.2)
     stop_server(server)
     raise RuntimeError(f"server did not start in {timeout}s:\n{server.output()}")

@@ -90,6 +90,16 @@ def test_empty_models_folder_page_says_what_to_do(tmp_path: Path) -> None:
         stop_server(s)
 
 
+def test_api_routes_answer_from_the_first_request(tmp_path: Path) -> None:
+    """A client that starts polling the API with the server gets no 404 while the page is up but
+    the API not yet attached: the routes exist before the port accepts a connection."""
+    s = start_server(tmp_path, "--api", ready="/sdapi/v1/sd-models", first_answer_ready=True)
+    try:
+        assert requests.get(s.url + "/sdapi/v1/face-restorers", timeout=10).json() == []
+    finally:
+        stop_server(s)
+
+
 def test_gradio_auth_protects_the_page(tmp_path: Path, checkpoint_store: Path) -> None:
     add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
     s = start_server(tmp_path, "--gradio-auth", "alice:secret")

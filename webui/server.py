@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -27,6 +28,18 @@ def serve(config: Config, block: bool = True) -> None:
 
     demo = build_ui(engine)
     demo.queue(default_concurrency_limit=16)  # our job queue orders generations
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Uvicorn runs this before it accepts a connection: the API and extensions' routes exist
+        # from the first request on (a client that waits for the page would otherwise meet 404s).
+        if config.api:
+            from webui.api.routes import attach
+
+            attach(app, engine)
+        engine.extensions.app_started(app)
+        yield
+
     _, local_url, share_url = demo.launch(
         server_name=config.server_name,
         server_port=config.port,
@@ -42,15 +55,11 @@ def serve(config: Config, block: bool = True) -> None:
         # our /docs and /openapi.json describe /sdapi/v1 (and are behind --api-auth); the guard sits
         # in front of every route, Gradio's included
         app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None,
-                    "middleware": guards(config, Middleware)},
+                    "middleware": guards(config, Middleware), "lifespan": lifespan},
         run_history=False,  # a page of past runs we do not need (and one more route to guard)
         **_extension_assets(engine),
     )
-    engine.extensions.app_started(demo.app)
     if config.api:
-        from webui.api.routes import attach
-
-        attach(demo.app, engine)
         log.info("HTTP API at %s/sdapi/v1 (docs at %s/docs)", local_url.rstrip("/"), local_url.rstrip("/"))
     # After the page is up: hash new checkpoints, import the model stack.
     engine.registry.hash_missing_in_background()
