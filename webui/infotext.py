@@ -237,6 +237,7 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
     put("token_merging_ratio_hr", "Token merging ratio hr", _float)
     put("deepcache_interval", "DeepCache interval", _int)
     put("noise_schedule", "Noise Schedule", str)
+    put("shift", "Shift", _float)
     put("deepcache_branch", "DeepCache branch", _int)
     if params.get("Face restoration", "").strip() in ("CodeFormer", "GFPGAN"):
         out["restore_faces"] = True

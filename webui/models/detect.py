@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from webui.models.errors import ModelError
-from webui.models.families import SD1, SD2, SDXL, SDXL_REFINER, FamilySpec, TextEncoderSpec
+from webui.models.families import SD1, SD2, SD3, SDXL, SDXL_REFINER, FamilySpec, TextEncoderSpec
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -30,9 +30,9 @@ VARIANT_BY_IN_CHANNELS: dict[int, Variant] = {4: "normal", 9: "inpaint", 8: "pix
 class Detected:
     family: FamilySpec
     variant: Variant
-    unet_config: dict[str, Any]
+    unet_config: dict[str, Any]  # the denoiser's diffusers config (UNet, or SD3's MMDiT)
     vae_config: dict[str, Any] | None  # None when the file carries no VAE
-    text_configs: tuple[dict[str, Any], ...]
+    text_configs: tuple[dict[str, Any] | None, ...]  # None: an optional encoder the file lacks
     v_pred_key: bool = False  # the file marks itself as v-prediction
     ztsnr_key: bool = False  # ... and as trained for zero terminal SNR (NoobAI-XL v-pred and the like)
     notes: tuple[str, ...] = field(default=())
@@ -47,7 +47,11 @@ def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
         raise ModelError("not a Stable Diffusion checkpoint (no UNet weights under 'model.diffusion_model.')", path)
 
     family = _family_from_keys(sd, path)
-    text_configs = tuple(text_encoder_config(sd, spec, path) for spec in family.text_encoders)
+    text_configs = tuple(
+        None if spec.optional and not any(k.startswith(spec.prefix) for k in sd) else text_encoder_config(sd, spec, path)
+        for spec in family.text_encoders)
+    if family.denoiser == "mmdit":
+        return _detect_mmdit(sd, family, text_configs, path)
     unet_config = unet_config_from_shapes(sd, family, text_configs, path)
     expected_context = sum(c["hidden_size"] for c in text_configs)
     if unet_config["cross_attention_dim"] != expected_context:
@@ -71,7 +75,55 @@ def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
     )
 
 
+def _detect_mmdit(sd: dict[str, torch.Tensor], family: FamilySpec, text_configs: tuple[dict[str, Any] | None, ...],
+                  path: Path | None) -> Detected:
+    config = mmdit_config_from_shapes(sd, path)
+    pooled = sum(c["projection_dim"] for c, spec in zip(text_configs, family.text_encoders) if c and spec.pooled)
+    if pooled != config["pooled_projection_dim"]:
+        raise ModelError(f"the MMDiT takes pooled text vectors {config['pooled_projection_dim']} wide, the CLIP "
+                         f"encoders give {pooled}; the file is not a known layout", path)
+    for c, spec in zip(text_configs, family.text_encoders):
+        if c is not None and spec.kind == "t5" and c["d_model"] != config["joint_attention_dim"]:
+            raise ModelError(f"T5 width {c['d_model']} does not match the MMDiT's context width "
+                             f"{config['joint_attention_dim']}", path)
+    if config["in_channels"] != family.latent_channels:
+        raise ModelError(f"unsupported MMDiT with {config['in_channels']} input channels", path)
+    vae_config = vae_config_from_shapes(sd, VAE_PREFIX, family, path) if f"{VAE_PREFIX}decoder.conv_in.weight" in sd else None
+    return Detected(family=family, variant="normal", unet_config=config, vae_config=vae_config,
+                    text_configs=text_configs)
+
+
+def mmdit_config_from_shapes(sd: dict[str, torch.Tensor], path: Path | None) -> dict[str, Any]:
+    """A diffusers SD3Transformer2DModel config read from the MMDiT's tensor shapes (SD3 Medium,
+    SD3.5 Medium with its second attention in the first blocks and q/k norms, SD3.5 Large)."""
+    u = UNET_PREFIX
+    width, in_ch, patch, _ = _shape(sd, u + "x_embedder.proj.weight", path)
+    layers = _count(sd, re.escape(u + "joint_blocks.") + r"(\d+)\.")
+    positions = _shape(sd, u + "pos_embed", path)[1]
+    side = round(positions**0.5)
+    if side * side != positions or layers == 0:
+        raise ModelError("MMDiT position embedding or blocks are not laid out as expected", path)
+    dual = sorted({int(m.group(1)) for k in sd if (m := re.match(re.escape(u + "joint_blocks.") + r"(\d+)\.x_block\.attn2\.", k))})
+    return {
+        "sample_size": 128,
+        "patch_size": int(patch),
+        "in_channels": int(in_ch),
+        "out_channels": int(_shape(sd, u + "final_layer.linear.weight", path)[0]) // int(patch) ** 2,
+        "num_layers": layers,
+        "attention_head_dim": 64,
+        "num_attention_heads": int(width) // 64,
+        "joint_attention_dim": int(_shape(sd, u + "context_embedder.weight", path)[1]),
+        "caption_projection_dim": int(_shape(sd, u + "context_embedder.weight", path)[0]),
+        "pooled_projection_dim": int(_shape(sd, u + "y_embedder.mlp.0.weight", path)[1]),
+        "pos_embed_max_size": side,
+        "dual_attention_layers": tuple(dual),
+        "qk_norm": "rms_norm" if f"{u}joint_blocks.0.x_block.attn.ln_q.weight" in sd else None,
+    }
+
+
 def _family_from_keys(sd: dict[str, torch.Tensor], path: Path | None) -> FamilySpec:
+    if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in sd):
+        return SD3
     if any(k.startswith("conditioner.embedders.1.model.") for k in sd):
         return SDXL
     if any(k.startswith("conditioner.embedders.0.model.") for k in sd):
@@ -98,13 +150,16 @@ def _shape(sd: dict[str, torch.Tensor], key: str, path: Path | None) -> torch.Si
 def text_encoder_config(sd: dict[str, torch.Tensor], spec: TextEncoderSpec, path: Path | None) -> dict[str, Any]:
     """A transformers CLIPTextConfig (as a dict) sized from the tensors under `spec.prefix`."""
     p = spec.prefix
+    if spec.kind == "t5":
+        return t5_config(sd, p, path)
     if spec.kind == "clip":
         tm = p + "text_model." if any(k.startswith(p + "text_model.") for k in sd) else p
         vocab, hidden = _shape(sd, tm + "embeddings.token_embedding.weight", path)
         positions = _shape(sd, tm + "embeddings.position_embedding.weight", path)[0]
         layers = _count(sd, re.escape(tm + "encoder.layers.") + r"(\d+)\.")
         intermediate = _shape(sd, tm + "encoder.layers.0.mlp.fc1.weight", path)[0]
-        projection = hidden
+        # SD3's CLIPs carry their projection (HF layout, beside text_model.)
+        projection = _shape(sd, p + "text_projection.weight", path)[0] if p + "text_projection.weight" in sd else hidden
     else:
         vocab, hidden = _shape(sd, p + "token_embedding.weight", path)
         positions = _shape(sd, p + "positional_embedding", path)[0]
@@ -126,6 +181,30 @@ def text_encoder_config(sd: dict[str, torch.Tensor], spec: TextEncoderSpec, path
         "bos_token_id": 49406,
         "eos_token_id": 49407,
         "pad_token_id": 49407 if spec.pad_token != "!" else 0,
+    }
+
+
+def t5_config(sd: dict[str, torch.Tensor], p: str, path: Path | None) -> dict[str, Any]:
+    """A transformers T5Config (as a dict) for a T5 encoder in HF layout under `p` (T5 v1.1's
+    gated-GELU feed-forward; the original T5's ReLU one where `wi` stands alone)."""
+    vocab, width = _shape(sd, p + "shared.weight", path) if p + "shared.weight" in sd else \
+        _shape(sd, p + "encoder.embed_tokens.weight", path)
+    block = p + "encoder.block.0.layer."
+    heads = _shape(sd, block + "0.SelfAttention.relative_attention_bias.weight", path)[1]
+    gated = block + "1.DenseReluDense.wi_0.weight" in sd
+    d_ff = _shape(sd, block + ("1.DenseReluDense.wi_0.weight" if gated else "1.DenseReluDense.wi.weight"), path)[0]
+    return {
+        "vocab_size": int(vocab),
+        "d_model": int(width),
+        "d_kv": int(_shape(sd, block + "0.SelfAttention.q.weight", path)[0]) // int(heads),
+        "d_ff": int(d_ff),
+        "num_layers": _count(sd, re.escape(p + "encoder.block.") + r"(\d+)\."),
+        "num_heads": int(heads),
+        "relative_attention_num_buckets": int(_shape(sd, block + "0.SelfAttention.relative_attention_bias.weight", path)[0]),
+        "feed_forward_proj": "gated-gelu" if gated else "relu",
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "dropout_rate": 0.0,
     }
 
 
@@ -223,4 +302,8 @@ def vae_config_from_shapes(
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "sample_size": family.default_size,
         "scaling_factor": family.latent_scaling_factor,
+        "shift_factor": family.latent_shift or None,
+        # SD3's VAE has no 1x1 convolutions around the latent
+        "use_quant_conv": prefix + "quant_conv.weight" in sd,
+        "use_post_quant_conv": prefix + "post_quant_conv.weight" in sd,
     }

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TextEncoderKind = Literal["clip", "openclip"]
+TextEncoderKind = Literal["clip", "openclip", "t5"]
+# What denoises: the SD UNet, SD3's MMDiT (a diffusers SD3Transformer2DModel), Flux's transformer.
+DenoiserKind = Literal["unet", "mmdit"]
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's defaults
 # Least-squares fits of RGB on the 4 latent channels, per VAE latent space (community-measured).
@@ -32,6 +34,11 @@ class TextEncoderSpec:
     # Index into an SDXL embedding's roles ("clip_l", "clip_g") when it differs from this
     # encoder's position in the family (the refiner's only encoder is SDXL's second, bigG).
     embedding_slot: int | None = None
+    # SD3: both CLIPs give pooled vectors (concatenated); only the hidden states of encoders with
+    # `context` feed the denoiser's token sequence.
+    context: bool = True
+    optional: bool = False  # the file may lack it (SD3's T5: its part of the context is zeros then)
+    max_tokens: int = 77  # a T5 prompt's length, padded (CLIP's are 75-token chunks)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,16 @@ class FamilySpec:
     preview_factors: tuple[tuple[float, float, float], ...] = SD_PREVIEW  # RGB per latent channel (linear)
     taesd_stem: str = "taesd_decoder"  # models/VAE-approx/<stem>.safetensors|.pth
     ays_sigmas: str = "sd1"  # which published Align Your Steps list (webui.samplers.schedules.AYS_SIGMAS)
+    denoiser: DenoiserKind = "unet"
+    # Flow matching (SD3): the model predicts velocity, x_t = (1 - t) x0 + t noise, sampled with
+    # sigma = t; `flow_shift` bends the schedule toward high noise (SD3's default 3.0).
+    flow: bool = False
+    flow_shift: float = 1.0
+    latent_shift: float = 0.0  # the VAE's shift factor: latents = (mean - shift) * scale
+    # Sampler names that make sense for the family (None: all). A flow model takes the
+    # deterministic ones and Euler a (its own flow form); the other ancestral / SDE samplers'
+    # noise injection assumes x = x0 + sigma * noise.
+    samplers: tuple[str, ...] | None = None
 
     def time_ids(self, width: int, height: int) -> tuple[list[float] | None, list[float] | None]:
         """The size conditioning rows (positive, negative) for an image of this size: original size,
@@ -177,4 +194,37 @@ SDXL_REFINER = FamilySpec(
     ays_sigmas="sdxl",
 )
 
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}
+# Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo) in one file, the layout Stability ships:
+# MMDiT under `model.diffusion_model.`, CLIP-L, CLIP-G and (optionally) T5-XXL under
+# `text_encoders.`, a 16-channel VAE. Both CLIPs give their penultimate hidden states (no final
+# norm) side by side, padded with zeros to T5's width, then T5's 256 tokens follow; the pooled
+# vector is CLIP-L's and CLIP-G's projected end tokens together.
+SD3 = FamilySpec(
+    name="sd3",
+    label="SD 3.x",
+    text_encoders=(
+        TextEncoderSpec(kind="clip", prefix="text_encoders.clip_l.transformer.", hidden_act="quick_gelu",
+                        pad_token="<|endoftext|>", default_layer_from_end=2, final_layer_norm=False, pooled=True),
+        TextEncoderSpec(kind="clip", prefix="text_encoders.clip_g.transformer.", hidden_act="gelu", pad_token="!",
+                        default_layer_from_end=2, final_layer_norm=False, pooled=True, embedding_slot=1),
+        TextEncoderSpec(kind="t5", prefix="text_encoders.t5xxl.transformer.", hidden_act="gelu_new", pad_token="<pad>",
+                        default_layer_from_end=1, final_layer_norm=True, optional=True, max_tokens=256),
+    ),
+    default_size=1024,
+    latent_scaling_factor=1.5305,
+    latent_shift=0.0609,
+    fixed_heads=None,
+    head_dim=64,
+    upcast_attention=False,
+    latent_space="sd3",
+    latent_channels=16,
+    preview_factors=(),  # none published under a licence we can ship: the first three channels, normalised
+    taesd_stem="taesd3_decoder",
+    ays_sigmas="sdxl",
+    denoiser="mmdit",
+    flow=True,
+    flow_shift=3.0,
+    samplers=("Euler a", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M"),
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER, SD3)}

@@ -19,7 +19,14 @@ from typing import Any, Literal
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
 
 from webui.models.detect import UNET_PREFIX, VAE_PREFIX, Detected, detect, vae_config_from_shapes
 from webui.models.errors import ModelError
@@ -32,14 +39,14 @@ from webui.runtime.devices import Runtime
 
 log = logging.getLogger(__name__)
 
-Prediction = Literal["epsilon", "v"]
+Prediction = Literal["epsilon", "v", "flow"]
 
 
 @dataclass
 class TextEncoder:
     spec: TextEncoderSpec
-    model: CLIPTextModel | CLIPTextModelWithProjection
-    tokenizer: CLIPTokenizer
+    model: CLIPTextModel | CLIPTextModelWithProjection | T5EncoderModel
+    tokenizer: PreTrainedTokenizerBase
 
 
 @dataclass
@@ -52,7 +59,7 @@ class ModelBundle:
     family: FamilySpec
     variant: str
     prediction: Prediction
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel  # or, for SD3, its MMDiT behind the same call (webui.models.mmdit)
     vae: AutoencoderKL
     vae_name: str | None  # None = the checkpoint's own VAE
     text_encoders: list[TextEncoder]
@@ -91,9 +98,9 @@ def load_bundle(
         alphas = _alphas_cumprod(sd, found.family)
         text_encoders = [
             TextEncoder(spec, _build_text_encoder(sd, spec, cfg, runtime), tokenizers.get(spec.pad_token))
-            for spec, cfg in zip(found.family.text_encoders, found.text_configs)
+            for spec, cfg in zip(found.family.text_encoders, found.text_configs) if cfg is not None
         ]
-        unet = _build_unet(sd, found, runtime)
+        unet = _build_mmdit(sd, found, runtime) if found.family.denoiser == "mmdit" else _build_unet(sd, found, runtime)
         vae = _build_vae(sd, VAE_PREFIX, found.vae_config, runtime) if found.vae_config and vae_path is None else None
     except ModelError:
         sd.clear()
@@ -114,7 +121,7 @@ def load_bundle(
         sha256=sha256,
         family=found.family,
         variant=found.variant,
-        prediction=prediction or ("v" if found.v_pred_key else "epsilon"),
+        prediction="flow" if found.family.flow else prediction or ("v" if found.v_pred_key else "epsilon"),
         unet=unet,
         vae=vae,
         vae_name=Path(vae_path).name if vae_path else None,
@@ -209,6 +216,19 @@ def _build_unet(sd: StateDict, found: Detected, runtime: Runtime) -> UNet2DCondi
     return unet
 
 
+def _build_mmdit(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from webui.models.mmdit import MMDiTDenoiser
+
+    weights = convert_sd3_transformer_checkpoint_to_diffusers(_take(sd, UNET_PREFIX, strip=True))
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(found.unet_config)
+    _finish(transformer, weights, runtime, runtime.dtype)  # its attention is PyTorch SDPA already
+    return MMDiTDenoiser(transformer).eval()
+
+
 def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtime: Runtime) -> AutoencoderKL:
     assert config is not None
     weights = convert_ldm_vae_checkpoint(_take(sd, prefix, strip=True), config)
@@ -223,8 +243,10 @@ def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtim
 
 def _build_text_encoder(
     sd: StateDict, spec: TextEncoderSpec, config: dict[str, Any], runtime: Runtime
-) -> CLIPTextModel | CLIPTextModelWithProjection:
+) -> CLIPTextModel | CLIPTextModelWithProjection | T5EncoderModel:
     raw = _take(sd, spec.prefix, strip=True)
+    if spec.kind == "t5":
+        return _build_t5(raw, config, runtime)
     weights = _convert_clip(raw) if spec.kind == "clip" else _convert_openclip(raw, config["hidden_size"], spec.pooled)
     cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
     cfg = CLIPTextConfig(**config)
@@ -237,13 +259,30 @@ def _build_text_encoder(
     return _finish(model, weights, runtime, runtime.dtype)
 
 
+def _build_t5(raw: StateDict, config: dict[str, Any], runtime: Runtime) -> T5EncoderModel:
+    """T5's encoder in HF layout. Its token embedding is one tensor under two names (`shared`,
+    `encoder.embed_tokens`); files carry either or both, and it is loaded once, then tied."""
+    shared = raw.pop("shared.weight", None)
+    embed = raw.pop("encoder.embed_tokens.weight", None)
+    raw["shared.weight"] = shared if shared is not None else embed
+    cfg = T5Config(**config)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    model.encoder.embed_tokens = torch.nn.Identity()  # no second copy to load: tied below
+    _finish(model, raw, runtime, runtime.dtype)
+    model.encoder.embed_tokens = model.shared
+    return model
+
+
 def _convert_clip(raw: StateDict) -> StateDict:
-    """HF CLIP keys, possibly without the `text_model.` level very old checkpoints lack."""
+    """HF CLIP keys, possibly without the `text_model.` level very old checkpoints lack (SD3's
+    CLIPs keep their `text_projection` beside it)."""
     out = {}
     for k, v in raw.items():
         if k.endswith("position_ids"):
             continue
-        out[k if k.startswith("text_model.") else "text_model." + k] = v
+        out[k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k] = v
     return out
 
 

@@ -36,6 +36,7 @@ class CFGDenoiser:
         self.unet = bundle.unet
         self.dtype = bundle.runtime.dtype
         self.v_prediction = bundle.prediction == "v"
+        self.flow = bundle.prediction == "flow"  # velocity; the model takes x unscaled
         self.schedule = schedule
         self.conditioning = conditioning
         self.cfg_scale = float(cfg_scale)
@@ -61,18 +62,20 @@ class CFGDenoiser:
             sigma = sigma.to(torch.float32)
         else:  # a number: filled on the device, not copied there
             sigma = torch.full((), float(sigma), dtype=torch.float32, device=x.device)
-        c_in = 1.0 / (sigma**2 + 1) ** 0.5
+        c_in = 1.0 if self.flow else 1.0 / (sigma**2 + 1) ** 0.5
         t = self.schedule.sigma_to_t(sigma.reshape(1))
         x_in = x[rows]
         unet_in = (x_in * c_in).to(self.dtype)
         if self.image_cond is not None:
             unet_in = torch.cat([unet_in, self.image_cond[rows].to(self.dtype)], dim=1)
         added = None
-        if sc.pooled is not None and self.time_ids is not None:
-            time_ids = self.time_ids[rows]
-            if self.uncond_time_ids is not None and sc.uncond_rows is not None:
-                time_ids[self._index("uncond", sc.uncond_rows, x.device)] = self.uncond_time_ids
-            added = {"text_embeds": sc.pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
+        if sc.pooled is not None:  # SDXL (with its size conditioning) and SD3
+            added = {"text_embeds": sc.pooled.to(self.dtype)}
+            if self.time_ids is not None:
+                time_ids = self.time_ids[rows]
+                if self.uncond_time_ids is not None and sc.uncond_rows is not None:
+                    time_ids[self._index("uncond", sc.uncond_rows, x.device)] = self.uncond_time_ids
+                added["time_ids"] = time_ids.to(self.dtype)
         context = sc.context.to(self.dtype)
         timestep = t.expand(unet_in.shape[0])  # float32: bf16 cannot hold t near 999 exactly
         extra: dict = {}
@@ -84,7 +87,9 @@ class CFGDenoiser:
             extra, added = call.kwargs, call.added_cond_kwargs
         out = self.unet(unet_in, timestep, encoder_hidden_states=context, added_cond_kwargs=added,
                         return_dict=False, **extra)[0].float()
-        if self.v_prediction:
+        if self.flow:
+            denoised = x_in - out * sigma
+        elif self.v_prediction:
             denoised = x_in / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5
         else:
             denoised = x_in - out * sigma

@@ -54,14 +54,20 @@ def encode(bundle: ModelBundle, images: list[Image.Image]) -> torch.Tensor:
     pixels = images_to_tensor(images).to(rt.device, rt.vae_dtype)
     with vae_pass(bundle, pixels.shape[3], pixels.shape[2], pixels.shape[0]) as vae:
         latents = vae.encode(pixels).latent_dist.mode().float()
-    return latents * bundle.family.latent_scaling_factor
+    return (latents - bundle.family.latent_shift) * bundle.family.latent_scaling_factor
+
+
+def _unscaled(bundle: ModelBundle, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the VAE decodes: the sampler's latents unscaled (and unshifted: SD3)."""
+    family = bundle.family
+    return latents.to(bundle.runtime.device, dtype) / family.latent_scaling_factor + family.latent_shift
 
 
 def decode(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.Image]:
     """Images from scaled latents. A float16/bfloat16 VAE whose output has NaNs (or infinities:
     an overflow) decodes again in float32, with a warning."""
     rt = bundle.runtime
-    scaled = latents.to(rt.device, rt.vae_dtype) / bundle.family.latent_scaling_factor
+    scaled = _unscaled(bundle, latents, rt.vae_dtype)
     with vae_pass(bundle, latents.shape[3] * 8, latents.shape[2] * 8, latents.shape[0]) as vae:
         decoded = vae.decode(scaled, return_dict=False)[0].float()
         vae_dtype = vae.dtype
@@ -69,7 +75,7 @@ def decode(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.Image]:
             name = str(vae_dtype).removeprefix("torch.")
             log.warning("VAE produced NaNs in %s; decoded again in float32. Use --no-half-vae to skip the first try",
                         name)
-            decoded = _decode_float32(vae, latents.to(rt.device, torch.float32) / bundle.family.latent_scaling_factor)
+            decoded = _decode_float32(vae, _unscaled(bundle, latents, torch.float32))
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
 

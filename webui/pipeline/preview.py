@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 
 def approximate_rgb(latents: torch.Tensor, factors: Sequence[Sequence[float]]) -> list[Image.Image]:
     """One small RGB image per latent of the batch, at latent resolution x 8 (nearest). `factors`:
-    RGB per latent channel, the family's `preview_factors`."""
-    rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), torch.tensor(factors, dtype=torch.float32))
+    RGB per latent channel, the family's `preview_factors`; without any, the first three channels,
+    each image scaled to [-1, 1] (a rough picture of the layout)."""
+    if factors:
+        rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), torch.tensor(factors, dtype=torch.float32))
+    else:
+        rgb = latents[:, :3].float().cpu().permute(0, 2, 3, 1)
+        rgb = rgb / rgb.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return [Image.fromarray(np.ascontiguousarray(p)).resize((p.shape[1] * 8, p.shape[0] * 8), Image.Resampling.NEAREST) for p in pixels]
 

@@ -165,6 +165,8 @@ class GenerationRequest(BaseModel):
     # step caching (DeepCache, webui.pipeline.stepcache): the whole model every `interval` calls
     # (0 or 1: off); `branch`: how much is recomputed on the others; None: the Settings' values
     noise_schedule: Literal["Default", "Zero Terminal SNR"] | None = None  # None: the Settings' (sd_noise_schedule)
+    # a flow model's (SD3's) schedule shift; None: the family's (3.0). Not used by other models.
+    shift: float | None = Field(None, gt=0.0, le=100.0)
     deepcache_interval: int | None = Field(None, ge=0, le=20)
     deepcache_branch: int | None = Field(None, ge=0, le=6)
     # ControlNet units (A1111 extension's fields; the API's alwayson_scripts "controlnet" args)

@@ -44,7 +44,7 @@ from webui.pipeline.preview import Previewers
 from webui.pipeline.progress import CancelToken, ProgressFn
 from webui.pipeline.prompt_stage import Library, fits, stage_prompt
 from webui.pipeline.request import MAX_SEED, GenerationRequest, denoise_steps
-from webui.pipeline.sampling import Sampling, fresh_noise
+from webui.pipeline.sampling import Sampling, add_noise, fresh_noise
 from webui.pipeline.state import BatchState, Control, GenerationResult, Interrupted, JobState, PassState
 from webui.prompts.parser import extract_extra_networks
 from webui.runtime.memory import offloaded_after
@@ -237,8 +237,10 @@ class Runner:
 
     def stage_sample(self, job: JobState, batch: BatchState, p: PassState) -> None:
         r, device = job.request, batch.bundle.runtime.device
+        if batch.bundle.prediction == "flow":
+            job.infotext_fields["Shift"] = r.shift or batch.bundle.family.flow_shift
         sigmas = self.sampling.sigmas(batch.bundle, r.sampler_name, r.scheduler, r.steps,
-                                      job.zero_terminal_snr).to(device)
+                                      job.zero_terminal_snr, r.shift).to(device)
         assert batch.noise is not None
         noise = batch.noise.to(device)
         if p.init_latents is None:
@@ -248,7 +250,7 @@ class Runner:
             if t_enc == 0:  # nothing to denoise: the init image is the result
                 return
             sigmas = sigmas[len(sigmas) - t_enc - 1 :]  # the last t_enc steps
-            x = p.init_latents.to(device) + noise * sigmas[0]
+            x = add_noise(batch.bundle, p.init_latents.to(device), noise, sigmas[0])
         p.latents = self._sample_with_refiner(job, batch, p, r.sampler_name, sigmas, x, r.steps)
 
     def _sample_with_refiner(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str,
@@ -310,9 +312,9 @@ class Runner:
             prompts, negatives = batch.prompts, batch.negative_prompts
         p.conditioning = self.stage_conditioning(job, batch, prompts, negatives, steps)
         sampler = r.hr_sampler_name or r.sampler_name
-        sigmas = self.sampling.sigmas(batch.bundle, sampler, r.scheduler, steps, job.zero_terminal_snr)
+        sigmas = self.sampling.sigmas(batch.bundle, sampler, r.scheduler, steps, job.zero_terminal_snr, r.shift)
         sigmas = sigmas[len(sigmas) - t_enc - 1 :].to(batch.bundle.runtime.device)
-        x = start + fresh_noise(batch.generators, start) * sigmas[0]
+        x = add_noise(batch.bundle, start, fresh_noise(batch.generators, start), sigmas[0])
         p.latents = self._sample_with_refiner(job, batch, p, sampler, sigmas, x, steps)
 
     def previewer(self, bundle: ModelBundle) -> Callable[[torch.Tensor], list[Image.Image]]:

@@ -22,19 +22,30 @@ from webui.pipeline.progress import Progress
 from webui.pipeline.state import BatchState, Interrupted, JobState, PassState
 from webui.pipeline.stepcache import step_cache
 from webui.pipeline.tome import token_merging
-from webui.samplers.schedules import DiscreteSchedule, sampler_sigmas
+from webui.samplers.schedules import DiscreteSchedule, FlowSchedule, sampler_sigmas
 from webui.samplers.table import resolve
 
 Previewer = Callable[[torch.Tensor], list[Image.Image]]
 
 
-def noise_schedule(bundle: ModelBundle, zero_snr: bool = False) -> DiscreteSchedule:
+def noise_schedule(bundle: ModelBundle, zero_snr: bool = False, shift: float | None = None) -> DiscreteSchedule:
     """The model's schedule; with `zero_snr` rescaled to zero terminal SNR (the Settings' or the
-    request's choice), unless the file's `ztsnr` key already had it rescaled at load."""
+    request's choice), unless the file's `ztsnr` key already had it rescaled at load. A flow model
+    (SD3) has its flow schedule with `shift` (None: the family's)."""
     from webui.models.load import rescale_zero_terminal_snr
 
+    if bundle.prediction == "flow":
+        return FlowSchedule(bundle.family.flow_shift if shift is None else shift)
     alphas = bundle.alphas_cumprod
     return DiscreteSchedule(rescale_zero_terminal_snr(alphas) if zero_snr and not bundle.zero_terminal_snr else alphas)
+
+
+def add_noise(bundle: ModelBundle, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """`latents` noised to level `sigma`, where img2img and hires fix start: x0 + sigma * noise, or
+    for a flow model (1 - sigma) x0 + sigma * noise."""
+    if bundle.prediction == "flow":
+        return latents * (1 - sigma) + noise * sigma
+    return latents + noise * sigma
 
 
 def fresh_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
@@ -70,11 +81,17 @@ class Sampling:
         return resolve(sampler_name, scheduler, self.extensions.sampler_specs())
 
     def sigmas(self, bundle: ModelBundle, sampler_name: str, scheduler: str, steps: int,
-               zero_snr: bool = False) -> torch.Tensor:
-        """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default)."""
+               zero_snr: bool = False, shift: float | None = None) -> torch.Tensor:
+        """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default; for
+        a flow model its own flow schedule). ValueError for a sampler the family cannot use."""
         spec, schedule = self.resolve(sampler_name, scheduler)
-        return sampler_sigmas(noise_schedule(bundle, zero_snr), spec, schedule, steps,
-                              family=bundle.family.ays_sigmas)
+        family = bundle.family
+        if family.samplers is not None and spec.name not in family.samplers and spec.implementation is None:
+            raise ValueError(f"sampler {spec.name!r} does not work with {family.label} models; choose one of "
+                             f"{', '.join(family.samplers)}")
+        if bundle.prediction == "flow" and schedule == "Automatic":
+            return noise_schedule(bundle, shift=shift).automatic(steps)
+        return sampler_sigmas(noise_schedule(bundle, zero_snr, shift), spec, schedule, steps, family=family.ays_sigmas)
 
     def run(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str, sigmas: torch.Tensor,
             x: torch.Tensor, first_step: int = 1, steps: int = 0) -> torch.Tensor:
@@ -87,7 +104,7 @@ class Sampling:
         time_ids, uncond_time_ids = (torch.tensor([row], dtype=torch.float32).repeat(len(batch), 1) if row else None
                                      for row in rows)
         denoiser = CFGDenoiser(
-            bundle, noise_schedule(bundle, job.zero_terminal_snr), p.conditioning, r.cfg_scale,
+            bundle, noise_schedule(bundle, job.zero_terminal_snr, r.shift), p.conditioning, r.cfg_scale,
             image_cond=p.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
             keep=p.keep, init_latents=p.init_latents,
         )
@@ -131,13 +148,19 @@ class Sampling:
         options = {k: getattr(r, k) for k in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
                    if k in spec.options and getattr(r, k) is not None}
         w, h = p.size
+        tome = p.token_merging
+        if tome and bundle.family.denoiser != "unet":  # ToMe merges a UNet's self-attention tokens only
+            tome = 0.0
+            for key in ("Token merging ratio", "Token merging ratio hr"):
+                job.infotext_fields.pop(key, None)
         try:
-            with token_merging(bundle.unet, p.token_merging, (w // 8, h // 8)), \
+            with token_merging(bundle.unet, tome, (w // 8, h // 8)), \
                     step_cache(bundle.unet, *job.step_cache) as cache, ip_run[0] if ip_run else nullcontext():
                 if cache is not None:
                     job.infotext_fields.update({"DeepCache interval": job.step_cache[0],
                                                 "DeepCache branch": job.step_cache[1]})
-                x = spec.fn(model_fn, x, sigmas, noise=noise, callback=on_step, **options)
+                x = spec.fn_for(bundle.prediction == "flow")(model_fn, x, sigmas, noise=noise, callback=on_step,
+                                                             **options)
         except Interrupted:
             p.latents = denoiser.blend(p.latents)
             raise

@@ -136,6 +136,7 @@ def _final_layer_norm(model: torch.nn.Module) -> torch.nn.Module:
 class EncodedText:
     context: torch.Tensor  # [chunks * 77, D]
     pooled: torch.Tensor | None  # [P]
+    tail: torch.Tensor | None = None  # SD3: T5's tokens, after the CLIP chunks [T, D]
 
 
 class TextConditioner:
@@ -160,23 +161,51 @@ class TextConditioner:
         rows = []
         for e in encoded:
             missing = (longest - e.context.shape[0]) // empty.shape[0]
-            rows.append(torch.cat([e.context, *([empty] * missing)]) if missing else e.context)
+            tail = [] if e.tail is None else [e.tail]
+            rows.append(torch.cat([e.context, *([empty] * missing), *tail]) if missing or tail else e.context)
         pooled = None if encoded[0].pooled is None else torch.stack([e.pooled for e in encoded])
         return Conditioning(torch.stack(rows), pooled)
 
     @torch.no_grad()
     def _encode(self, text: str) -> EncodedText:
-        first = self.bundle.text_encoders[0]
-        chunks = chunk_prompt(first.tokenizer, text, self.embeddings)
-        contexts, pooled = [], None
-        for index, enc in enumerate(self.bundle.text_encoders):
+        clips = [e for e in self.bundle.text_encoders if e.spec.kind != "t5"]
+        chunks = chunk_prompt(clips[0].tokenizer, text, self.embeddings)
+        contexts, pooled = [], []
+        for index, enc in enumerate(clips):
             hidden, enc_pooled = self._run_encoder(index, enc, chunks)
-            contexts.append(hidden)
+            if enc.spec.context:
+                contexts.append(hidden)
             if enc_pooled is not None:
-                pooled = enc_pooled
+                pooled.append(enc_pooled)
         # SDXL: CLIP-L and OpenCLIP-bigG side by side; the SDXL refiner: bigG alone
         context = torch.cat(contexts, dim=-1)
-        return EncodedText(context.reshape(-1, context.shape[-1]), pooled)
+        context = context.reshape(-1, context.shape[-1])
+        tail = None
+        if self.bundle.family.denoiser == "mmdit":  # SD3: the CLIPs padded to T5's width, T5's tokens after them
+            width = self.bundle.unet.config.joint_attention_dim
+            context = torch.nn.functional.pad(context, (0, width - context.shape[-1]))
+            t5 = next((e for e in self.bundle.text_encoders if e.spec.kind == "t5"), None)
+            # without T5, 77 tokens of zeros stand for it (as SD3's reference code does)
+            tail = self._run_t5(t5, text) if t5 is not None else context.new_zeros(CHUNK + 2, width)
+        return EncodedText(context, torch.cat(pooled) if pooled else None, tail)
+
+    def _run_t5(self, enc: TextEncoder, text: str) -> torch.Tensor:
+        """T5's hidden states for `text`: its pieces tokenized with their emphasis, cut to the
+        spec's length less the end token, then padded (no attention mask, as SD3 was trained)."""
+        tok, limit = enc.tokenizer, enc.spec.max_tokens
+        ids: list[int] = []
+        weights: list[float] = []
+        for piece, weight in parse_attention(text):
+            if piece == "BREAK" and weight == -1.0:
+                continue  # T5 has no chunks to break
+            piece_ids = tok(piece, add_special_tokens=False, verbose=False)["input_ids"]
+            ids += piece_ids
+            weights += [weight] * len(piece_ids)
+        ids, weights = ids[: limit - 1] + [tok.eos_token_id], weights[: limit - 1] + [1.0]
+        pad = limit - len(ids)
+        input_ids = torch.tensor([ids + [tok.pad_token_id] * pad], device=self.bundle.runtime.device)
+        hidden = enc.model(input_ids=input_ids).last_hidden_state.float()
+        return self._emphasis(hidden, [weights + [1.0] * pad])[0]
 
     def _run_encoder(self, index: int, enc: TextEncoder, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         tok = enc.tokenizer

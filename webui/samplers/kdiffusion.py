@@ -88,6 +88,34 @@ def sample_euler_ancestral(
     return x
 
 
+def sample_euler_ancestral_flow(
+    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise: NoiseFn, callback: StepCallback | None = None,
+    eta: float = 1.0, s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Euler ancestral for a flow model (x_s = (1 - s) x0 + s noise, sigma = s in (0, 1]).
+
+    It is the ancestral step above taken in the equivalent variance-exploding variables
+    y = x / (1 - s), sigma_ve = s / (1 - s), and written back: with eps the noise the model's x0
+    implies, x' = (1 - s') x0 + s' (sqrt(1 - u^2) eps + u noise), where u = sigma_up / sigma_ve'
+    = min(1, eta sqrt(1 - r^2)) and r = sigma_ve' / sigma_ve. At s = 1 (sigma_ve infinite) r is 0:
+    the first step re-noises all of its noise, as ancestral sampling does from pure noise."""
+    n = len(sigmas) - 1
+    s = _floats(sigmas)
+    for i in range(n):
+        denoised = denoiser(x, sigmas[i])
+        t, t_next = s[i], s[i + 1]
+        if t_next <= 0:
+            x = denoised
+        else:
+            eps = (x - (1 - t) * denoised) / t
+            r = t_next * (1 - t) / (t * (1 - t_next))
+            u = min(1.0, eta * math.sqrt(max(0.0, 1 - r * r)))
+            x = (1 - t_next) * denoised + t_next * (math.sqrt(1 - u * u) * eps + u * s_noise * noise(x))
+        if callback:
+            callback(SamplerStep(i, n, x, sigmas[i], denoised))
+    return x
+
+
 # --- helpers for the samplers below -------------------------------------------------------------
 #
 # Step sizes and coefficients are computed in float64 on the CPU from the sigma list (one copy

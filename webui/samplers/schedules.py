@@ -80,6 +80,31 @@ class DiscreteSchedule:
         return torch.cat([self.t_to_sigma(t), torch.zeros(1)])
 
 
+class FlowSchedule(DiscreteSchedule):
+    """A flow-matching model (SD3) as the samplers see it: sigma is the flow time t in (0, 1], the
+    training table is t = i / T for i = 1..T bent by `shift` (t' = shift t / (1 + (shift - 1) t)),
+    and the model's timestep is t * T. "Automatic" gives the `steps` times evenly spaced from 1
+    down to 1/steps, shifted, then 0 (diffusers' and ComfyUI's flow schedule)."""
+
+    def __init__(self, shift: float = 1.0, timesteps: int = 1000) -> None:
+        self.shift = float(shift)
+        self.timesteps = timesteps
+        t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
+        self.sigmas = self.shifted(t).to(torch.float32)
+        self.log_sigmas = self.sigmas.log()
+        self._log_sigmas_by_device = {self.log_sigmas.device: self.log_sigmas}
+
+    def shifted(self, t: torch.Tensor) -> torch.Tensor:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.float() * self.timesteps
+
+    def automatic(self, steps: int) -> torch.Tensor:
+        t = torch.linspace(1, 1 / steps, steps, dtype=torch.float64)
+        return torch.cat([self.shifted(t).to(torch.float32), torch.zeros(1)])
+
+
 # Published by NVIDIA (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html): 10 steps.
 AYS_SIGMAS = {
     "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),

@@ -46,6 +46,13 @@ class SamplerSpec:
     uses_schedule: bool = True  # False: only the first and last nonzero sigma are used
     discard_penultimate_sigma: bool = False  # A1111: make steps+1 sigmas and drop the next-to-last
     implementation: Callable[..., object] | None = None  # an extension's sampler function (else `function`)
+    flow_function: str | None = None  # "module:function" for flow models (SD3), where it differs
+
+    def fn_for(self, flow: bool) -> Callable[..., object]:
+        if flow and self.flow_function is not None:
+            module, _, attr = self.flow_function.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return self.fn
 
     @property
     def fn(self) -> Callable[..., object]:
@@ -59,7 +66,7 @@ _K = "webui.samplers.kdiffusion:"
 
 SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("Euler a", _K + "sample_euler_ancestral", aliases=("k_euler_a", "k_euler_ancestral", "euler_ancestral"),
-                stochastic=True, options=_ANCESTRAL),
+                stochastic=True, options=_ANCESTRAL, flow_function=_K + "sample_euler_ancestral_flow"),
     SamplerSpec("Euler", _K + "sample_euler", aliases=("k_euler", "euler"), options=_CHURN),
     SamplerSpec("LMS", _K + "sample_lms", aliases=("k_lms", "lms"), options=("order",)),
     SamplerSpec("Heun", _K + "sample_heun", aliases=("k_heun", "heun"), options=_CHURN),

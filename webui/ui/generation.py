@@ -97,11 +97,12 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
                                                      elem_id=f"{p}_refiner_switch_at"))
     with gr.Accordion("Sampler parameters", open=False, elem_id=f"{p}_sampler_options"):
         gr.Markdown("Empty: the sampler's default. Eta applies to ancestral samplers and DDIM; churn and "
-                    "noise to Euler, Heun and DPM2.")
+                    "noise to Euler, Heun and DPM2; shift to flow-matching models (SD3: 3).")
         with gr.Row():
             panel.add("eta", gr.Number(None, label="Eta", minimum=0, maximum=10, elem_id=f"{p}_eta"))
             panel.add("s_churn", gr.Number(None, label="Sigma churn", minimum=0, maximum=100, elem_id=f"{p}_s_churn"))
             panel.add("s_noise", gr.Number(None, label="Sigma noise", minimum=0, maximum=10, elem_id=f"{p}_s_noise"))
+            panel.add("shift", gr.Number(None, label="Shift", minimum=0.01, maximum=100, elem_id=f"{p}_shift"))
 
 
 _NOT_FEW_STEP = ("Neither the checkpoint nor a LoRA in the prompt is a few-step model (LCM, Lightning, "
