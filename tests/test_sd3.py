@@ -82,6 +82,27 @@ def test_generation_equals_diffusers_sd3_pipeline(engine: Engine, sd3_dir, name:
     assert fields["Shift"] == "3.0" and fields["Model"] == name
 
 
+def test_stabilitys_layout_takes_the_text_encoders_from_their_own_files(tmp_path: Path) -> None:
+    """sd3.5_medium.safetensors as Stability ships it (MMDiT and VAE only) with clip_l, clip_g and
+    t5xxl_fp16 in models/text_encoder/: the same picture as the all-in-one file of the same weights,
+    and the infotext names the files (Forge's `Module n`). Without them: the error says what to put where."""
+    write_sd3(tmp_path / "one" / "models" / "Stable-diffusion" / "sd35.safetensors", seed=4)
+    write_sd3(tmp_path / "split" / "models" / "Stable-diffusion" / "sd35.safetensors", seed=4,
+              text_encoder_dir=tmp_path / "split" / "models" / "text_encoder")
+    one, split = (build_engine(Config(data_dir=tmp_path / d, dtype="float32")).runner.generate(req())
+                  for d in ("one", "split"))
+    assert np.array_equal(np.asarray(one.images[0]), np.asarray(split.images[0]))
+    fields = parse_infotext(split.infotexts[0])
+    assert [fields.get(f"Module {i}") for i in (1, 2, 3)] == ["clip_l", "clip_g", "t5xxl_fp16"]
+    assert "Module 1" not in parse_infotext(one.infotexts[0])
+
+    for name in ("clip_g", "t5xxl_fp16"):
+        (tmp_path / "split" / "models" / "text_encoder" / f"{name}.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"no text encoders in it: put clip_g.safetensors \(and optionally "
+                                         r"t5xxl_fp16.safetensors\) in .*text_encoder"):
+        build_engine(Config(data_dir=tmp_path / "split", dtype="float32")).bundle(None)
+
+
 def test_detection_reads_the_family_and_which_encoders_the_file_has(engine: Engine) -> None:
     with_t5, without = engine.bundle("sd35"), engine.bundle("sd3-no-t5")
     assert with_t5.family.name == without.family.name == "sd3"

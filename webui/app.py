@@ -439,6 +439,7 @@ class Engine:
 
         def load() -> ModelBundle:
             from webui.models.load import load_bundle
+            from webui.models.text_encoders import text_encoder_dirs
 
             log.info("loading %s on %s", info.title, worker.name)
             bundle = load_bundle(
@@ -449,6 +450,8 @@ class Engine:
                 sha256=info.sha256,
                 vae_path=vae,
                 prediction=prediction,
+                text_encoder_dirs=text_encoder_dirs(self.config.models_path),
+                vae_dir=self.config.vae_path,
             )
             self.extensions.model_loaded(bundle)
             return bundle

@@ -115,6 +115,8 @@ def generation_infotext(r: Any, *, prompt: str, negative_prompt: str, seed: int,
         "Model hash": model.hash10,
         "Model": model.model_name,
         "VAE": model.vae_name.rsplit(".", 1)[0] if model.vae_name else None,
+        # separate text-encoder files, as Forge writes them
+        **{f"Module {i}": name for i, name in enumerate(getattr(model, "module_names", ()), start=1)},
         "Variation seed": subseed if variation else None,
         "Variation seed strength": f"{r.subseed_strength:g}" if variation else None,
         "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if r.seed_resize_from_w else None,
@@ -238,6 +240,7 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
     put("deepcache_interval", "DeepCache interval", _int)
     put("noise_schedule", "Noise Schedule", str)
     put("shift", "Shift", _float)
+    put("distilled_cfg_scale", "Distilled CFG Scale", _float)
     put("deepcache_branch", "DeepCache branch", _int)
     if params.get("Face restoration", "").strip() in ("CodeFormer", "GFPGAN"):
         out["restore_faces"] = True

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from webui.models.errors import ModelError
-from webui.models.families import SD1, SD2, SD3, SDXL, SDXL_REFINER, FamilySpec, TextEncoderSpec
+from webui.models.families import FLUX, SD1, SD2, SD3, SDXL, SDXL_REFINER, FamilySpec, TextEncoderSpec
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -38,7 +38,19 @@ class Detected:
     notes: tuple[str, ...] = field(default=())
 
 
+# Black Forest Labs' Flux files hold the transformer alone, without the `model.diffusion_model.` level
+_BARE_FLUX = "double_blocks.0.img_attn.norm.key_norm.scale"
+
+
+def normalise_keys(sd: dict[str, torch.Tensor]) -> None:
+    """A bare Flux transformer's keys under `model.diffusion_model.`, as other files have them."""
+    if _BARE_FLUX in sd:
+        for k in [k for k in sd if not k.startswith(("text_encoders.", VAE_PREFIX))]:
+            sd[UNET_PREFIX + k] = sd.pop(k)
+
+
 def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
+    normalise_keys(sd)
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         if any(k.startswith(("encoder.", "decoder.")) for k in sd) and not any("diffusion_model" in k for k in sd):
             raise ModelError("this is a VAE, not a checkpoint; put it in models/VAE/", path)
@@ -52,6 +64,8 @@ def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
         for spec in family.text_encoders)
     if family.denoiser == "mmdit":
         return _detect_mmdit(sd, family, text_configs, path)
+    if family.denoiser == "flux":
+        return _detect_flux(sd, family, text_configs, path)
     unet_config = unet_config_from_shapes(sd, family, text_configs, path)
     expected_context = sum(c["hidden_size"] for c in text_configs)
     if unet_config["cross_attention_dim"] != expected_context:
@@ -93,6 +107,52 @@ def _detect_mmdit(sd: dict[str, torch.Tensor], family: FamilySpec, text_configs:
                     text_configs=text_configs)
 
 
+def _detect_flux(sd: dict[str, torch.Tensor], family: FamilySpec, text_configs: tuple[dict[str, Any] | None, ...],
+                 path: Path | None) -> Detected:
+    config = flux_config_from_shapes(sd, path)
+    clip, t5 = text_configs
+    if clip is not None and clip["hidden_size"] != config["pooled_projection_dim"]:
+        raise ModelError(f"the Flux transformer takes a pooled text vector {config['pooled_projection_dim']} wide, "
+                         f"CLIP-L gives {clip['hidden_size']}", path)
+    if t5 is not None and t5["d_model"] != config["joint_attention_dim"]:
+        raise ModelError(f"T5 width {t5['d_model']} does not match the Flux transformer's context width "
+                         f"{config['joint_attention_dim']}", path)
+    vae_config = vae_config_from_shapes(sd, VAE_PREFIX, family, path) if f"{VAE_PREFIX}decoder.conv_in.weight" in sd else None
+    return Detected(family=family, variant="normal", unet_config=config, vae_config=vae_config,
+                    text_configs=text_configs)
+
+
+def flux_config_from_shapes(sd: dict[str, torch.Tensor], path: Path | None) -> dict[str, Any]:
+    """A diffusers FluxTransformer2DModel config read from the transformer's tensor shapes (dev
+    has the guidance embedder, schnell not)."""
+    u = UNET_PREFIX
+    width, in_ch = _shape(sd, u + "img_in.weight", path)
+    head = int(_shape(sd, u + "double_blocks.0.img_attn.norm.query_norm.scale", path)[0])
+    if head != 128:
+        raise ModelError(f"unsupported Flux transformer with {head}-wide attention heads (Flux.1 has 128)", path)
+    return {
+        "patch_size": 1,
+        "in_channels": int(in_ch),
+        "num_layers": _count(sd, re.escape(u + "double_blocks.") + r"(\d+)\."),
+        "num_single_layers": _count(sd, re.escape(u + "single_blocks.") + r"(\d+)\."),
+        "attention_head_dim": head,
+        "num_attention_heads": int(width) // head,
+        "joint_attention_dim": int(_shape(sd, u + "txt_in.weight", path)[1]),
+        "pooled_projection_dim": int(_shape(sd, u + "vector_in.in_layer.weight", path)[1]),
+        "guidance_embeds": u + "guidance_in.in_layer.weight" in sd,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+def family_of(sd: dict[str, torch.Tensor]) -> FamilySpec | None:
+    """The family the keys name, or None (not a checkpoint we know)."""
+    normalise_keys(sd)
+    try:
+        return _family_from_keys(sd, None)
+    except ModelError:
+        return None
+
+
 def mmdit_config_from_shapes(sd: dict[str, torch.Tensor], path: Path | None) -> dict[str, Any]:
     """A diffusers SD3Transformer2DModel config read from the MMDiT's tensor shapes (SD3 Medium,
     SD3.5 Medium with its second attention in the first blocks and q/k norms, SD3.5 Large)."""
@@ -124,6 +184,8 @@ def mmdit_config_from_shapes(sd: dict[str, torch.Tensor], path: Path | None) -> 
 def _family_from_keys(sd: dict[str, torch.Tensor], path: Path | None) -> FamilySpec:
     if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in sd):
         return SD3
+    if any(k.startswith(UNET_PREFIX + "double_blocks.") for k in sd):
+        return FLUX
     if any(k.startswith("conditioner.embedders.1.model.") for k in sd):
         return SDXL
     if any(k.startswith("conditioner.embedders.0.model.") for k in sd):

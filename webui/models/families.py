@@ -12,7 +12,7 @@ from typing import Literal
 
 TextEncoderKind = Literal["clip", "openclip", "t5"]
 # What denoises: the SD UNet, SD3's MMDiT (a diffusers SD3Transformer2DModel), Flux's transformer.
-DenoiserKind = Literal["unet", "mmdit"]
+DenoiserKind = Literal["unet", "mmdit", "flux"]
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's defaults
 # Least-squares fits of RGB on the 4 latent channels, per VAE latent space (community-measured).
@@ -31,6 +31,7 @@ class TextEncoderSpec:
     default_layer_from_end: int
     final_layer_norm: bool  # apply the final layer norm to that hidden state
     pooled: bool = False  # provides the pooled, projected embedding (SDXL)
+    projected: bool = True  # the pooled vector passes the text projection (Flux takes CLIP-L's unprojected)
     # Index into an SDXL embedding's roles ("clip_l", "clip_g") when it differs from this
     # encoder's position in the family (the refiner's only encoder is SDXL's second, bigG).
     embedding_slot: int | None = None
@@ -72,6 +73,9 @@ class FamilySpec:
     # sigma = t; `flow_shift` bends the schedule toward high noise (SD3's default 3.0).
     flow: bool = False
     flow_shift: float = 1.0
+    # Flux.1 dev: the shift grows with the image's token count, exp(mu) with mu from 0.5 at 256
+    # tokens to 1.15 at 4096 (linear, extrapolated beyond); schnell (no guidance input) keeps 1.
+    flow_dynamic_shift: bool = False
     latent_shift: float = 0.0  # the VAE's shift factor: latents = (mean - shift) * scale
     # Sampler names that make sense for the family (None: all). A flow model takes the
     # deterministic ones and Euler a (its own flow form); the other ancestral / SDE samplers'
@@ -227,4 +231,36 @@ SD3 = FamilySpec(
     samplers=("Euler a", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M"),
 )
 
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER, SD3)}
+# Flux.1 dev / schnell and fine-tunes: the transformer alone in Black Forest Labs' layout (maybe
+# under `model.diffusion_model.`), the VAE `ae.safetensors` in models/VAE, CLIP-L (its pooled vector
+# only) and T5-XXL (the whole token sequence, 512 tokens) as files of their own or in the checkpoint.
+# dev is guidance-distilled: its "Distilled CFG Scale" is an input of the model, not a second pass.
+FLUX = FamilySpec(
+    name="flux",
+    label="Flux.1",
+    text_encoders=(
+        TextEncoderSpec(kind="clip", prefix="text_encoders.clip_l.transformer.", hidden_act="quick_gelu",
+                        pad_token="<|endoftext|>", default_layer_from_end=1, final_layer_norm=True, pooled=True,
+                        projected=False, context=False),
+        TextEncoderSpec(kind="t5", prefix="text_encoders.t5xxl.transformer.", hidden_act="gelu_new", pad_token="<pad>",
+                        default_layer_from_end=1, final_layer_norm=True, max_tokens=512),
+    ),
+    default_size=1024,
+    latent_scaling_factor=0.3611,
+    latent_shift=0.1159,
+    fixed_heads=None,
+    head_dim=128,
+    upcast_attention=False,
+    latent_space="flux",
+    latent_channels=16,
+    preview_factors=(),
+    taesd_stem="taef1_decoder",
+    ays_sigmas="sdxl",
+    denoiser="flux",
+    flow=True,
+    flow_shift=1.0,
+    flow_dynamic_shift=True,
+    samplers=("Euler a", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M"),
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER, SD3, FLUX)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,7 @@ class ModelBundle:
     alphas_cumprod: torch.Tensor  # float32, CPU
     runtime: Runtime
     zero_terminal_snr: bool = False  # the schedule was rescaled to zero terminal SNR (the file's `ztsnr` key)
+    module_names: list[str] = field(default_factory=list)  # separate text-encoder files used (infotext's Module n)
 
     @property
     def hash10(self) -> str | None:
@@ -85,14 +86,20 @@ def load_bundle(
     sha256: str | None = None,
     vae_path: Path | None = None,
     prediction: Prediction | None = None,
+    text_encoder_dirs: list[Path] | None = None,
+    vae_dir: Path | None = None,
 ) -> ModelBundle:
     """Read `path`, detect its family and build the modules on `runtime.device`.
 
     `prediction` overrides what the file says; otherwise v-prediction is chosen when the file
-    carries a `v_pred` key. Raises `ModelError` with a one-line reason naming the file.
+    carries a `v_pred` key. A checkpoint without the text encoders its family needs (SD3.5 as
+    Stability ships it, Flux) takes them from `text_encoder_dirs`, and one without a VAE its family's
+    from `vae_dir` (Flux: `ae.safetensors`). Raises `ModelError` with a one-line reason naming the file.
     """
     path = Path(path)
-    sd = read_state_dict(path, _runtime_dtypes(runtime), runtime.weights_device)
+    select = _runtime_dtypes(runtime)
+    sd = read_state_dict(path, select, runtime.weights_device)
+    modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime)
     found = detect(sd, path)
     try:
         alphas = _alphas_cumprod(sd, found.family)
@@ -100,7 +107,8 @@ def load_bundle(
             TextEncoder(spec, _build_text_encoder(sd, spec, cfg, runtime), tokenizers.get(spec.pad_token))
             for spec, cfg in zip(found.family.text_encoders, found.text_configs) if cfg is not None
         ]
-        unet = _build_mmdit(sd, found, runtime) if found.family.denoiser == "mmdit" else _build_unet(sd, found, runtime)
+        build = {"mmdit": _build_mmdit, "flux": _build_flux}.get(found.family.denoiser, _build_unet)
+        unet = build(sd, found, runtime)
         vae = _build_vae(sd, VAE_PREFIX, found.vae_config, runtime) if found.vae_config and vae_path is None else None
     except ModelError:
         sd.clear()
@@ -111,9 +119,12 @@ def load_bundle(
         gc.collect()
         raise ModelError(f"could not build the model from its weights: {str(e).splitlines()[0]}", path) from None
     sd.clear()  # what no module took (e.g. a VAE replaced by vae_path) goes now, by reference count
+    if vae is None and vae_path is None and vae_dir is not None:
+        vae_path = family_vae(vae_dir, found.family)
     if vae is None:
         if vae_path is None:
-            raise ModelError("the checkpoint has no VAE; choose one from models/VAE/", path)
+            hint = " (Flux's is ae.safetensors)" if found.family.name == "flux" else ""
+            raise ModelError(f"the checkpoint has no VAE; put one in models/VAE/{hint} or choose one", path)
         vae = load_vae(vae_path, found.family, runtime)
     bundle = ModelBundle(
         name=name or path.name,
@@ -129,6 +140,7 @@ def load_bundle(
         alphas_cumprod=rescale_zero_terminal_snr(alphas) if found.ztsnr_key else alphas,
         runtime=runtime,
         zero_terminal_snr=found.ztsnr_key,
+        module_names=modules,
     )
     if found.ztsnr_key:
         log.info("%s: zero terminal SNR schedule (the file's ztsnr key), %s-prediction", bundle.name, bundle.prediction)
@@ -137,9 +149,56 @@ def load_bundle(
     return bundle
 
 
+def _add_separate_text_encoders(sd: StateDict, path: Path, dirs: list[Path], runtime: Runtime) -> list[str]:
+    """For an SD3 or Flux transformer without its text encoders: read them from their own files
+    into `sd` under the prefixes a complete file has. The names of the files used (no suffix)."""
+    from webui.models.detect import family_of
+    from webui.models.text_encoders import find_text_encoder, role_of
+
+    family = family_of(sd)
+    if family is None or family.denoiser == "unet":
+        return []
+    used, missing = [], []
+    for spec in family.text_encoders:
+        if any(k.startswith(spec.prefix) for k in sd):
+            continue
+        role = role_of(spec.prefix)
+        found = find_text_encoder(dirs, role)
+        if found is None:
+            if not spec.optional:
+                missing.append(f"{role}{'_fp16' if role == 't5xxl' else ''}.safetensors")
+            continue
+        for key, tensor in read_state_dict(found, _floats_to(runtime.dtype), runtime.weights_device).items():
+            sd[spec.prefix + key] = tensor
+        used.append(found.stem)
+    if missing:
+        where = dirs[0] if dirs else Path("models/text_encoder")
+        optional = [f"{role_of(s.prefix)}_fp16.safetensors" for s in family.text_encoders if s.optional]
+        also = f" (and optionally {', '.join(optional)})" if optional else ""
+        raise ModelError(f"this {family.label} checkpoint has no text encoders in it: put {' and '.join(missing)}"
+                         f"{also} in {where}", path)
+    return used
+
+
+def _floats_to(dtype: torch.dtype):
+    """A reader's dtype choice: floating-point tensors (float8 ones too) in `dtype`, others as stored."""
+    return lambda _key, stored: dtype if stored.is_floating_point else stored
+
+
+def family_vae(folder: Path, family: FamilySpec) -> Path | None:
+    """A 16-channel family's VAE in `folder` by the names users have: `ae.safetensors` (Flux), or
+    a name starting with the family's (`flux_vae`, `sd3_vae`, ...)."""
+    if family.latent_channels != 16 or not folder.is_dir():
+        return None
+    names = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".safetensors", ".sft"))
+    wanted = ("ae",) if family.name == "flux" else ()
+    return next((p for p in names if p.stem.lower() in wanted), None) or \
+        next((p for p in names if p.stem.lower().startswith(family.name)), None)
+
+
 def _runtime_dtypes(runtime: Runtime, vae_only: bool = False):
     """Read module weights straight into the dtype they run in; skip what no module uses (EMA)."""
-    modules = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+    modules = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.")
 
     def select(key: str, dtype: torch.dtype) -> torch.dtype | None:
         if key.startswith("model_ema."):
@@ -229,6 +288,35 @@ def _build_mmdit(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.M
     return MMDiTDenoiser(transformer).eval()
 
 
+def _build_flux(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from webui.models.mmdit import FluxDenoiser
+
+    raw = _take(sd, UNET_PREFIX, strip=True)
+    width = found.unet_config["attention_head_dim"] * found.unet_config["num_attention_heads"]
+    split = {}
+    if width != 3072:
+        # diffusers' converter splits each single block's linear1 into q, k, v and the MLP at Flux.1's
+        # full width; for another width (tests' tiny models) the split is made here from the shapes
+        # and the converter gets stand-ins on the meta device (no memory) of the size it expects.
+        for i in range(found.unet_config["num_single_layers"]):
+            for kind in ("weight", "bias"):
+                key = f"single_blocks.{i}.linear1.{kind}"
+                split[(i, kind)] = raw[key].split((width, width, width, raw[key].shape[0] - 3 * width))
+                raw[key] = torch.empty((3 * 3072 + 4 * 3072, *raw[key].shape[1:]), device="meta")
+    weights = convert_flux_transformer_checkpoint_to_diffusers(raw)
+    for (i, kind), (q, k, v, mlp) in split.items():
+        b = f"single_transformer_blocks.{i}."
+        weights.update({f"{b}attn.to_q.{kind}": q, f"{b}attn.to_k.{kind}": k, f"{b}attn.to_v.{kind}": v,
+                        f"{b}proj_mlp.{kind}": mlp})
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(found.unet_config)
+    _finish(transformer, weights, runtime, runtime.dtype)
+    return FluxDenoiser(transformer).eval()
+
+
 def _build_vae(sd: StateDict, prefix: str, config: dict[str, Any] | None, runtime: Runtime) -> AutoencoderKL:
     assert config is not None
     weights = convert_ldm_vae_checkpoint(_take(sd, prefix, strip=True), config)
@@ -248,7 +336,9 @@ def _build_text_encoder(
     if spec.kind == "t5":
         return _build_t5(raw, config, runtime)
     weights = _convert_clip(raw) if spec.kind == "clip" else _convert_openclip(raw, config["hidden_size"], spec.pooled)
-    cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
+    cls = CLIPTextModelWithProjection if spec.pooled and spec.projected else CLIPTextModel
+    if cls is CLIPTextModel:
+        weights.pop("text_projection.weight", None)  # a CLIP-L file made for SD3 carries one Flux does not use
     cfg = CLIPTextConfig(**config)
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -270,7 +360,8 @@ def _build_t5(raw: StateDict, config: dict[str, Any], runtime: Runtime) -> T5Enc
     with torch.device("meta"):
         model = T5EncoderModel(cfg)
     model.encoder.embed_tokens = torch.nn.Identity()  # no second copy to load: tied below
-    _finish(model, raw, runtime, runtime.dtype)
+    # T5 overflows in float16 (its feed-forward outputs pass 65504): bfloat16 where the rest is float16
+    _finish(model, raw, runtime, torch.bfloat16 if runtime.dtype == torch.float16 else runtime.dtype)
     model.encoder.embed_tokens = model.shared
     return model
 

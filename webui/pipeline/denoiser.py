@@ -32,6 +32,7 @@ class CFGDenoiser:
         uncond_time_ids: torch.Tensor | None = None,  # per image, for the negative rows (refiner)
         keep: torch.Tensor | None = None,  # inpainting: latent mask, 1 = keep the init latent
         init_latents: torch.Tensor | None = None,
+        guidance: float | None = None,  # Flux dev: the distilled guidance scale, a model input
     ) -> None:
         self.unet = bundle.unet
         self.dtype = bundle.runtime.dtype
@@ -53,6 +54,7 @@ class CFGDenoiser:
         self.combine: Callable[[Guidance], torch.Tensor] | None = None
         self.model_inputs: list[Callable[[ModelCall], None]] = []  # extensions' per-call model inputs
         self.step = 1  # 1-based step being computed; the runner advances it after each step
+        self.guidance = guidance
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,8 @@ class CFGDenoiser:
         added = None
         if sc.pooled is not None:  # SDXL (with its size conditioning) and SD3
             added = {"text_embeds": sc.pooled.to(self.dtype)}
+            if self.guidance is not None:
+                added["guidance"] = torch.full((len(rows),), self.guidance, dtype=torch.float32, device=x.device)
             if self.time_ids is not None:
                 time_ids = self.time_ids[rows]
                 if self.uncond_time_ids is not None and sc.uncond_rows is not None:

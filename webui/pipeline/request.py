@@ -167,6 +167,8 @@ class GenerationRequest(BaseModel):
     noise_schedule: Literal["Default", "Zero Terminal SNR"] | None = None  # None: the Settings' (sd_noise_schedule)
     # a flow model's (SD3's) schedule shift; None: the family's (3.0). Not used by other models.
     shift: float | None = Field(None, gt=0.0, le=100.0)
+    # Flux dev's guidance-distilled scale (an input of the model; real CFG is `cfg_scale`, 1 = off)
+    distilled_cfg_scale: float = Field(3.5, ge=0.0, le=30.0)
     deepcache_interval: int | None = Field(None, ge=0, le=20)
     deepcache_branch: int | None = Field(None, ge=0, le=6)
     # ControlNet units (A1111 extension's fields; the API's alwayson_scripts "controlnet" args)

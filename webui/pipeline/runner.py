@@ -237,10 +237,9 @@ class Runner:
 
     def stage_sample(self, job: JobState, batch: BatchState, p: PassState) -> None:
         r, device = job.request, batch.bundle.runtime.device
-        if batch.bundle.prediction == "flow":
-            job.infotext_fields["Shift"] = r.shift or batch.bundle.family.flow_shift
+        self._flow_infotext(job, batch.bundle)
         sigmas = self.sampling.sigmas(batch.bundle, r.sampler_name, r.scheduler, r.steps,
-                                      job.zero_terminal_snr, r.shift).to(device)
+                                      job.zero_terminal_snr, r.shift, p.size).to(device)
         assert batch.noise is not None
         noise = batch.noise.to(device)
         if p.init_latents is None:
@@ -252,6 +251,19 @@ class Runner:
             sigmas = sigmas[len(sigmas) - t_enc - 1 :]  # the last t_enc steps
             x = add_noise(batch.bundle, p.init_latents.to(device), noise, sigmas[0])
         p.latents = self._sample_with_refiner(job, batch, p, r.sampler_name, sigmas, x, r.steps)
+
+    @staticmethod
+    def _flow_infotext(job: JobState, bundle: ModelBundle) -> None:
+        """A flow model's fields: the shift when it is not derived from the size (Flux dev), and
+        Flux dev's distilled guidance (Forge's names)."""
+        if bundle.prediction != "flow":
+            return
+        r = job.request
+        guided = getattr(bundle.unet.config, "guidance_embeds", False)
+        if r.shift is not None or not (bundle.family.flow_dynamic_shift and guided):
+            job.infotext_fields["Shift"] = r.shift or bundle.family.flow_shift
+        if guided:
+            job.infotext_fields["Distilled CFG Scale"] = r.distilled_cfg_scale
 
     def _sample_with_refiner(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str,
                              sigmas: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -312,7 +324,7 @@ class Runner:
             prompts, negatives = batch.prompts, batch.negative_prompts
         p.conditioning = self.stage_conditioning(job, batch, prompts, negatives, steps)
         sampler = r.hr_sampler_name or r.sampler_name
-        sigmas = self.sampling.sigmas(batch.bundle, sampler, r.scheduler, steps, job.zero_terminal_snr, r.shift)
+        sigmas = self.sampling.sigmas(batch.bundle, sampler, r.scheduler, steps, job.zero_terminal_snr, r.shift, p.size)
         sigmas = sigmas[len(sigmas) - t_enc - 1 :].to(batch.bundle.runtime.device)
         x = add_noise(batch.bundle, start, fresh_noise(batch.generators, start), sigmas[0])
         p.latents = self._sample_with_refiner(job, batch, p, sampler, sigmas, x, steps)

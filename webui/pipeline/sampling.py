@@ -4,6 +4,7 @@ interrupt check."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,14 +29,25 @@ from webui.samplers.table import resolve
 Previewer = Callable[[torch.Tensor], list[Image.Image]]
 
 
-def noise_schedule(bundle: ModelBundle, zero_snr: bool = False, shift: float | None = None) -> DiscreteSchedule:
+def flow_shift(bundle: ModelBundle, size: tuple[int, int] | None = None) -> float:
+    """A flow model's default shift: the family's, or for Flux dev the one its image size gives
+    (exp(mu), mu linear in the 2x2-patch count: 0.5 at 256 patches, 1.15 at 4096)."""
+    family = bundle.family
+    if not (family.flow_dynamic_shift and getattr(bundle.unet.config, "guidance_embeds", False) and size):
+        return family.flow_shift
+    patches = (size[0] // 16) * (size[1] // 16)
+    return math.exp(0.5 + (1.15 - 0.5) * (patches - 256) / (4096 - 256))
+
+
+def noise_schedule(bundle: ModelBundle, zero_snr: bool = False, shift: float | None = None,
+                   size: tuple[int, int] | None = None) -> DiscreteSchedule:
     """The model's schedule; with `zero_snr` rescaled to zero terminal SNR (the Settings' or the
     request's choice), unless the file's `ztsnr` key already had it rescaled at load. A flow model
-    (SD3) has its flow schedule with `shift` (None: the family's)."""
+    (SD3, Flux) has its flow schedule with `shift` (None: its default for an image of `size`)."""
     from webui.models.load import rescale_zero_terminal_snr
 
     if bundle.prediction == "flow":
-        return FlowSchedule(bundle.family.flow_shift if shift is None else shift)
+        return FlowSchedule(flow_shift(bundle, size) if shift is None else shift)
     alphas = bundle.alphas_cumprod
     return DiscreteSchedule(rescale_zero_terminal_snr(alphas) if zero_snr and not bundle.zero_terminal_snr else alphas)
 
@@ -81,7 +93,7 @@ class Sampling:
         return resolve(sampler_name, scheduler, self.extensions.sampler_specs())
 
     def sigmas(self, bundle: ModelBundle, sampler_name: str, scheduler: str, steps: int,
-               zero_snr: bool = False, shift: float | None = None) -> torch.Tensor:
+               zero_snr: bool = False, shift: float | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """The sampler's noise levels: the chosen schedule ("Automatic": the sampler's default; for
         a flow model its own flow schedule). ValueError for a sampler the family cannot use."""
         spec, schedule = self.resolve(sampler_name, scheduler)
@@ -90,8 +102,9 @@ class Sampling:
             raise ValueError(f"sampler {spec.name!r} does not work with {family.label} models; choose one of "
                              f"{', '.join(family.samplers)}")
         if bundle.prediction == "flow" and schedule == "Automatic":
-            return noise_schedule(bundle, shift=shift).automatic(steps)
-        return sampler_sigmas(noise_schedule(bundle, zero_snr, shift), spec, schedule, steps, family=family.ays_sigmas)
+            return noise_schedule(bundle, shift=shift, size=size).automatic(steps)
+        return sampler_sigmas(noise_schedule(bundle, zero_snr, shift, size), spec, schedule, steps,
+                              family=family.ays_sigmas)
 
     def run(self, job: JobState, batch: BatchState, p: PassState, sampler_name: str, sigmas: torch.Tensor,
             x: torch.Tensor, first_step: int = 1, steps: int = 0) -> torch.Tensor:
@@ -104,9 +117,10 @@ class Sampling:
         time_ids, uncond_time_ids = (torch.tensor([row], dtype=torch.float32).repeat(len(batch), 1) if row else None
                                      for row in rows)
         denoiser = CFGDenoiser(
-            bundle, noise_schedule(bundle, job.zero_terminal_snr, r.shift), p.conditioning, r.cfg_scale,
+            bundle, noise_schedule(bundle, job.zero_terminal_snr, r.shift, p.size), p.conditioning, r.cfg_scale,
             image_cond=p.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
             keep=p.keep, init_latents=p.init_latents,
+            guidance=r.distilled_cfg_scale if getattr(bundle.unet.config, "guidance_embeds", False) else None,
         )
         denoiser.step = first_step
         p.conditioning.prepare(range(first_step, first_step + len(sigmas) - 1))  # the steps this run samples

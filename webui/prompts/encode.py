@@ -160,7 +160,7 @@ class TextConditioner:
         empty = self.encode("").context
         rows = []
         for e in encoded:
-            missing = (longest - e.context.shape[0]) // empty.shape[0]
+            missing = (longest - e.context.shape[0]) // max(empty.shape[0], 1)  # Flux: no CLIP tokens at all
             tail = [] if e.tail is None else [e.tail]
             rows.append(torch.cat([e.context, *([empty] * missing), *tail]) if missing or tail else e.context)
         pooled = None if encoded[0].pooled is None else torch.stack([e.pooled for e in encoded])
@@ -177,17 +177,22 @@ class TextConditioner:
                 contexts.append(hidden)
             if enc_pooled is not None:
                 pooled.append(enc_pooled)
-        # SDXL: CLIP-L and OpenCLIP-bigG side by side; the SDXL refiner: bigG alone
-        context = torch.cat(contexts, dim=-1)
-        context = context.reshape(-1, context.shape[-1])
-        tail = None
-        if self.bundle.family.denoiser == "mmdit":  # SD3: the CLIPs padded to T5's width, T5's tokens after them
-            width = self.bundle.unet.config.joint_attention_dim
-            context = torch.nn.functional.pad(context, (0, width - context.shape[-1]))
-            t5 = next((e for e in self.bundle.text_encoders if e.spec.kind == "t5"), None)
-            # without T5, 77 tokens of zeros stand for it (as SD3's reference code does)
-            tail = self._run_t5(t5, text) if t5 is not None else context.new_zeros(CHUNK + 2, width)
-        return EncodedText(context, torch.cat(pooled) if pooled else None, tail)
+        pooled_vector = torch.cat(pooled) if pooled else None
+        if not any(spec.kind == "t5" for spec in self.bundle.family.text_encoders):
+            # SDXL: CLIP-L and OpenCLIP-bigG side by side; the SDXL refiner: bigG alone
+            context = torch.cat(contexts, dim=-1)
+            return EncodedText(context.reshape(-1, context.shape[-1]), pooled_vector)
+        # SD3: the CLIPs side by side, padded to T5's width, T5's tokens after them; Flux: T5's alone
+        width = self.bundle.unet.config.joint_attention_dim
+        if contexts:
+            context = torch.cat(contexts, dim=-1)
+            context = torch.nn.functional.pad(context.reshape(-1, context.shape[-1]), (0, width - context.shape[-1]))
+        else:
+            context = torch.zeros(0, width, device=self.bundle.runtime.device)
+        t5 = next((e for e in self.bundle.text_encoders if e.spec.kind == "t5"), None)
+        # without T5 (SD3 only), 77 tokens of zeros stand for it, as SD3's reference code has it
+        tail = self._run_t5(t5, text) if t5 is not None else context.new_zeros(CHUNK + 2, width)
+        return EncodedText(context, pooled_vector, tail)
 
     def _run_t5(self, enc: TextEncoder, text: str) -> torch.Tensor:
         """T5's hidden states for `text`: its pieces tokenized with their emphasis, cut to the
@@ -249,7 +254,9 @@ class TextConditioner:
         if enc.spec.final_layer_norm:
             hidden = _final_layer_norm(enc.model)(hidden)
         hidden = self._emphasis(hidden.float(), weights)
-        pooled = out.text_embeds[0].float() if enc.spec.pooled else None  # from the first chunk
+        pooled = None
+        if enc.spec.pooled:  # from the first chunk; Flux takes CLIP-L's unprojected end token
+            pooled = (out.text_embeds if enc.spec.projected else out.pooler_output)[0].float()
         return hidden, pooled
 
     @staticmethod

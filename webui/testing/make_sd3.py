@@ -139,23 +139,37 @@ def _hf(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in model.state_dict().items() if "position_ids" not in k}
 
 
-def state_dict(parts: SD3Parts) -> dict[str, torch.Tensor]:
-    sd = mmdit_to_original(parts.transformer)
-    sd.update(_hf(parts.clip_l, "text_encoders.clip_l.transformer."))
-    sd.update(_hf(parts.clip_g, "text_encoders.clip_g.transformer."))
+def text_encoder_files(parts: SD3Parts) -> dict[str, dict[str, torch.Tensor]]:
+    """The text encoders as the separate files users download: name -> tensors (HF layout)."""
+    files = {"clip_l": _hf(parts.clip_l, ""), "clip_g": _hf(parts.clip_g, "")}
     if parts.t5 is not None:
-        t5 = _hf(parts.t5, "text_encoders.t5xxl.transformer.")
-        t5.pop("text_encoders.t5xxl.transformer.encoder.embed_tokens.weight", None)  # the files keep `shared` only
-        sd.update(t5)
+        files["t5xxl_fp16"] = _hf(parts.t5, "")
+        files["t5xxl_fp16"].pop("encoder.embed_tokens.weight", None)  # the files keep `shared` only
+    return files
+
+
+def state_dict(parts: SD3Parts, with_text_encoders: bool = True) -> dict[str, torch.Tensor]:
+    sd = mmdit_to_original(parts.transformer)
+    if with_text_encoders:
+        for name, tensors in text_encoder_files(parts).items():
+            prefix = f"text_encoders.{name.removesuffix('_fp16')}.transformer."
+            sd.update({prefix + k: v for k, v in tensors.items()})
     sd.update(vae_to_ldm(parts.vae))
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def write_sd3(path: Path, seed: int = 0, t5: bool = True, sd35: bool = True) -> SD3Parts:
-    """Write a tiny SD3(.5) file; returns the modules it was made from (for reference pipelines)."""
+def write_sd3(path: Path, seed: int = 0, t5: bool = True, sd35: bool = True,
+              text_encoder_dir: Path | None = None) -> SD3Parts:
+    """Write a tiny SD3(.5) file; returns the modules it was made from (for reference pipelines).
+    With `text_encoder_dir` the text encoders go there as clip_l / clip_g / t5xxl_fp16.safetensors
+    and the checkpoint holds the MMDiT and the VAE only, as Stability's SD3.5 files do."""
     parts = tiny_parts(seed, t5=t5, sd35=sd35)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict(parts), str(path))
+    save_file(state_dict(parts, with_text_encoders=text_encoder_dir is None), str(path))
+    if text_encoder_dir is not None:
+        text_encoder_dir.mkdir(parents=True, exist_ok=True)
+        for name, tensors in text_encoder_files(parts).items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(text_encoder_dir / f"{name}.safetensors"))
     return parts
 
 
@@ -164,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--no-t5", action="store_true", help="leave the T5 encoder out, as some SD3 files do")
     ap.add_argument("--sd3", action="store_true", help="SD3 Medium's layout (no second attention, no q/k norms)")
+    ap.add_argument("--text-encoder-dir", type=Path, default=None,
+                    help="write the text encoders there as separate files (Stability's SD3.5 layout)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    write_sd3(args.out, seed=args.seed, t5=not args.no_t5, sd35=not args.sd3)
+    write_sd3(args.out, seed=args.seed, t5=not args.no_t5, sd35=not args.sd3, text_encoder_dir=args.text_encoder_dir)
     print(args.out)
     return 0
 

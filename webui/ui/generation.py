@@ -70,6 +70,9 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
         panel.add("batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{p}_batch_size"))
         panel.add("n_iter", gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{p}_batch_count"))
         panel.add("cfg_scale", gr.Slider(1, 30, value=d.default_cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{p}_cfg_scale"))
+        panel.add("distilled_cfg_scale", gr.Slider(0, 30, value=3.5, step=0.5, label="Distilled CFG Scale",
+                                                   info="Flux dev (set CFG Scale to 1 for it)",
+                                                   elem_id=f"{p}_distilled_cfg_scale"))
     with gr.Row():
         panel.add("seed", gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{p}_seed", scale=3))
         panel.seed_buttons["random"] = gr.Button("🎲", elem_id=f"{p}_random_seed", size="sm", min_width=40, scale=0)

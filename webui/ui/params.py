@@ -49,7 +49,7 @@ def checkpoint_choice(engine: Engine, query: str | None) -> str | None:
 
 # The controls infotext can fill, by request field name (a tab fills those it has).
 FILLABLE = ("checkpoint", "prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width",
-            "height", "cfg_scale", "seed", "clip_skip", "subseed", "subseed_strength", "enable_hr", "hr_scale",
+            "height", "cfg_scale", "distilled_cfg_scale", "seed", "clip_skip", "subseed", "subseed_strength", "enable_hr", "hr_scale",
             "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "denoising_strength",
             "refiner_checkpoint", "refiner_switch_at", "eta", "s_churn", "s_noise", "shift", "tiling", "restore_faces")
 

@@ -1,0 +1,180 @@
+"""Flux.1 (#19) as users have it: the transformer alone in Black Forest Labs' layout (or under
+`model.diffusion_model.`), `ae.safetensors` in models/VAE, CLIP-L and T5 in models/text_encoder.
+Generation equals diffusers' FluxPipeline on the same weights, noise and sigmas (dev with its
+distilled guidance and size-dependent shift, with and without real CFG; schnell), the full-size
+layouts are read from their shapes, float8 files load, and what is missing is named."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from webui.app import Engine, build_engine
+from webui.config import Config
+from webui.infotext import infotext_to_fields, parse_infotext
+from webui.models.detect import flux_config_from_shapes
+from webui.models.errors import ModelError
+from webui.pipeline.request import GenerationRequest
+from webui.testing.make_flux import FluxParts, flux_to_original, write_flux
+
+PROMPT = "a red cube on a table"
+
+
+def req(**kw) -> GenerationRequest:
+    base = {"prompt": PROMPT, "negative_prompt": "", "steps": 4, "width": 64, "height": 64, "seed": 7,
+            "sampler_name": "Euler", "cfg_scale": 1.0, "save_images": False}
+    return GenerationRequest(**(base | kw))
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0]).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FluxParts, FluxParts]:
+    root = tmp_path_factory.mktemp("flux")
+    dev = write_flux(root / "models", name="flux1-dev", seed=1)
+    # schnell's encoders and VAE overwrite dev's: both files then use schnell's, which the reference gets too
+    schnell = write_flux(root / "models", name="flux1-schnell", seed=2, guidance=False)
+    dev.clip_l, dev.t5, dev.vae = schnell.clip_l, schnell.t5, schnell.vae
+    return root, dev, schnell
+
+
+@pytest.fixture(scope="module")
+def engine(flux) -> Engine:
+    return build_engine(Config(data_dir=flux[0], dtype="float32"))
+
+
+def _diffusers(engine: Engine, parts: FluxParts, name: str, *, guidance: float | None, cfg: float = 1.0,
+               negative: str = "") -> np.ndarray:
+    """diffusers' FluxPipeline over the modules the files were written from, with our tokenizers,
+    the noise our seed gives (packed as diffusers packs it) and the same flow times; dev's shift
+    from the image size (diffusers' dynamic shifting), schnell's fixed at 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096) \
+        if guidance is not None else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    te = engine.bundle(name).text_encoders
+    pipe = FluxPipeline(transformer=parts.transformer, vae=parts.vae, text_encoder=parts.clip_l,
+                        tokenizer=te[0].tokenizer, text_encoder_2=parts.t5, tokenizer_2=te[1].tokenizer,
+                        scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator("cpu").manual_seed(7))
+    packed = noise.view(1, 16, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 64)
+    image = pipe(prompt=PROMPT, negative_prompt=negative or None, true_cfg_scale=cfg, num_inference_steps=4,
+                 guidance_scale=guidance if guidance is not None else 0.0, latents=packed, height=64, width=64,
+                 sigmas=list(np.linspace(1.0, 1 / 4, 4)), output_type="np", max_sequence_length=512).images[0]
+    return np.round(image * 255).astype(np.int16)
+
+
+@pytest.mark.parametrize("cfg,negative", [(1.0, ""), (2.5, "blurry, dark")])
+def test_dev_equals_diffusers_flux_pipeline(engine: Engine, flux, cfg: float, negative: str) -> None:
+    """Distilled guidance 3.5 as the model's input; with CFG above 1 a negative pass as well
+    (diffusers' true_cfg_scale)."""
+    result = engine.runner.generate(req(checkpoint="flux1-dev", cfg_scale=cfg, negative_prompt=negative))
+    ours, theirs = pixels(result), _diffusers(engine, flux[1], "flux1-dev", guidance=3.5, cfg=cfg, negative=negative)
+    diff = np.abs(ours - theirs)
+    assert ours.std() > 5
+    assert diff.max() <= 2 and diff.mean() < 0.3, (diff.max(), diff.mean())
+    fields = parse_infotext(result.infotexts[0])
+    assert fields["Distilled CFG Scale"] == "3.5" and "Shift" not in fields  # the shift follows the size
+    assert (fields["VAE"], fields["Module 1"], fields["Module 2"]) == ("ae", "clip_l", "t5xxl_fp16")
+    assert infotext_to_fields(fields)["distilled_cfg_scale"] == 3.5
+
+
+def test_schnell_equals_diffusers_flux_pipeline(engine: Engine, flux) -> None:
+    result = engine.runner.generate(req(checkpoint="flux1-schnell"))
+    diff = np.abs(pixels(result) - _diffusers(engine, flux[2], "flux1-schnell", guidance=None))
+    assert diff.max() <= 2 and diff.mean() < 0.3, (diff.max(), diff.mean())
+    fields = parse_infotext(result.infotexts[0])
+    assert fields["Shift"] == "1.0" and "Distilled CFG Scale" not in fields
+
+
+def test_distilled_guidance_is_an_input_of_dev(engine: Engine) -> None:
+    a, b = (pixels(engine.runner.generate(req(checkpoint="flux1-dev", distilled_cfg_scale=g))) for g in (3.5, 1.0))
+    assert np.abs(a - b).mean() > 1
+
+
+def test_prefixed_and_float8_files_load(flux, tmp_path: Path) -> None:
+    """The same transformer under `model.diffusion_model.` gives the same picture; stored in
+    float8_e4m3fn (as most Flux downloads are) it loads and stays close to it."""
+    root = flux[0]
+    original = load_file(str(root / "models" / "Stable-diffusion" / "flux1-dev.safetensors"))
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    save_file({"model.diffusion_model." + k: v for k, v in original.items()}, str(folder / "prefixed.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in original.items()},
+              str(folder / "fp8.safetensors"))
+    for sub in ("VAE", "text_encoder"):
+        (tmp_path / "models" / sub).symlink_to(root / "models" / sub)
+    engine = build_engine(Config(data_dir=tmp_path, dtype="float32"))
+    reference = pixels(build_engine(Config(data_dir=root, dtype="float32")).runner.generate(req(checkpoint="flux1-dev")))
+    assert np.array_equal(pixels(engine.runner.generate(req(checkpoint="prefixed"))), reference)
+    fp8 = pixels(engine.runner.generate(req(checkpoint="fp8")))
+    assert 0 < np.abs(fp8 - reference).mean() < 12, np.abs(fp8 - reference).mean()
+
+
+@pytest.mark.parametrize("name,config", [
+    ("flux1-dev", {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "guidance_embeds": True}),
+    ("flux1-schnell", {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "guidance_embeds": False}),
+])
+def test_full_size_layouts_are_read_from_their_shapes(name: str, config: dict) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    full = {"patch_size": 1, "in_channels": 64, "attention_head_dim": 128, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768, "axes_dims_rope": (16, 56, 56), **config}
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**full)
+    found = flux_config_from_shapes({"model.diffusion_model." + k: v for k, v in flux_to_original(transformer).items()},
+                                    None)
+    assert {k: found[k] for k in full} == full
+
+
+def test_what_is_missing_is_named(flux, tmp_path: Path) -> None:
+    root = flux[0]
+    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    (tmp_path / "models" / "Stable-diffusion" / "flux1-dev.safetensors").symlink_to(
+        root / "models" / "Stable-diffusion" / "flux1-dev.safetensors")
+    engine = build_engine(Config(data_dir=tmp_path, dtype="float32"))
+    with pytest.raises(ModelError, match=r"Flux.1 checkpoint has no text encoders in it: put clip_l.safetensors and "
+                                         r"t5xxl_fp16.safetensors in .*text_encoder"):
+        engine.bundle(None)
+    (tmp_path / "models" / "text_encoder").symlink_to(root / "models" / "text_encoder")
+    with pytest.raises(ModelError, match=r"no VAE; put one in models/VAE/ \(Flux's is ae.safetensors\)"):
+        build_engine(Config(data_dir=tmp_path, dtype="float32")).bundle(None)
+
+
+def test_sizes_flux_cannot_take_and_samplers_it_cannot_use(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="multiples of 16"):
+        engine.runner.generate(req(checkpoint="flux1-dev", width=72))
+    with pytest.raises(ValueError, match="does not work with Flux.1 models"):
+        engine.runner.generate(req(checkpoint="flux1-dev", sampler_name="DPM++ SDE"))
+
+
+def test_flux_over_the_api(flux) -> None:
+    """txt2img with A1111's payload shape and Forge's `distilled_cfg_scale` field."""
+    from tests.conftest import start_server, stop_server
+
+    s = start_server(flux[0], "--api")
+    try:
+        body = {"prompt": PROMPT, "negative_prompt": None, "steps": 3, "width": 64, "height": 64, "seed": 3,
+                "cfg_scale": 1, "distilled_cfg_scale": 2.5, "sd_model_checkpoint": None,
+                "override_settings": {"sd_model_checkpoint": "flux1-dev"}}
+        answer = requests.post(s.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+        assert image.size == (64, 64) and np.asarray(image).std() > 5
+        assert "Distilled CFG Scale: 2.5" in answer.json()["info"]
+        bad = requests.post(s.url + "/sdapi/v1/txt2img", json=body | {"width": 72}, timeout=60)
+        assert 400 <= bad.status_code < 500 and "multiples of 16" in bad.text
+    finally:
+        stop_server(s)
