@@ -123,6 +123,27 @@ def test_prefixed_and_float8_files_load(flux, tmp_path: Path) -> None:
     assert 0 < np.abs(fp8 - reference).mean() < 12, np.abs(fp8 - reference).mean()
 
 
+def test_a_gguf_quantised_transformer_loads(flux, tmp_path: Path) -> None:
+    """The transformer as a Q8_0 GGUF file (city96's format): listed, dequantised when read, and
+    close to the float32 picture; a file that is not GGUF is refused with a reason."""
+    from webui.testing.make_flux import write_gguf
+
+    root = flux[0]
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    write_gguf(folder / "flux1-dev-Q8_0.gguf", load_file(str(root / "models" / "Stable-diffusion" / "flux1-dev.safetensors")))
+    (folder / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 12)
+    for sub in ("VAE", "text_encoder"):
+        (tmp_path / "models" / sub).symlink_to(root / "models" / sub)
+    engine = build_engine(Config(data_dir=tmp_path, dtype="float32"))
+    assert "flux1-dev-Q8_0.gguf" in [c.name for c in engine.registry.checkpoints()]
+    reference = pixels(build_engine(Config(data_dir=root, dtype="float32")).runner.generate(req(checkpoint="flux1-dev")))
+    quantised = pixels(engine.runner.generate(req(checkpoint="flux1-dev-Q8_0")))
+    assert 0 < np.abs(quantised - reference).mean() < 6, np.abs(quantised - reference).mean()
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        engine.bundle("broken")
+
+
 @pytest.mark.parametrize("name,config", [
     ("flux1-dev", {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "guidance_embeds": True}),
     ("flux1-schnell", {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "guidance_embeds": False}),
@@ -160,8 +181,11 @@ def test_sizes_flux_cannot_take_and_samplers_it_cannot_use(engine: Engine) -> No
         engine.runner.generate(req(checkpoint="flux1-dev", sampler_name="DPM++ SDE"))
 
 
-def test_flux_over_the_api(flux) -> None:
-    """txt2img with A1111's payload shape and Forge's `distilled_cfg_scale` field."""
+def test_flux_over_the_api_and_from_the_page(flux) -> None:
+    """txt2img with A1111's payload shape and Forge's `distilled_cfg_scale` field; then the page's
+    own endpoint (gradio_client) with its Distilled CFG Scale and Shift controls."""
+    from gradio_client import Client
+
     from tests.conftest import start_server, stop_server
 
     s = start_server(flux[0], "--api")
@@ -176,5 +200,10 @@ def test_flux_over_the_api(flux) -> None:
         assert "Distilled CFG Scale: 2.5" in answer.json()["info"]
         bad = requests.post(s.url + "/sdapi/v1/txt2img", json=body | {"width": 72}, timeout=60)
         assert 400 <= bad.status_code < 500 and "multiples of 16" in bad.text
+        gallery, _ = Client(s.url, verbose=False).predict(
+            checkpoint="flux1-dev.safetensors", prompt=PROMPT, steps=2, width=64, height=64, cfg_scale=1, seed=5,
+            distilled_cfg_scale=5, shift=2.0, api_name="/txt2img")
+        fields = parse_infotext(Image.open(gallery[0]["image"]).info["parameters"])
+        assert (fields["Distilled CFG Scale"], fields["Shift"], fields["Model"]) == ("5.0", "2.0", "flux1-dev")
     finally:
         stop_server(s)

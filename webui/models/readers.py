@@ -8,6 +8,9 @@
 - `.ckpt` / `.pt` / `.pth` / `.bin` are pickles: they are read only with torch's weights-only
   unpickler, which refuses any object outside an allow-list of tensor types, so a file that
   carries code is rejected before that code can run.
+- `.gguf` (quantised Flux / SD3.5 transformers, Q8_0, Q5_K, Q4_0, ...) is read with the `gguf`
+  package (the `gguf` extra) and each tensor dequantised when it is read: the model then holds
+  the weights in the dtype it runs in (a GGUF file saves disk and download, not yet memory).
 Any failure is a `ModelError` with a one-line reason naming the file.
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 from webui.models.errors import ModelError
-from webui.models.registry import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
+from webui.models.registry import GGUF_SUFFIXES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
 from webui.runtime.convert import Source, convert_into
 
 StateDict = dict[str, torch.Tensor]
@@ -58,7 +61,35 @@ def read_state_dict(path: Path, select: Select | None = None, device: torch.devi
     if suffix in PICKLE_SUFFIXES:
         sd = _apply(_read_pickle(path), select)
         return sd if device is None or device.type == "cpu" else {k: v.to(device) for k, v in sd.items()}
+    if suffix in GGUF_SUFFIXES:
+        sd = _read_gguf(path, select)
+        return sd if device is None or device.type == "cpu" else {k: v.to(device) for k, v in sd.items()}
     raise ModelError(f"unsupported file type {suffix!r} (expected one of {', '.join(WEIGHT_SUFFIXES)})", path)
+
+
+def _read_gguf(path: Path, select: Select | None) -> StateDict:
+    """Every tensor of a GGUF file, dequantised (to float32, then the dtype `select` names; a
+    float32 / float16 / bfloat16 tensor as stored when `select` keeps it)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ModelError("GGUF files need the gguf package: pip install 'sd-webui[gguf]'", path) from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, struct.error) as e:
+        raise ModelError(f"not a readable GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                         path) from None
+    out: StateDict = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        try:
+            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
+        except (NotImplementedError, ValueError) as e:
+            raise ModelError(f"tensor {t.name}: {e}", path) from None
+        dtype = select(t.name, values.dtype) if select is not None else values.dtype
+        if dtype is not None:
+            out[t.name] = values.to(dtype)
+    return out
 
 
 def _apply(sd: StateDict, select: Select | None) -> StateDict:

@@ -19,8 +19,9 @@ from webui.models.hashing import HashCache
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with the weights-only unpickler
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+GGUF_SUFFIXES = (".gguf",)  # quantised transformers (city96's Flux / SD3.5 files): the gguf extra
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + GGUF_SUFFIXES
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 Prediction = Literal["epsilon", "v"]
 _V_PARAM = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*$""", re.M)

@@ -126,6 +126,27 @@ def write_flux(models_dir: Path, name: str = "flux1-dev", seed: int = 0, guidanc
     return parts
 
 
+def write_gguf(path: Path, tensors: dict[str, torch.Tensor], qtype: str = "Q8_0") -> Path:
+    """`tensors` as a GGUF file the way city96's quantised transformers are made: 2-D weights whose
+    rows fill whole blocks in `qtype`, the rest (biases, norms, narrow layers) in float32."""
+    import gguf  # optional dependency: the gguf extra (and the test extra)
+
+    quant = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[quant][0]
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for name, tensor in tensors.items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(values, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models_dir", type=Path)
