@@ -3,10 +3,12 @@
 Writes (once, to bench/.cache/, random weights) Stability's layout of SD3.5 Medium: the 2.5B
 MMDiT and the VAE in `sd35-medium-random-bf16.safetensors`, CLIP-L and CLIP-G as separate files
 in `text_encoder/` (T5-XXL left out: it is optional, and 4.7B more parameters would not fit this
-benchmark's time). Then, each in a fresh child process:
+benchmark's time); with `--layouts fp8 gguf` also the MMDiT with its 2-D weights in float8_e4m3fn,
+and as a Q8_0 GGUF file (bare keys, as city96's). Then, each in a fresh child process:
 
   load:  peak RSS while `load_bundle` builds the model, minus RSS before it, as a ratio to the
-         files' size (goal <= 1.3: about one copy of the weights)
+         files' size (goal <= 1.3: about one copy of the weights; float8 and GGUF weights are
+         upcast when read, so their ratio shows what keeping them packed would save)
   step:  one denoiser call at 256x256 (a 16x32x32 latent, 154 text tokens) through our CFG
          denoiser and SD3 adapter, against the bare diffusers SD3Transformer2DModel call on the
          same inputs, measured alternately in the same process (goal: ratio <= 1.02)
@@ -30,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = HERE / ".cache" / "sd35"
 CKPT = CACHE / "Stable-diffusion" / "sd35-medium-random-bf16.safetensors"
+LAYOUTS = {"bf16": CKPT, "fp8": CKPT.with_name("sd35-medium-random-fp8.safetensors"),
+           "gguf": CKPT.with_name("sd35-medium-random-Q8_0.gguf")}
 ENCODERS = CACHE / "text_encoder"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
@@ -57,7 +61,8 @@ gc.collect()
 before = rss()
 threading.Thread(target=watch, daemon=True).start()
 start = time.perf_counter()
-bundle = load_bundle(Path(sys.argv[1]), runtime=runtime, tokenizers=tokenizers, text_encoder_dirs=[Path(sys.argv[3])])
+bundle = load_bundle(Path(sys.argv[1]), runtime=runtime, tokenizers=tokenizers, text_encoder_dirs=[Path(sys.argv[3])],
+                     vae_dir=Path(sys.argv[3]).parent / "VAE")
 seconds = time.perf_counter() - start
 time.sleep(0.05)
 print(json.dumps({"seconds": seconds, "peak_delta": max(peak[0], rss()) - before}))
@@ -143,6 +148,27 @@ def write_files() -> None:
         save_file(tensors, str(ENCODERS / f"{name}.safetensors"))
 
 
+def write_layout(layout: str) -> None:
+    """The bf16 file's MMDiT (with its VAE) again, in float8 or as Q8_0 GGUF."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(REPO))
+    sd = load_file(str(CKPT))
+    if layout == "fp8":
+        save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.startswith("model.") else v for k, v in sd.items()},
+                  str(LAYOUTS["fp8"]))
+        return
+    from webui.testing.make_flux import write_gguf
+
+    # the GGUF file holds the transformer alone; the VAE goes beside it, as users keep them
+    write_gguf(LAYOUTS["gguf"], {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()
+                                 if k.startswith("model.diffusion_model.")})
+    (CACHE / "VAE").mkdir(exist_ok=True)
+    save_file({k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")},
+              str(CACHE / "VAE" / "sd3_vae.safetensors"))
+
+
 def child(script: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                          check=False)
@@ -155,16 +181,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--layouts", nargs="+", default=["bf16"], choices=sorted(LAYOUTS))
+    ap.add_argument("--no-step", action="store_true", help="measure loading only")
     args = ap.parse_args()
     if not CKPT.exists() or not (ENCODERS / "clip_g.safetensors").exists():
         start = time.perf_counter()
         write_files()
         print(f"wrote the random-weight files in {time.perf_counter() - start:.0f} s")
-    size = CKPT.stat().st_size + sum(p.stat().st_size for p in ENCODERS.glob("*.safetensors"))
-    print(f"files: {size / 2**30:.2f} GiB (MMDiT 2.5B + VAE, CLIP-L, CLIP-G; bf16)")
-    load = child(_LOAD, str(CKPT), args.dtype, str(ENCODERS))
-    print(f"load ({args.dtype}): {load['seconds']:.1f} s, peak RSS delta {load['peak_delta'] / 2**30:.2f} GiB "
-          f"= {load['peak_delta'] / size:.2f} x the files")
+    encoders = sum(p.stat().st_size for p in ENCODERS.glob("*.safetensors"))
+    for layout in args.layouts:
+        if not LAYOUTS[layout].exists():
+            write_layout(layout)
+        vae = CACHE / "VAE" / "sd3_vae.safetensors"
+        size = LAYOUTS[layout].stat().st_size + encoders + (vae.stat().st_size if layout == "gguf" else 0)
+        load = child(_LOAD, str(LAYOUTS[layout]), args.dtype, str(ENCODERS))
+        print(f"{layout}: files {size / 2**30:.2f} GiB (MMDiT 2.5B + VAE, CLIP-L, CLIP-G); load into {args.dtype}: "
+              f"{load['seconds']:.1f} s, peak RSS delta {load['peak_delta'] / 2**30:.2f} GiB = "
+              f"{load['peak_delta'] / size:.2f} x the files")
+    if args.no_step:
+        return
     step = child(_STEP, str(CKPT), args.dtype, str(ENCODERS), str(args.repeats))
     print(f"one denoiser call at 256x256 ({step['tokens']} text tokens, {args.dtype}): ours {step['ours']:.2f} s, "
           f"bare diffusers transformer {step['bare']:.2f} s, ratio {step['ours'] / step['bare']:.3f}")

@@ -38,13 +38,14 @@ class Detected:
     notes: tuple[str, ...] = field(default=())
 
 
-# Black Forest Labs' Flux files hold the transformer alone, without the `model.diffusion_model.` level
-_BARE_FLUX = "double_blocks.0.img_attn.norm.key_norm.scale"
+# Black Forest Labs' Flux files (and GGUF quantisations of Flux and SD3.5) hold the transformer
+# alone, without the `model.diffusion_model.` level
+_BARE_TRANSFORMER = ("double_blocks.0.img_attn.norm.key_norm.scale", "joint_blocks.0.context_block.attn.qkv.weight")
 
 
 def normalise_keys(sd: dict[str, torch.Tensor]) -> None:
-    """A bare Flux transformer's keys under `model.diffusion_model.`, as other files have them."""
-    if _BARE_FLUX in sd:
+    """A bare Flux / SD3 transformer's keys under `model.diffusion_model.`, as other files have them."""
+    if any(key in sd for key in _BARE_TRANSFORMER):
         for k in [k for k in sd if not k.startswith(("text_encoders.", VAE_PREFIX))]:
             sd[UNET_PREFIX + k] = sd.pop(k)
 

@@ -97,7 +97,8 @@ def load_bundle(
     from `vae_dir` (Flux: `ae.safetensors`). Raises `ModelError` with a one-line reason naming the file.
     """
     path = Path(path)
-    select = _runtime_dtypes(runtime)
+    # a GGUF file is a transformer alone, its tensors dequantised to float32: straight to the runtime's dtype
+    select = _floats_to(runtime.dtype) if path.suffix.lower() == ".gguf" else _runtime_dtypes(runtime)
     sd = read_state_dict(path, select, runtime.weights_device)
     modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime)
     found = detect(sd, path)

@@ -83,13 +83,26 @@ def _read_gguf(path: Path, select: Select | None) -> StateDict:
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         try:
-            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
+            array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            # a dequantised array is new memory; float32/16 ones are views of the read-only mapping
+            values = torch.from_numpy(array if array.flags.writeable else array.copy())
         except (NotImplementedError, ValueError) as e:
             raise ModelError(f"tensor {t.name}: {e}", path) from None
         dtype = select(t.name, values.dtype) if select is not None else values.dtype
         if dtype is not None:
             out[t.name] = values.to(dtype)
+        del values
+        _release(reader, t.data_offset, t.n_bytes)
     return out
+
+
+def _release(reader: object, offset: int, size: int) -> None:
+    """Drop a read tensor's pages of the file mapping from the process (they stay in the page
+    cache), so reading a GGUF file does not hold the file beside the weights made from it."""
+    mapping = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and size > 0:
+        lo = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, lo, offset + size - lo)
 
 
 def _apply(sd: StateDict, select: Select | None) -> StateDict:
