@@ -207,3 +207,54 @@ def test_flux_over_the_api_and_from_the_page(flux) -> None:
         assert (fields["Distilled CFG Scale"], fields["Shift"], fields["Model"]) == ("5.0", "2.0", "flux1-dev")
     finally:
         stop_server(s)
+
+
+def _lora_pair(gen: torch.Generator, out: int, inp: int, rank: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rank, inp, generator=gen) * 0.3, torch.randn(out, rank, generator=gen) * 0.3
+
+
+def test_loras_in_kohya_comfy_and_diffusers_names(flux, tmp_path: Path) -> None:
+    """One LoRA written three ways: kohya's (fused qkv and linear1 as the original layers), the
+    ComfyUI/ai-toolkit form (`diffusion_model.` + original names) and diffusers' (`transformer.`,
+    the parts split): the same picture from each, another without, and the weights restored."""
+    root = flux[0]
+    gen = torch.Generator().manual_seed(3)
+    w = 128  # the tiny transformer's width
+    qkv, linear1, mlp2, clip_q = (_lora_pair(gen, 3 * w, w), _lora_pair(gen, 3 * w + 4 * w, w),
+                                  _lora_pair(gen, w, 4 * w), _lora_pair(gen, 32, 32))
+    kohya = {}
+    for name, (down, up) in (("lora_unet_double_blocks_0_img_attn_qkv", qkv), ("lora_unet_single_blocks_1_linear1", linear1),
+                             ("lora_unet_double_blocks_0_img_mlp_2", mlp2),
+                             ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", clip_q)):
+        kohya |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)}
+    comfy = {}
+    for name, (down, up) in (("diffusion_model.double_blocks.0.img_attn.qkv", qkv),
+                             ("diffusion_model.single_blocks.1.linear1", linear1),
+                             ("diffusion_model.double_blocks.0.img_mlp.2", mlp2),
+                             ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", clip_q)):
+        comfy |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+    peft = {}
+    parts = [("transformer_blocks.0.attn.to_q", qkv, 0), ("transformer_blocks.0.attn.to_k", qkv, 1),
+             ("transformer_blocks.0.attn.to_v", qkv, 2), ("single_transformer_blocks.1.attn.to_q", linear1, 0),
+             ("single_transformer_blocks.1.attn.to_k", linear1, 1), ("single_transformer_blocks.1.attn.to_v", linear1, 2)]
+    for name, (down, up), i in parts:
+        peft |= {f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up[i * w:(i + 1) * w]}
+    peft |= {"transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight": linear1[0],
+             "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight": linear1[1][3 * w:],
+             "transformer.transformer_blocks.0.ff.net.2.lora_A.weight": mlp2[0],
+             "transformer.transformer_blocks.0.ff.net.2.lora_B.weight": mlp2[1],
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": clip_q[0],
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": clip_q[1]}
+    loras = root / "models" / "Lora"
+    loras.mkdir(exist_ok=True)
+    for name, tensors in (("kohya", kohya), ("comfy", comfy), ("peft", peft)):
+        save_file({k: v.clone() for k, v in tensors.items()}, str(loras / f"flux-{name}.safetensors"))
+    engine = build_engine(Config(data_dir=root, dtype="float32"))
+    plain = pixels(engine.runner.generate(req(checkpoint="flux1-dev")))
+    results = {name: engine.runner.generate(req(checkpoint="flux1-dev", prompt=f"{PROMPT} <lora:flux-{name}:0.8>"))
+               for name in ("kohya", "comfy", "peft")}
+    images = {name: pixels(r) for name, r in results.items()}
+    assert np.abs(images["kohya"] - plain).mean() > 1
+    assert np.abs(images["kohya"] - images["peft"]).max() <= 1 and np.abs(images["comfy"] - images["peft"]).max() <= 1
+    assert "Lora hashes" in parse_infotext(results["kohya"].infotexts[0])
+    assert np.array_equal(pixels(engine.runner.generate(req(checkpoint="flux1-dev"))), plain)  # weights restored

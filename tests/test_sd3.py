@@ -223,3 +223,32 @@ def test_txt2img_over_the_api(sd3_dir, tmp_path: Path) -> None:
         assert 400 <= bad.status_code < 500 and "does not work with SD 3.x models" in bad.text
     finally:
         stop_server(s)
+
+
+def test_loras_in_kohya_and_diffusers_names(engine: Engine, sd3_dir) -> None:
+    """An SD3 LoRA on the fused x-block qkv (kohya's original names) and the same delta on
+    diffusers' to_q/to_k/to_v give the same picture; one for another family is refused by name."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    down, up = torch.randn(4, 64, generator=gen) * 0.3, torch.randn(192, 4, generator=gen) * 0.3
+    kohya = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": down,
+             "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": up,
+             "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(4.0)}
+    peft = {}
+    for i, part in enumerate("qkv"):
+        peft |= {f"transformer.transformer_blocks.0.attn.to_{part}.lora_A.weight": down.clone(),
+                 f"transformer.transformer_blocks.0.attn.to_{part}.lora_B.weight": up[i * 64:(i + 1) * 64].clone()}
+    sd1 = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+           "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}
+    loras = sd3_dir[0] / "models" / "Lora"
+    loras.mkdir(exist_ok=True)
+    for name, tensors in (("sd3-kohya", kohya), ("sd3-peft", peft), ("for-sd1", sd1)):
+        save_file(tensors, str(loras / f"{name}.safetensors"))
+    engine.networks.refresh()
+    plain = np.asarray(engine.runner.generate(req(checkpoint="sd35")).images[0]).astype(np.int16)
+    a, b = (np.asarray(engine.runner.generate(req(checkpoint="sd35", prompt=f"{PROMPT} <lora:{n}:1>")).images[0])
+            .astype(np.int16) for n in ("sd3-kohya", "sd3-peft"))
+    assert np.abs(a - plain).mean() > 1 and np.abs(a - b).max() <= 1
+    with pytest.raises(ModelError, match="none of its 1 LoRA layers match a layer of this SD 3.x model"):
+        engine.runner.generate(req(checkpoint="sd35", prompt=f"{PROMPT} <lora:for-sd1:1>"))

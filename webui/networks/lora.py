@@ -7,6 +7,10 @@ name of the layer it patches (see `lora_names`). `resolve` finds those layers in
 in place and, on leaving the `with` block (also on an exception), copies the saved originals
 back, so the bundle is bit-for-bit what it was.
 
+SD3 and Flux LoRAs name the transformer's layers in the original layouts (kohya
+`lora_unet_double_blocks_0_img_attn_qkv`, `diffusion_model.single_blocks.0.linear1`) or in diffusers'
+(`transformer.transformer_blocks.0.attn.to_q`); see `webui.networks.transformer_names`.
+
 Handled: kohya/sd-scripts (`lora_unet_*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*` with
 `.lora_down.weight` / `.lora_up.weight` / `.alpha`; UNet names in diffusers or LDM form),
 LyCORIS LoCon (the same keys on convolutions, 1x1 or 3x3), diffusers/peft (`unet.*`,
@@ -24,7 +28,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +39,7 @@ from webui.models.errors import ModelError
 from webui.models.load import ModelBundle
 from webui.models.readers import read_state_dict
 from webui.networks.lora_names import diffusers_target, text_table, unet_table
+from webui.networks.transformer_names import Target, transformer_table
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,8 @@ _KOHYA_PREFIXES: tuple[tuple[str, Component], ...] = (
 )
 _DIFFUSERS_PREFIXES: tuple[tuple[str, Component], ...] = (
     ("unet.", "unet"),
+    ("transformer.", "unet"),  # SD3 / Flux in diffusers' names
+    ("diffusion_model.", "unet"),  # SD3 / Flux in the original names (ComfyUI's form, ai-toolkit)
     ("base_model.model.", "unet"),  # a peft adapter saved straight from a UNet
     ("text_encoder_2.", "te2"),
     ("text_encoder.", "te1"),
@@ -244,8 +251,9 @@ def _target(base: str) -> tuple[Component, str]:
 # --- matching ---------------------------------------------------------------------------------
 
 
-def _tables(bundle: ModelBundle) -> dict[Component, tuple[str, nn.Module, dict[str, str]]]:
-    tables: dict[Component, tuple[str, nn.Module, dict[str, str]]] = {"unet": ("unet", bundle.unet, unet_table(bundle.unet))}
+def _tables(bundle: ModelBundle) -> dict[Component, tuple[str, nn.Module, dict[str, Target]]]:
+    denoiser = unet_table(bundle.unet) if bundle.family.denoiser == "unet" else transformer_table(bundle.unet)
+    tables: dict[Component, tuple[str, nn.Module, dict[str, Target]]] = {"unet": ("unet", bundle.unet, denoiser)}
     for component, index in _COMPONENT_INDEX.items():
         if index < len(bundle.text_encoders):
             model = bundle.text_encoders[index].model
@@ -267,11 +275,18 @@ def resolve(lora: LoraWeights, bundle: ModelBundle) -> Resolution:
             unmatched.append(m.key)
             continue
         owner, root, _ = found
-        module = root.get_submodule(path)
-        if module.weight.numel() != m.delta_numel() or module.weight.shape[0] != m.up.shape[0]:
+        # a layer diffusers splits (a transformer's fused qkv): the delta's rows go to each part
+        parts = [(path, m)] if isinstance(path, str) else [
+            (part, replace(m, key=f"{m.key}[{a}:{b}]", up=m.up[a:b])) for part, a, b in path]
+        if not isinstance(path, str) and path[-1][2] != m.up.shape[0]:
             wrong_shape.append(m.key)
             continue
-        patches.append(Patch(lora=m, module_name=f"{owner}.{path}", module=module))
+        fits = [(part, piece, root.get_submodule(part)) for part, piece in parts]
+        if any(mod.weight.numel() != piece.delta_numel() or mod.weight.shape[0] != piece.up.shape[0]
+               for _, piece, mod in fits):
+            wrong_shape.append(m.key)
+            continue
+        patches += [Patch(lora=piece, module_name=f"{owner}.{part}", module=mod) for part, piece, mod in fits]
     if not patches:
         what = "fit the layer shapes of" if wrong_shape and not unmatched else "match a layer of"
         raise ModelError(
