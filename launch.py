@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TORCH = "torch==2.13.0"
 PROJECT = "sd-webui"
-APP_EXTRAS = ("upscalers",)  # what a user of the launcher gets beyond the plain install (see pyproject.toml)
+APP_EXTRAS = ("upscalers", "gguf")  # what a user of the launcher gets beyond the plain install (see pyproject.toml)
 
 
 def pip(*args: str) -> None:

@@ -3,15 +3,17 @@
 Writes (once, to bench/.cache/, random weights) Stability's layout of SD3.5 Medium: the 2.5B
 MMDiT and the VAE in `sd35-medium-random-bf16.safetensors`, CLIP-L and CLIP-G as separate files
 in `text_encoder/` (T5-XXL left out: it is optional, and 4.7B more parameters would not fit this
-benchmark's time); with `--layouts fp8 gguf` also the MMDiT with its 2-D weights in float8_e4m3fn,
-and as a Q8_0 GGUF file (bare keys, as city96's). Then, each in a fresh child process:
+benchmark's time); with `--layouts fp8 fp8-packed gguf` also the MMDiT with its 2-D weights in
+float8_e4m3fn (upcast when loaded, or kept packed as --fp8-weights packed does), and as a Q8_0 GGUF
+file (bare keys, as city96's). Then, each in a fresh child process:
 
   load:  peak RSS while `load_bundle` builds the model, minus RSS before it, as a ratio to the
          files' size (goal <= 1.3: about one copy of the weights; float8 and GGUF weights are
          upcast when read, so their ratio shows what keeping them packed would save)
   step:  one denoiser call at 256x256 (a 16x32x32 latent, 154 text tokens) through our CFG
          denoiser and SD3 adapter, against the bare diffusers SD3Transformer2DModel call on the
-         same inputs, measured alternately in the same process (goal: ratio <= 1.02)
+         same inputs, measured alternately in the same process (goal: ratio <= 1.02); for float8
+         and GGUF also against the bf16 file's step (float8 weights are upcast a layer a call)
 
 Prints figures and ratios, never pass/fail. Run it alone (2 cores: anything beside it skews it).
 
@@ -34,6 +36,7 @@ CACHE = HERE / ".cache" / "sd35"
 CKPT = CACHE / "Stable-diffusion" / "sd35-medium-random-bf16.safetensors"
 LAYOUTS = {"bf16": CKPT, "fp8": CKPT.with_name("sd35-medium-random-fp8.safetensors"),
            "gguf": CKPT.with_name("sd35-medium-random-Q8_0.gguf")}
+LAYOUTS["fp8-packed"] = LAYOUTS["fp8"]  # the same file, its float8 weights kept packed (--fp8-weights packed)
 ENCODERS = CACHE / "text_encoder"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
@@ -56,7 +59,7 @@ def watch():
 
 tokenizers = TokenizerFactory(); tokenizers.warm(); tokenizers.get("<pad>")
 dtype = getattr(torch, sys.argv[2])
-runtime = Runtime(device=torch.device("cpu"), dtype=dtype, vae_dtype=dtype)
+runtime = Runtime(device=torch.device("cpu"), dtype=dtype, vae_dtype=dtype, float8_packed=sys.argv[4] == "packed")
 gc.collect()
 before = rss()
 threading.Thread(target=watch, daemon=True).start()
@@ -83,8 +86,10 @@ from webui.runtime.devices import Runtime
 dtype = getattr(torch, sys.argv[2])
 repeats = int(sys.argv[4])
 torch.manual_seed(0)
-bundle = load_bundle(Path(sys.argv[1]), runtime=Runtime(device=torch.device("cpu"), dtype=dtype, vae_dtype=dtype),
-                     tokenizers=TokenizerFactory(), text_encoder_dirs=[Path(sys.argv[3])])
+bundle = load_bundle(Path(sys.argv[1]), runtime=Runtime(device=torch.device("cpu"), dtype=dtype, vae_dtype=dtype,
+                                                      float8_packed=sys.argv[5] == "packed"),
+                     tokenizers=TokenizerFactory(), text_encoder_dirs=[Path(sys.argv[3])],
+                     vae_dir=Path(sys.argv[3]).parent / "VAE")
 plan = PromptPlan(cond=[[([(1, "a lighthouse at dusk")], 1.0)]], uncond=[[(1, "")]])
 conditioning = ScheduledConditioning(TextConditioner(bundle), plan, guided=False)
 denoiser = CFGDenoiser(bundle, noise_schedule(bundle), conditioning, 1.0)
@@ -169,6 +174,10 @@ def write_layout(layout: str) -> None:
               str(CACHE / "VAE" / "sd3_vae.safetensors"))
 
 
+def _packing(layout: str) -> str:
+    return "packed" if layout.endswith("-packed") else "upcast"
+
+
 def child(script: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                          check=False)
@@ -191,19 +200,22 @@ def main() -> None:
     encoders = sum(p.stat().st_size for p in ENCODERS.glob("*.safetensors"))
     for layout in args.layouts:
         if not LAYOUTS[layout].exists():
-            write_layout(layout)
+            write_layout(layout.removesuffix("-packed"))
         vae = CACHE / "VAE" / "sd3_vae.safetensors"
         size = LAYOUTS[layout].stat().st_size + encoders + (vae.stat().st_size if layout == "gguf" else 0)
-        load = child(_LOAD, str(LAYOUTS[layout]), args.dtype, str(ENCODERS))
+        load = child(_LOAD, str(LAYOUTS[layout]), args.dtype, str(ENCODERS), _packing(layout))
         print(f"{layout}: files {size / 2**30:.2f} GiB (MMDiT 2.5B + VAE, CLIP-L, CLIP-G); load into {args.dtype}: "
               f"{load['seconds']:.1f} s, peak RSS delta {load['peak_delta'] / 2**30:.2f} GiB = "
               f"{load['peak_delta'] / size:.2f} x the files")
     if args.no_step:
         return
-    step = child(_STEP, str(CKPT), args.dtype, str(ENCODERS), str(args.repeats))
-    print(f"one denoiser call at 256x256 ({step['tokens']} text tokens, {args.dtype}): ours {step['ours']:.2f} s, "
-          f"bare diffusers transformer {step['bare']:.2f} s, ratio {step['ours'] / step['bare']:.3f}")
-
+    steps = {}
+    for layout in dict.fromkeys(["bf16", *args.layouts]):  # bf16 first: the others' baseline
+        step = child(_STEP, str(LAYOUTS[layout]), args.dtype, str(ENCODERS), str(args.repeats), _packing(layout))
+        steps[layout] = step["ours"]
+        print(f"{layout}: one denoiser call at 256x256 ({step['tokens']} text tokens, computed in {args.dtype}): "
+              f"ours {step['ours']:.2f} s, bare diffusers transformer {step['bare']:.2f} s, "
+              f"ratio {step['ours'] / step['bare']:.3f}; against bf16 weights {step['ours'] / steps['bf16']:.2f}x")
 
 if __name__ == "__main__":
     main()

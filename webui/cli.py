@@ -65,6 +65,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
                    help="keep only the running component (text encoder, UNet, VAE) on the GPU")
     g.add_argument("--lowvram", action="store_true", help="stream the UNet's blocks to the GPU as they run (slowest, least VRAM)")
     g.add_argument("--vae-tiling", action="store_true", help="always decode and encode images in tiles (default: large images only)")
+    g.add_argument("--fp8-weights", choices=("auto", "packed", "upcast"), default="auto",
+                   help="float8 Flux/SD3.5 weights: kept packed in memory and upcast a layer a call, or upcast when "
+                        "loaded (auto: packed on a GPU, upcast on the CPU)")
     g.add_argument("--model-cache-size", type=int, help="checkpoints loaded on the device at once (default: the setting, 1)")
     g.add_argument("--ckpt-cache", type=int, metavar="N",
                    help="checkpoints kept in RAM besides the loaded ones, for instant switching (default: the setting, 0)")
@@ -232,6 +235,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
         medvram=a.medvram,
         lowvram=a.lowvram,
         vae_tiling=a.vae_tiling,
+        fp8_weights=a.fp8_weights,
         ckpt=a.ckpt,
         model_cache_size=a.model_cache_size,
         ckpt_cache=a.ckpt_cache,

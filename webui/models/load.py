@@ -208,6 +208,8 @@ def _runtime_dtypes(runtime: Runtime, vae_only: bool = False):
             return dtype
         if vae_only or key.startswith(VAE_PREFIX):
             return runtime.vae_dtype
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and key.startswith(UNET_PREFIX):
+            return dtype  # float8 weights stay packed until the module is built (SD3 / Flux keep them so)
         return runtime.dtype if key.startswith(modules) else dtype
 
     return select
@@ -236,17 +238,24 @@ def _take(sd: StateDict, prefix: str, strip: bool) -> StateDict:
     return {(k[len(prefix) :] if strip else k): sd.pop(k) for k in keys}
 
 
-def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype: torch.dtype) -> torch.nn.Module:
-    return load_meta_module(module, weights, runtime.weights_device, dtype)
+def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype: torch.dtype,
+            keep_float8: bool = False) -> torch.nn.Module:
+    return load_meta_module(module, weights, runtime.weights_device, dtype, keep_float8)
 
 
 def load_meta_module(module: torch.nn.Module, weights: StateDict, device: torch.device,
-                     dtype: torch.dtype) -> torch.nn.Module:
+                     dtype: torch.dtype, keep_float8: bool = False) -> torch.nn.Module:
     """Load `weights` into a module built on the meta device, casting tensor by tensor onto
     `device`; the non-persistent `position_ids` buffers that files do not hold are made here (a
-    meta buffer left behind would be read as garbage). ModelError when the weights do not fit."""
+    meta buffer left behind would be read as garbage). With `keep_float8`, 2-D float8 weights stay
+    float8 and their linear layers compute in `dtype` (webui.runtime.float8). ModelError when the
+    weights do not fit."""
+    from webui.runtime.float8 import FLOAT8, compute_float8_linears
+
     for k in list(weights):
-        weights[k] = weights.pop(k).to(device=device, dtype=dtype)
+        tensor = weights.pop(k)
+        packed = keep_float8 and tensor.dtype in FLOAT8 and tensor.ndim == 2 and k.endswith(".weight")
+        weights[k] = tensor.to(device=device) if packed else tensor.to(device=device, dtype=dtype)
     result = module.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
@@ -260,6 +269,9 @@ def load_meta_module(module: torch.nn.Module, weights: StateDict, device: torch.
             owner.register_buffer(
                 "position_ids", torch.arange(buf.shape[-1], device=device).expand((1, -1)), persistent=False
             )
+    if keep_float8 and (n := compute_float8_linears(module)):
+        log.info("%s: %d linear layers keep their float8 weights, computed in %s", type(module).__name__, n,
+                 str(dtype).removeprefix("torch."))
     return module.eval().requires_grad_(False)
 
 
@@ -285,7 +297,7 @@ def _build_mmdit(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.M
     weights = convert_sd3_transformer_checkpoint_to_diffusers(_take(sd, UNET_PREFIX, strip=True))
     with torch.device("meta"):
         transformer = SD3Transformer2DModel.from_config(found.unet_config)
-    _finish(transformer, weights, runtime, runtime.dtype)  # its attention is PyTorch SDPA already
+    _finish(transformer, weights, runtime, runtime.dtype, keep_float8=runtime.float8_packed)  # attention: SDPA already
     return MMDiTDenoiser(transformer).eval()
 
 
@@ -314,7 +326,7 @@ def _build_flux(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.Mo
                         f"{b}proj_mlp.{kind}": mlp})
     with torch.device("meta"):
         transformer = FluxTransformer2DModel.from_config(found.unet_config)
-    _finish(transformer, weights, runtime, runtime.dtype)
+    _finish(transformer, weights, runtime, runtime.dtype, keep_float8=runtime.float8_packed)
     return FluxDenoiser(transformer).eval()
 
 

@@ -34,6 +34,7 @@ class Runtime:
     attention_message: str = ""  # what was chosen and, after a fallback, why
     memory: MemoryManager | None = None  # medvram / lowvram (see webui.runtime.memory); None = normal
     vae_tiling: bool = False  # --vae-tiling: always decode/encode in tiles (else only large images)
+    float8_packed: bool = False  # float8 transformer weights stay float8 in memory (--fp8-weights)
     # How a model cached in RAM (--ckpt-cache) leaves the compute device and comes back; None when
     # there is nothing to move (the CPU computes in RAM; medvram / lowvram models already wait there).
     park: Transfer | None = None
@@ -139,7 +140,8 @@ def pick_runtime(config: Config, index: int = 0) -> Runtime:
     channels_last, why = pick_channels_last(config.channels_last, device, dtype)
     return Runtime(device=device, dtype=dtype, vae_dtype=vae_dtype, attention=attention, attention_message=message,
                    memory=memory, vae_tiling=config.vae_tiling, park=park, compile=config.compile,
-                   channels_last=channels_last, channels_last_why=why)
+                   channels_last=channels_last, channels_last_why=why,
+                   float8_packed=config.fp8_weights == "packed" or (config.fp8_weights == "auto" and device.type == "cuda"))
 
 
 def pick_channels_last(asked: bool | None, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
