@@ -694,3 +694,68 @@ def test_two_workers_the_page_shows_which_one_runs_the_job(browser, tmp_path: Pa
     finally:
         page.close()
         stop_server(s)
+
+
+def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Path, checkpoint_store: Path) -> None:
+    """Distilled CFG Scale and Shift are on the page only for a model that takes them: choosing
+    Flux dev shows them, choosing SD 1.x hides them; a Flux generation from the page writes the
+    distilled scale typed there."""
+    from tests.conftest import add_checkpoint, start_server, stop_server
+    from webui.testing.make_flux import write_flux
+
+    add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
+    write_flux(tmp_path / "models", name="flux1-dev", seed=1)
+    s = start_server(tmp_path)
+    page = browser.new_page()
+    try:
+        open_page(page, s.url)
+        distilled = page.locator("#txt2img_distilled_cfg_scale")
+
+        def choose(name: str) -> None:
+            page.locator("#checkpoint input").click()
+            page.get_by_role("option", name=name, exact=False).first.click()
+
+        choose("sd1")
+        distilled.wait_for(state="hidden", timeout=30_000)
+        choose("flux1-dev")
+        distilled.wait_for(state="visible", timeout=30_000)
+        page.locator("#txt2img_sampler_options").click()  # the accordion holding Shift
+        page.locator("#txt2img_shift").wait_for(state="visible", timeout=30_000)
+        small_txt2img(page, "a harbour at dawn")
+        set_number(page, "txt2img_cfg_scale", 1)
+        set_number(page, "txt2img_distilled_cfg_scale", 5)
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Distilled CFG Scale: 5')",
+            timeout=120_000)
+        assert "Model: flux1-dev" in page.locator("#txt2img_info textarea").input_value()
+        choose("sd1")
+        distilled.wait_for(state="hidden", timeout=30_000)
+    finally:
+        page.close()
+        stop_server(s)
+
+
+def test_opening_sampler_parameters_changes_nothing(server: Server, browser) -> None:
+    """Merely opening "Sampler parameters" leaves the sampler's defaults (its boxes once sent 0:
+    Euler a without noise); a value typed there reaches the infotext."""
+    page = browser.new_page()
+    try:
+        open_page(page, server.url)
+        page.locator("#txt2img_sampler_options").click()
+        page.locator("#txt2img_eta input, #txt2img_eta textarea").first.wait_for(state="visible", timeout=30_000)
+        small_txt2img(page, "a quiet bay")
+        info = page.locator("#txt2img_info textarea")
+        before = info.input_value()
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(f"() => (document.querySelector('#txt2img_info textarea')?.value || '') !== {before!r}"
+                               " && document.querySelector('#txt2img_info textarea').value.includes('a quiet bay')",
+                               timeout=120_000)
+        text = info.input_value()
+        assert "Sampler: Euler a" in text and "Eta" not in text and "Sigma noise" not in text, text
+        page.locator("#txt2img_eta input, #txt2img_eta textarea").first.fill("0.5")
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function("() => document.querySelector('#txt2img_info textarea')?.value.includes('Eta: 0.5')",
+                               timeout=120_000)
+    finally:
+        page.close()

@@ -386,6 +386,17 @@ class Engine:
 
     # --- checkpoints --------------------------------------------------------------------------
 
+    def model_fields(self, query: str | None) -> frozenset[str]:
+        """The request fields only some models take that the checkpoint `query` takes (`shift`,
+        `distilled_cfg_scale`), from its file's tensor names alone: the page shows just those."""
+        from webui.models.detect import extra_fields
+        from webui.models.readers import tensor_names
+
+        try:
+            return extra_fields(tensor_names(self.resolve_checkpoint(query).path))
+        except ModelError:
+            return frozenset()
+
     def resolve_checkpoint(self, query: str | None) -> CheckpointInfo:
         query = query or self.current_checkpoint
         if query:

@@ -154,6 +154,16 @@ def family_of(sd: dict[str, torch.Tensor]) -> FamilySpec | None:
         return None
 
 
+def extra_fields(names: list[str]) -> frozenset[str]:
+    """The request fields only some models take, for a file with these tensor names: a flow
+    model's `shift`, Flux dev's `distilled_cfg_scale` (its guidance embedder)."""
+    family = family_of(dict.fromkeys(names))
+    if family is None or not family.flow:
+        return frozenset()
+    guided = any(n.endswith("guidance_in.in_layer.weight") for n in names)
+    return frozenset({"shift", "distilled_cfg_scale"} if guided else {"shift"})
+
+
 def mmdit_config_from_shapes(sd: dict[str, torch.Tensor], path: Path | None) -> dict[str, Any]:
     """A diffusers SD3Transformer2DModel config read from the MMDiT's tensor shapes (SD3 Medium,
     SD3.5 Medium with its second attention in the first blocks and q/k norms, SD3.5 Large)."""

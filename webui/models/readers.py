@@ -140,6 +140,21 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if isinstance(v, dict) and isinstance(v.get("shape"), list)}
 
 
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors or GGUF file, read without the tensors ([] for a pickle
+    or a file that cannot be read: loading it says why)."""
+    if Path(path).suffix.lower() in GGUF_SUFFIXES:
+        try:
+            import gguf
+        except ImportError:
+            return []
+        try:
+            return [t.name for t in gguf.GGUFReader(str(path)).tensors]
+        except (ValueError, OSError, struct.error):
+            return []
+    return [k for k in _header_of(path) if k != "__metadata__"]
+
+
 def _header_of(path: Path) -> dict:
     if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
         return {}

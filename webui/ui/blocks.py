@@ -24,6 +24,9 @@ PAGE_CSS = """
 """
 
 
+MODEL_FIELDS = ("distilled_cfg_scale", "shift")
+
+
 def build_ui(engine: Engine) -> gr.Blocks:
     board = JobBoard(engine)
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
@@ -69,6 +72,17 @@ def build_ui(engine: Engine) -> gr.Blocks:
         demo.load(on_load, inputs=[checkpoint],
                   outputs=[checkpoint, help_box, txt2img["hr_upscaler"], extras_upscaler, extras_note],
                   api_visibility="private")
+
+        # controls only some models take (Flux's distilled guidance, a flow model's shift): shown for those
+        model_only = [panel[name] for panel in (txt2img, img2img) for name in MODEL_FIELDS]
+
+        def model_controls(current: str | None) -> list[dict]:
+            fields = engine.model_fields(current)
+            return [gr.update(visible=name in fields) for _ in (txt2img, img2img) for name in MODEL_FIELDS]
+
+        checkpoint.change(model_controls, inputs=[checkpoint], outputs=model_only, api_visibility="private",
+                          queue=False)
+        demo.load(model_controls, inputs=[checkpoint], outputs=model_only, api_visibility="private", queue=False)
     return demo
 
 

@@ -71,7 +71,7 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
         panel.add("n_iter", gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{p}_batch_count"))
         panel.add("cfg_scale", gr.Slider(1, 30, value=d.default_cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{p}_cfg_scale"))
         panel.add("distilled_cfg_scale", gr.Slider(0, 30, value=3.5, step=0.5, label="Distilled CFG Scale",
-                                                   info="Flux dev (set CFG Scale to 1 for it)",
+                                                   info="Flux dev (set CFG Scale to 1 for it)", visible=False,
                                                    elem_id=f"{p}_distilled_cfg_scale"))
     with gr.Row():
         panel.add("seed", gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{p}_seed", scale=3))
@@ -101,11 +101,13 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
     with gr.Accordion("Sampler parameters", open=False, elem_id=f"{p}_sampler_options"):
         gr.Markdown("Empty: the sampler's default. Eta applies to ancestral samplers and DDIM; churn and "
                     "noise to Euler, Heun and DPM2; shift to flow-matching models (SD3: 3).")
+        # text boxes, not number boxes: an emptied number box sends 0, which would silently turn
+        # Euler a's noise off (eta 0, sigma noise 0) for whoever merely opened this accordion
         with gr.Row():
-            panel.add("eta", gr.Number(None, label="Eta", minimum=0, maximum=10, elem_id=f"{p}_eta"))
-            panel.add("s_churn", gr.Number(None, label="Sigma churn", minimum=0, maximum=100, elem_id=f"{p}_s_churn"))
-            panel.add("s_noise", gr.Number(None, label="Sigma noise", minimum=0, maximum=10, elem_id=f"{p}_s_noise"))
-            panel.add("shift", gr.Number(None, label="Shift", minimum=0.01, maximum=100, elem_id=f"{p}_shift"))
+            for name, label, visible in (("eta", "Eta", True), ("s_churn", "Sigma churn", True),
+                                         ("s_noise", "Sigma noise", True), ("shift", "Shift", False)):
+                panel.add(name, gr.Textbox("", label=label, placeholder="default", visible=visible,
+                                           elem_id=f"{p}_{name}"))
 
 
 _NOT_FEW_STEP = ("Neither the checkpoint nor a LoRA in the prompt is a few-step model (LCM, Lightning, "
@@ -161,6 +163,9 @@ def output_area(panel: Panel) -> None:
             panel.send[name] = gr.Button(f"Send to {name}", size="sm", elem_id=f"{p}_send_to_{name}")
 
 
+OPTIONAL_NUMBERS = ("eta", "s_churn", "s_noise", "shift")  # "Sampler parameters": empty means the default
+
+
 def _to_request(values: dict[str, Any], fixed: dict[str, Any],
                 ext_fields: dict[str, tuple[str, str]] | None = None,
                 script_fields: dict[str, tuple[str, str]] | None = None,
@@ -188,6 +193,15 @@ def _to_request(values: dict[str, Any], fixed: dict[str, Any],
                 "mask_blur", "inpaint_full_res_padding"):
         if key in data:
             data[key] = int(data[key])
+    for key in OPTIONAL_NUMBERS:  # text boxes: empty is the default, else a number (validated by the request)
+        text = str(data.get(key, "")).strip()
+        if not text:
+            data.pop(key, None)
+            continue
+        try:
+            data[key] = float(text)
+        except ValueError:
+            raise ValueError(f"{key}: {text!r} is not a number (leave it empty for the default)") from None
     data["styles"] = tuple(data.get("styles") or ())
     data["checkpoint"] = data.get("checkpoint") or None
     if data.get("refiner_checkpoint") in ("", "None"):
