@@ -697,9 +697,10 @@ def test_two_workers_the_page_shows_which_one_runs_the_job(browser, tmp_path: Pa
 
 
 def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Path, checkpoint_store: Path) -> None:
-    """Distilled CFG Scale and Shift are on the page only for a model that takes them: choosing
-    Flux dev shows them, choosing SD 1.x hides them; a Flux generation from the page writes the
-    distilled scale typed there."""
+    """Distilled CFG Scale and Shift are on the page only for a model that takes them, and the
+    sampler list holds only what the model can use: choosing Flux dev shows the two and shortens
+    the list, choosing SD 1.x hides them and gives every sampler back; a Flux generation from the
+    page writes the distilled scale typed there."""
     from tests.conftest import add_checkpoint, start_server, stop_server
     from webui.testing.make_flux import write_flux
 
@@ -717,8 +718,16 @@ def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Pat
 
         choose("sd1")
         distilled.wait_for(state="hidden", timeout=30_000)
+        page.locator("#txt2img_sampler input").click()
+        assert page.get_by_role("option", name="DPM++ 2M SDE", exact=True).count() == 1  # SD 1.x: every sampler
+        page.keyboard.press("Escape")
         choose("flux1-dev")
         distilled.wait_for(state="visible", timeout=30_000)
+        page.locator("#txt2img_sampler input").click()  # Flux: only the samplers it can use
+        page.get_by_role("option", name="DPM++ 2M", exact=True).wait_for(state="visible", timeout=10_000)
+        assert page.get_by_role("option", name="DPM++ 2M SDE", exact=True).count() == 0
+        assert page.locator("#txt2img_sampler input").input_value() == "Euler a"  # allowed there: kept
+        page.keyboard.press("Escape")
         page.locator("#txt2img_sampler_options").click()  # the accordion holding Shift
         page.locator("#txt2img_shift").wait_for(state="visible", timeout=30_000)
         small_txt2img(page, "a harbour at dawn")

@@ -35,6 +35,7 @@ from webui.workers import Worker, make_workers
 if TYPE_CHECKING:
     from webui.controlnet.units import ControlUnit
     from webui.faces import FaceRestorers
+    from webui.models.detect import ModelControls
     from webui.models.load import ModelBundle
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
@@ -386,16 +387,16 @@ class Engine:
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def model_fields(self, query: str | None) -> frozenset[str]:
-        """The request fields only some models take that the checkpoint `query` takes (`shift`,
-        `distilled_cfg_scale`), from its file's tensor names alone: the page shows just those."""
-        from webui.models.detect import extra_fields
+    def model_controls(self, query: str | None) -> ModelControls:
+        """What the page offers for the checkpoint `query` beyond the common controls (Flux's
+        distilled guidance, a flow model's shift and samplers), read from its tensor names alone."""
+        from webui.models.detect import ModelControls, model_controls
         from webui.models.readers import tensor_names
 
         try:
-            return extra_fields(tensor_names(self.resolve_checkpoint(query).path))
+            return model_controls(tensor_names(self.resolve_checkpoint(query).path))
         except ModelError:
-            return frozenset()
+            return ModelControls()
 
     def resolve_checkpoint(self, query: str | None) -> CheckpointInfo:
         query = query or self.current_checkpoint

@@ -154,14 +154,22 @@ def family_of(sd: dict[str, torch.Tensor]) -> FamilySpec | None:
         return None
 
 
-def extra_fields(names: list[str]) -> frozenset[str]:
-    """The request fields only some models take, for a file with these tensor names: a flow
-    model's `shift`, Flux dev's `distilled_cfg_scale` (its guidance embedder)."""
+@dataclass(frozen=True)
+class ModelControls:
+    """What the page offers for a model beyond the common controls."""
+
+    fields: frozenset[str] = frozenset()  # request fields only some models take (`shift`, `distilled_cfg_scale`)
+    samplers: tuple[str, ...] | None = None  # the samplers it can use; None: all
+
+
+def model_controls(names: list[str]) -> ModelControls:
+    """For a file with these tensor names: a flow model's `shift` and samplers, Flux dev's
+    `distilled_cfg_scale` (its guidance embedder)."""
     family = family_of(dict.fromkeys(names))
     if family is None or not family.flow:
-        return frozenset()
+        return ModelControls()
     guided = any(n.endswith("guidance_in.in_layer.weight") for n in names)
-    return frozenset({"shift", "distilled_cfg_scale"} if guided else {"shift"})
+    return ModelControls(frozenset({"shift", "distilled_cfg_scale"} if guided else {"shift"}), family.samplers)
 
 
 def mmdit_config_from_shapes(sd: dict[str, torch.Tensor], path: Path | None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ schedule, default image size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 TextEncoderKind = Literal["clip", "openclip", "t5"]
@@ -198,6 +198,14 @@ SDXL_REFINER = FamilySpec(
     ays_sigmas="sdxl",
 )
 
+# The text encoders of the transformer families, under the prefixes an all-in-one file has them
+# (separate files are read into the same places): CLIP-L as SD3 and Flux use it, and T5-XXL.
+CLIP_L_SEPARATE = TextEncoderSpec(kind="clip", prefix="text_encoders.clip_l.transformer.", hidden_act="quick_gelu",
+                                  pad_token="<|endoftext|>", default_layer_from_end=1, final_layer_norm=True,
+                                  pooled=True)
+T5XXL = TextEncoderSpec(kind="t5", prefix="text_encoders.t5xxl.transformer.", hidden_act="gelu_new", pad_token="<pad>",
+                        default_layer_from_end=1, final_layer_norm=True, max_tokens=512)
+
 # Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo) in one file, the layout Stability ships:
 # MMDiT under `model.diffusion_model.`, CLIP-L, CLIP-G and (optionally) T5-XXL under
 # `text_encoders.`, a 16-channel VAE. Both CLIPs give their penultimate hidden states (no final
@@ -207,12 +215,10 @@ SD3 = FamilySpec(
     name="sd3",
     label="SD 3.x",
     text_encoders=(
-        TextEncoderSpec(kind="clip", prefix="text_encoders.clip_l.transformer.", hidden_act="quick_gelu",
-                        pad_token="<|endoftext|>", default_layer_from_end=2, final_layer_norm=False, pooled=True),
+        replace(CLIP_L_SEPARATE, default_layer_from_end=2, final_layer_norm=False),
         TextEncoderSpec(kind="clip", prefix="text_encoders.clip_g.transformer.", hidden_act="gelu", pad_token="!",
                         default_layer_from_end=2, final_layer_norm=False, pooled=True, embedding_slot=1),
-        TextEncoderSpec(kind="t5", prefix="text_encoders.t5xxl.transformer.", hidden_act="gelu_new", pad_token="<pad>",
-                        default_layer_from_end=1, final_layer_norm=True, optional=True, max_tokens=256),
+        replace(T5XXL, optional=True, max_tokens=256),
     ),
     default_size=1024,
     latent_scaling_factor=1.5305,
@@ -238,13 +244,7 @@ SD3 = FamilySpec(
 FLUX = FamilySpec(
     name="flux",
     label="Flux.1",
-    text_encoders=(
-        TextEncoderSpec(kind="clip", prefix="text_encoders.clip_l.transformer.", hidden_act="quick_gelu",
-                        pad_token="<|endoftext|>", default_layer_from_end=1, final_layer_norm=True, pooled=True,
-                        projected=False, context=False),
-        TextEncoderSpec(kind="t5", prefix="text_encoders.t5xxl.transformer.", hidden_act="gelu_new", pad_token="<pad>",
-                        default_layer_from_end=1, final_layer_norm=True, max_tokens=512),
-    ),
+    text_encoders=(replace(CLIP_L_SEPARATE, projected=False, context=False), T5XXL),
     default_size=1024,
     latent_scaling_factor=0.3611,
     latent_shift=0.1159,

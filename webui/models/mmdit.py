@@ -21,8 +21,10 @@ def _refuse(unet_only: dict[str, Any], family: str) -> None:
                          "and IP-Adapter units are for SD 1.x/2.x/SDXL models)")
 
 
-class MMDiTDenoiser(torch.nn.Module):
-    def __init__(self, transformer: SD3Transformer2DModel) -> None:
+class _TransformerDenoiser(torch.nn.Module):
+    """A diffusers transformer as `transformer`, its config, dtype and device as a UNet's."""
+
+    def __init__(self, transformer: SD3Transformer2DModel | FluxTransformer2DModel) -> None:
         super().__init__()
         self.transformer = transformer
         self.config = transformer.config
@@ -35,6 +37,8 @@ class MMDiTDenoiser(torch.nn.Module):
     def device(self) -> torch.device:
         return self.transformer.device
 
+
+class MMDiTDenoiser(_TransformerDenoiser):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = False,
                 **unet_only: Any) -> tuple[torch.Tensor]:
@@ -47,23 +51,10 @@ class MMDiTDenoiser(torch.nn.Module):
         return (out,)
 
 
-class FluxDenoiser(torch.nn.Module):
+class FluxDenoiser(_TransformerDenoiser):
     """Flux's transformer on 2x2 patches of the 16-channel latent (64 values a token), with the
     positions of the patches (row, column) and of the text tokens (zeros) for its rotary
     embedding; dev also takes the distilled guidance scale."""
-
-    def __init__(self, transformer: FluxTransformer2DModel) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.config = transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = False,

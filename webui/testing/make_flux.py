@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from webui.testing.make_checkpoint import vae_to_ldm
-from webui.testing.make_sd3 import T5_VOCAB, _swap_halves
+from webui.testing.make_sd3 import T5_VOCAB, _swap_halves, jitter, tiny_vae16
 
 
 @dataclass
@@ -46,14 +46,9 @@ def tiny_parts(seed: int = 0, guidance: bool = True) -> FluxParts:
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
                                          attention_head_dim=128, num_attention_heads=1, joint_attention_dim=48,
                                          pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(16, 56, 56))
-    with torch.no_grad():  # the default init zeroes the output layers: outputs would not depend on the input
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32, 32),
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, use_quant_conv=False,
-                        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
-    return FluxParts(transformer.eval(), vae.eval(), clip_l.eval(), t5.eval())
+    jitter(transformer)
+    return FluxParts(transformer.eval(), tiny_vae16(scaling_factor=0.3611, shift_factor=0.1159).eval(), clip_l.eval(),
+                     t5.eval())
 
 
 def flux_to_original(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:

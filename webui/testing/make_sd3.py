@@ -70,14 +70,25 @@ def tiny_parts(seed: int = 0, t5: bool = True, sd35: bool = True) -> SD3Parts:
         sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=1,
         joint_attention_dim=width, caption_projection_dim=64, pooled_projection_dim=32 + 40, out_channels=16,
         pos_embed_max_size=16, dual_attention_layers=(0,) if sd35 else (), qk_norm="rms_norm" if sd35 else None)
-    with torch.no_grad():  # the default init zeroes the output layers: outputs would not depend on the input
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32, 32),
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, use_quant_conv=False,
-                        use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    jitter(transformer)
+    vae = tiny_vae16(scaling_factor=1.5305, shift_factor=0.0609)
     return SD3Parts(transformer.eval(), vae.eval(), clip_l.eval(), clip_g.eval(), encoder.eval() if encoder else None)
+
+
+def jitter(transformer: torch.nn.Module, scale: float = 0.05) -> None:
+    """Random noise on every weight: the default init zeroes the output layers, and a model whose
+    output does not depend on its input would make every comparison pass."""
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def tiny_vae16(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """A tiny 16-channel VAE without 1x1 convolutions around the latent (SD3's and Flux's layout)."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32, 32),
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, use_quant_conv=False,
+                         use_post_quant_conv=False, scaling_factor=scaling_factor, shift_factor=shift_factor)
 
 
 def _swap_halves(weight: torch.Tensor) -> torch.Tensor:

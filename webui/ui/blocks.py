@@ -7,6 +7,7 @@ from PIL import Image
 
 from webui.app import Engine
 from webui.models.errors import ModelError
+from webui.samplers.table import sampler_names
 from webui.ui.extensions_tab import build_extensions_tab
 from webui.ui.extras import build_extras_tab
 from webui.ui.img2img import build_img2img_tab
@@ -73,16 +74,22 @@ def build_ui(engine: Engine) -> gr.Blocks:
                   outputs=[checkpoint, help_box, txt2img["hr_upscaler"], extras_upscaler, extras_note],
                   api_visibility="private")
 
-        # controls only some models take (Flux's distilled guidance, a flow model's shift): shown for those
-        model_only = [panel[name] for panel in (txt2img, img2img) for name in MODEL_FIELDS]
+        # controls only some models take (Flux's distilled guidance, a flow model's shift) are shown for
+        # those; a flow model's sampler list is the samplers it can use
+        panels = (txt2img, img2img)
+        model_only = [panel[name] for panel in panels for name in MODEL_FIELDS] + [p["sampler_name"] for p in panels]
+        extension_samplers = engine.extension_sampler_names()
 
-        def model_controls(current: str | None) -> list[dict]:
-            fields = engine.model_fields(current)
-            return [gr.update(visible=name in fields) for _ in (txt2img, img2img) for name in MODEL_FIELDS]
+        def model_controls(current: str | None, *chosen: str) -> list[dict]:
+            controls = engine.model_controls(current)
+            samplers = [*(controls.samplers or sampler_names()), *extension_samplers]
+            shown = [gr.update(visible=name in controls.fields) for _ in panels for name in MODEL_FIELDS]
+            return shown + [gr.update(choices=samplers, value=value if value in samplers else samplers[0])
+                            for value in chosen]
 
-        checkpoint.change(model_controls, inputs=[checkpoint], outputs=model_only, api_visibility="private",
-                          queue=False)
-        demo.load(model_controls, inputs=[checkpoint], outputs=model_only, api_visibility="private", queue=False)
+        inputs = [checkpoint, *(p["sampler_name"] for p in panels)]
+        checkpoint.change(model_controls, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
+        demo.load(model_controls, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
     return demo
 
 
