@@ -105,7 +105,8 @@ def test_distilled_guidance_is_an_input_of_dev(engine: Engine) -> None:
 
 
 def test_prefixed_and_float8_files_load(flux, tmp_path: Path) -> None:
-    """The same transformer under `model.diffusion_model.` gives the same picture. Stored in
+    """The same transformer under `model.diffusion_model.`, or as Black Forest Labs' first `.sft`
+    files (with `ae.sft`), gives the same picture. Stored in
     float8_e4m3fn (as most Flux downloads are), with --fp8-weights packed its linear weights stay
     float8 in memory and are computed in the runtime's dtype: the picture is the one of those
     float8 values upcast to float32 in the file, and close to the original's."""
@@ -117,11 +118,14 @@ def test_prefixed_and_float8_files_load(flux, tmp_path: Path) -> None:
     fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in original.items()}
     save_file(fp8, str(folder / "fp8.safetensors"))
     save_file({k: v.float() for k, v in fp8.items()}, str(folder / "fp8-upcast.safetensors"))
-    for sub in ("VAE", "text_encoder"):
-        (tmp_path / "models" / sub).symlink_to(root / "models" / sub)
+    (folder / "bfl.sft").symlink_to(root / "models" / "Stable-diffusion" / "flux1-dev.safetensors")  # BFL's .sft
+    (tmp_path / "models" / "VAE").mkdir()
+    (tmp_path / "models" / "VAE" / "ae.sft").symlink_to(root / "models" / "VAE" / "ae.safetensors")
+    (tmp_path / "models" / "text_encoder").symlink_to(root / "models" / "text_encoder")
     engine = build_engine(Config(data_dir=tmp_path, dtype="float32", fp8_weights="packed"))
     reference = pixels(build_engine(Config(data_dir=root, dtype="float32")).runner.generate(req(checkpoint="flux1-dev")))
     assert np.array_equal(pixels(engine.runner.generate(req(checkpoint="prefixed"))), reference)
+    assert np.array_equal(pixels(engine.runner.generate(req(checkpoint="bfl"))), reference)  # bfl.sft with ae.sft
     packed = pixels(engine.runner.generate(req(checkpoint="fp8")))
     transformer = engine.bundle("fp8").unet.transformer
     assert transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn

@@ -17,12 +17,12 @@ from typing import Literal
 from webui.models.errors import ModelError
 from webui.models.hashing import HashCache
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: Black Forest Labs' first Flux releases
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with the weights-only unpickler
 GGUF_SUFFIXES = (".gguf",)  # quantised transformers (city96's Flux / SD3.5 files): the gguf extra
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + GGUF_SUFFIXES
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
-VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".gguf")
+VAE_SUFFIXES = (".safetensors", ".sft", ".pt", ".ckpt")
 Prediction = Literal["epsilon", "v"]
 _V_PARAM = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*$""", re.M)
 
@@ -73,7 +73,7 @@ class ModelRegistry:
 
     def refresh(self, compute_hashes: bool = True) -> list[CheckpointInfo]:
         """Rescan the folders. With `compute_hashes`, hash files not hashed before (slow for new files)."""
-        files = _scan(self.ckpt_dir, CHECKPOINT_SUFFIXES, skip=(".vae.safetensors", ".vae.ckpt", ".vae.pt"))
+        files = _scan(self.ckpt_dir, CHECKPOINT_SUFFIXES, skip=(".vae.safetensors", ".vae.sft", ".vae.ckpt", ".vae.pt"))
         infos = []
         for name, path in files:
             digest = self.hashes.get(path) if compute_hashes else self.hashes.cached(path)
