@@ -6,6 +6,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.app import Engine
+from webui.models.detect import ModelControls
 from webui.models.errors import ModelError
 from webui.samplers.table import sampler_names
 from webui.ui.extensions_tab import build_extensions_tab
@@ -84,12 +85,19 @@ def build_ui(engine: Engine) -> gr.Blocks:
             controls = engine.model_controls(current)
             samplers = [*(controls.samplers or sampler_names()), *extension_samplers]
             shown = [gr.update(visible=name in controls.fields) for _ in panels for name in MODEL_FIELDS]
-            return shown + [gr.update(choices=samplers, value=value if value in samplers else samplers[0])
+            # the value is sent only when it must change: a value sent back could undo a choice made meanwhile
+            return shown + [gr.update(choices=samplers) if value in samplers else gr.update(choices=samplers, value=samplers[0])
                             for value in chosen]
+
+        def model_controls_on_load(current: str | None, *chosen: str) -> list[dict]:
+            # the page is built for a model without extra controls: only a flow model needs a change
+            if engine.model_controls(current) == ModelControls():
+                return [gr.update() for _ in model_only]
+            return model_controls(current, *chosen)
 
         inputs = [checkpoint, *(p["sampler_name"] for p in panels)]
         checkpoint.change(model_controls, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
-        demo.load(model_controls, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
+        demo.load(model_controls_on_load, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
     return demo
 
 
