@@ -60,8 +60,10 @@ def apply_setting(page, elem_id: str, value: float) -> None:
     page.get_by_role("tab", name="Settings").click()
     set_number(page, elem_id, value)
     page.locator("#settings_apply").click()
-    page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
-                           " || document.body.innerText.includes('applies')", timeout=30_000)
+    # the apply button's own result, not any text of the page: "applies" also stands in other
+    # controls' descriptions, and a wait satisfied by those raced the save (a CI run under load)
+    page.wait_for_function("() => { const t = document.querySelector('#settings_result')?.innerText || '';"
+                           " return t.toLowerCase().includes('saved') || t.includes('applies'); }", timeout=30_000)
 
 
 def small_txt2img(page, prompt: str, steps: int = 2) -> None:
