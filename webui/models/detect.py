@@ -63,10 +63,8 @@ def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
     text_configs = tuple(
         None if spec.optional and not any(k.startswith(spec.prefix) for k in sd) else text_encoder_config(sd, spec, path)
         for spec in family.text_encoders)
-    if family.denoiser == "mmdit":
-        return _detect_mmdit(sd, family, text_configs, path)
-    if family.denoiser == "flux":
-        return _detect_flux(sd, family, text_configs, path)
+    if family.denoiser != "unet":
+        return _detect_transformer(sd, family, text_configs, path)
     unet_config = unet_config_from_shapes(sd, family, text_configs, path)
     expected_context = sum(c["hidden_size"] for c in text_configs)
     if unet_config["cross_attention_dim"] != expected_context:
@@ -90,34 +88,22 @@ def detect(sd: dict[str, torch.Tensor], path: Path | None = None) -> Detected:
     )
 
 
-def _detect_mmdit(sd: dict[str, torch.Tensor], family: FamilySpec, text_configs: tuple[dict[str, Any] | None, ...],
-                  path: Path | None) -> Detected:
-    config = mmdit_config_from_shapes(sd, path)
-    pooled = sum(c["projection_dim"] for c, spec in zip(text_configs, family.text_encoders) if c and spec.pooled)
+def _detect_transformer(sd: dict[str, torch.Tensor], family: FamilySpec,
+                        text_configs: tuple[dict[str, Any] | None, ...], path: Path | None) -> Detected:
+    """SD3's MMDiT or Flux's transformer: its config from the shapes, checked against the text
+    encoders' widths (pooled vectors, T5's context) and the family's latent channels."""
+    config = (mmdit_config_from_shapes if family.denoiser == "mmdit" else flux_config_from_shapes)(sd, path)
+    pooled = sum(c["projection_dim"] if spec.projected else c["hidden_size"]
+                 for c, spec in zip(text_configs, family.text_encoders) if c and spec.pooled)
     if pooled != config["pooled_projection_dim"]:
-        raise ModelError(f"the MMDiT takes pooled text vectors {config['pooled_projection_dim']} wide, the CLIP "
-                         f"encoders give {pooled}; the file is not a known layout", path)
+        raise ModelError(f"the {family.label} transformer takes pooled text vectors {config['pooled_projection_dim']} "
+                         f"wide, the CLIP encoders give {pooled}; the file is not a known layout", path)
     for c, spec in zip(text_configs, family.text_encoders):
         if c is not None and spec.kind == "t5" and c["d_model"] != config["joint_attention_dim"]:
-            raise ModelError(f"T5 width {c['d_model']} does not match the MMDiT's context width "
+            raise ModelError(f"T5 width {c['d_model']} does not match the {family.label} transformer's context width "
                              f"{config['joint_attention_dim']}", path)
-    if config["in_channels"] != family.latent_channels:
-        raise ModelError(f"unsupported MMDiT with {config['in_channels']} input channels", path)
-    vae_config = vae_config_from_shapes(sd, VAE_PREFIX, family, path) if f"{VAE_PREFIX}decoder.conv_in.weight" in sd else None
-    return Detected(family=family, variant="normal", unet_config=config, vae_config=vae_config,
-                    text_configs=text_configs)
-
-
-def _detect_flux(sd: dict[str, torch.Tensor], family: FamilySpec, text_configs: tuple[dict[str, Any] | None, ...],
-                 path: Path | None) -> Detected:
-    config = flux_config_from_shapes(sd, path)
-    clip, t5 = text_configs
-    if clip is not None and clip["hidden_size"] != config["pooled_projection_dim"]:
-        raise ModelError(f"the Flux transformer takes a pooled text vector {config['pooled_projection_dim']} wide, "
-                         f"CLIP-L gives {clip['hidden_size']}", path)
-    if t5 is not None and t5["d_model"] != config["joint_attention_dim"]:
-        raise ModelError(f"T5 width {t5['d_model']} does not match the Flux transformer's context width "
-                         f"{config['joint_attention_dim']}", path)
+    if config["in_channels"] != family.latent_channels * family.packed_patch**2:
+        raise ModelError(f"unsupported {family.label} transformer with {config['in_channels']} input channels", path)
     vae_config = vae_config_from_shapes(sd, VAE_PREFIX, family, path) if f"{VAE_PREFIX}decoder.conv_in.weight" in sd else None
     return Detected(family=family, variant="normal", unet_config=config, vae_config=vae_config,
                     text_configs=text_configs)

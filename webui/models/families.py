@@ -77,6 +77,9 @@ class FamilySpec:
     # tokens to 1.15 at 4096 (linear, extrapolated beyond); schnell (no guidance input) keeps 1.
     flow_dynamic_shift: bool = False
     latent_shift: float = 0.0  # the VAE's shift factor: latents = (mean - shift) * scale
+    packed_patch: int = 1  # the denoiser takes the latent packed in n x n patches as channels (Flux: 2)
+    # a separate VAE file's names for this family in models/VAE (stems; also any starting with the family's name)
+    vae_names: tuple[str, ...] = ()
     # Sampler names that make sense for the family (None: all). A flow model takes the
     # deterministic ones and Euler a (its own flow form); the other ancestral / SDE samplers'
     # noise injection assumes x = x0 + sigma * noise.
@@ -257,6 +260,8 @@ FLUX = FamilySpec(
     taesd_stem="taef1_decoder",
     ays_sigmas="sdxl",
     denoiser="flux",
+    packed_patch=2,
+    vae_names=("ae",),
     flow=True,
     flow_shift=1.0,
     flow_dynamic_shift=True,

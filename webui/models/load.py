@@ -32,6 +32,7 @@ from webui.models.detect import UNET_PREFIX, VAE_PREFIX, Detected, detect, vae_c
 from webui.models.errors import ModelError
 from webui.models.families import FamilySpec, TextEncoderSpec
 from webui.models.readers import StateDict, read_state_dict
+from webui.models.registry import SAFETENSORS_SUFFIXES
 from webui.prompts.tokenizer import TokenizerFactory
 from webui.runtime.attention import apply_attention
 from webui.runtime.compile import compile_unet, to_channels_last
@@ -71,6 +72,11 @@ class ModelBundle:
     @property
     def hash10(self) -> str | None:
         return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """The model takes a guidance scale as an input (Flux dev's guidance embedder)."""
+        return bool(getattr(self.unet.config, "guidance_embeds", False))
 
     def modules(self) -> list[torch.nn.Module]:
         """Every module holding weights: text encoders, UNet, VAE."""
@@ -124,7 +130,7 @@ def load_bundle(
         vae_path = family_vae(vae_dir, found.family)
     if vae is None:
         if vae_path is None:
-            hint = " (Flux's is ae.safetensors)" if found.family.name == "flux" else ""
+            hint = "".join(f" ({found.family.name.capitalize()}'s is {n}.safetensors)" for n in found.family.vae_names[:1])
             raise ModelError(f"the checkpoint has no VAE; put one in models/VAE/{hint} or choose one", path)
         vae = load_vae(vae_path, found.family, runtime)
     bundle = ModelBundle(
@@ -154,7 +160,7 @@ def _add_separate_text_encoders(sd: StateDict, path: Path, dirs: list[Path], run
     """For an SD3 or Flux transformer without its text encoders: read them from their own files
     into `sd` under the prefixes a complete file has. The names of the files used (no suffix)."""
     from webui.models.detect import family_of
-    from webui.models.text_encoders import find_text_encoder, role_of
+    from webui.models.text_encoders import FILE_NAMES, find_text_encoder, role_of
 
     family = family_of(sd)
     if family is None or family.denoiser == "unet":
@@ -167,14 +173,14 @@ def _add_separate_text_encoders(sd: StateDict, path: Path, dirs: list[Path], run
         found = find_text_encoder(dirs, role)
         if found is None:
             if not spec.optional:
-                missing.append(f"{role}{'_fp16' if role == 't5xxl' else ''}.safetensors")
+                missing.append(FILE_NAMES[role])
             continue
         for key, tensor in read_state_dict(found, _floats_to(runtime.dtype), runtime.weights_device).items():
             sd[spec.prefix + key] = tensor
         used.append(found.stem)
     if missing:
         where = dirs[0] if dirs else Path("models/text_encoder")
-        optional = [f"{role_of(s.prefix)}_fp16.safetensors" for s in family.text_encoders if s.optional]
+        optional = [FILE_NAMES[role_of(s.prefix)] for s in family.text_encoders if s.optional]
         also = f" (and optionally {', '.join(optional)})" if optional else ""
         raise ModelError(f"this {family.label} checkpoint has no text encoders in it: put {' and '.join(missing)}"
                          f"{also} in {where}", path)
@@ -187,13 +193,12 @@ def _floats_to(dtype: torch.dtype):
 
 
 def family_vae(folder: Path, family: FamilySpec) -> Path | None:
-    """A 16-channel family's VAE in `folder` by the names users have: `ae.safetensors` (Flux), or
-    a name starting with the family's (`flux_vae`, `sd3_vae`, ...)."""
+    """A 16-channel family's VAE in `folder` by the names users have: the family's `vae_names`
+    (Flux's `ae`), else a name starting with the family's (`flux_vae`, `sd3_vae`, ...)."""
     if family.latent_channels != 16 or not folder.is_dir():
         return None
-    names = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".safetensors", ".sft"))
-    wanted = ("ae",) if family.name == "flux" else ()
-    return next((p for p in names if p.stem.lower() in wanted), None) or \
+    names = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SAFETENSORS_SUFFIXES)
+    return next((p for p in names if p.stem.lower() in family.vae_names), None) or \
         next((p for p in names if p.stem.lower().startswith(family.name)), None)
 
 

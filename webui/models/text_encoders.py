@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from webui.models.registry import SAFETENSORS_SUFFIXES
+
 FOLDERS = ("text_encoder", "text_encoders", "clip")
-SUFFIXES = (".safetensors",)
 ROLES = ("clip_l", "clip_g", "t5xxl")
+FILE_NAMES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
 
 
 def text_encoder_dirs(models_path: Path) -> list[Path]:
@@ -25,7 +27,7 @@ def find_text_encoder(dirs: list[Path], role: str) -> Path | None:
     for folder in dirs:
         if not folder.is_dir():
             continue
-        found = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+        found = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SAFETENSORS_SUFFIXES
                         and p.name.lower().startswith(role)),
                        key=lambda p: ("fp8" in p.name.lower(), p.name.lower()))
         if found:

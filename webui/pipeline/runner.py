@@ -259,7 +259,7 @@ class Runner:
         if bundle.prediction != "flow":
             return
         r = job.request
-        guided = getattr(bundle.unet.config, "guidance_embeds", False)
+        guided = bundle.distilled_guidance
         if r.shift is not None or not (bundle.family.flow_dynamic_shift and guided):
             job.infotext_fields["Shift"] = r.shift or bundle.family.flow_shift
         if guided:

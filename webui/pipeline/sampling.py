@@ -33,7 +33,7 @@ def flow_shift(bundle: ModelBundle, size: tuple[int, int] | None = None) -> floa
     """A flow model's default shift: the family's, or for Flux dev the one its image size gives
     (exp(mu), mu linear in the 2x2-patch count: 0.5 at 256 patches, 1.15 at 4096)."""
     family = bundle.family
-    if not (family.flow_dynamic_shift and getattr(bundle.unet.config, "guidance_embeds", False) and size):
+    if not (family.flow_dynamic_shift and bundle.distilled_guidance and size):
         return family.flow_shift
     patches = (size[0] // 16) * (size[1] // 16)
     return math.exp(0.5 + (1.15 - 0.5) * (patches - 256) / (4096 - 256))
@@ -120,7 +120,7 @@ class Sampling:
             bundle, noise_schedule(bundle, job.zero_terminal_snr, r.shift, p.size), p.conditioning, r.cfg_scale,
             image_cond=p.image_cond, time_ids=time_ids, uncond_time_ids=uncond_time_ids,
             keep=p.keep, init_latents=p.init_latents,
-            guidance=r.distilled_cfg_scale if getattr(bundle.unet.config, "guidance_embeds", False) else None,
+            guidance=r.distilled_cfg_scale if bundle.distilled_guidance else None,
         )
         denoiser.step = first_step
         p.conditioning.prepare(range(first_step, first_step + len(sigmas) - 1))  # the steps this run samples

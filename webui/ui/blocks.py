@@ -81,23 +81,20 @@ def build_ui(engine: Engine) -> gr.Blocks:
         model_only = [panel[name] for panel in panels for name in MODEL_FIELDS] + [p["sampler_name"] for p in panels]
         extension_samplers = engine.extension_sampler_names()
 
-        def model_controls(current: str | None, *chosen: str) -> list[dict]:
+        def model_controls(current: str | None, *chosen: str, on_load: bool = False) -> list[dict]:
             controls = engine.model_controls(current)
+            if on_load and controls == ModelControls():  # the page is built for such a model: nothing to change
+                return [gr.update() for _ in model_only]
             samplers = [*(controls.samplers or sampler_names()), *extension_samplers]
             shown = [gr.update(visible=name in controls.fields) for _ in panels for name in MODEL_FIELDS]
-            # the value is sent only when it must change: a value sent back could undo a choice made meanwhile
-            return shown + [gr.update(choices=samplers) if value in samplers else gr.update(choices=samplers, value=samplers[0])
+            # a sampler value is sent only when it must change: one sent back could undo a choice made meanwhile
+            return shown + [gr.update(choices=samplers, **({} if value in samplers else {"value": samplers[0]}))
                             for value in chosen]
-
-        def model_controls_on_load(current: str | None, *chosen: str) -> list[dict]:
-            # the page is built for a model without extra controls: only a flow model needs a change
-            if engine.model_controls(current) == ModelControls():
-                return [gr.update() for _ in model_only]
-            return model_controls(current, *chosen)
 
         inputs = [checkpoint, *(p["sampler_name"] for p in panels)]
         checkpoint.change(model_controls, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
-        demo.load(model_controls_on_load, inputs=inputs, outputs=model_only, api_visibility="private", queue=False)
+        demo.load(lambda *values: model_controls(*values, on_load=True), inputs=inputs, outputs=model_only,
+                  api_visibility="private", queue=False)
     return demo
 
 
