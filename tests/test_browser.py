@@ -55,10 +55,49 @@ def set_number(page, elem_id: str, value: int) -> None:
     raise AssertionError(f"#{elem_id} does not keep {value}: it shows {box.input_value()}")
 
 
+def fill_text(page, selector: str, text: str) -> None:
+    """Type into a text box and see that it holds: a box in an accordion opened a moment ago can,
+    like a slider (see `set_number`), take its initial value again from a later mount task."""
+    box = page.locator(selector).first
+    for _ in range(3):
+        box.fill(text)
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 50))))")
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"{selector} does not keep {text!r}: it shows {box.input_value()!r}")
+
+
+def wait_for_info(page, tab: str, text: str, timeout: float = 120_000, server: Server | None = None) -> str:
+    """Wait until the tab's infotext holds `text`, and return it. On a timeout, say what the page
+    showed instead (infotext, error messages, progress) and the end of the server's log, so that a
+    failure seen once under load can be explained from CI's output alone."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    info = f"#{tab}_info textarea"
+    try:
+        page.wait_for_function("([sel, text]) => (document.querySelector(sel)?.value || '').includes(text)",
+                               arg=[info, text], timeout=timeout)
+    except PlaywrightTimeout:
+        shown = page.evaluate("""([sel, tab]) => ({
+            infotext: document.querySelector(sel)?.value,
+            gallery: document.querySelector(`#${tab}_gallery`)?.innerText,  // progress and previews show there
+            toasts: [...document.querySelectorAll('.toast-body, .error')].map(e => e.innerText),
+        })""", [info, tab])
+        log = server.output()[-4000:] if server else "(no server given)"
+        raise AssertionError(f"{tab} infotext never held {text!r} in {timeout / 1000:.0f} s; the page showed "
+                             f"{shown!r}\n--- server log (end) ---\n{log}") from None
+    return page.locator(info).input_value()
+
+
 def apply_setting(page, elem_id: str, value: float) -> None:
     """Set a number in the Settings tab and apply it, as a user does."""
     page.get_by_role("tab", name="Settings").click()
     set_number(page, elem_id, value)
+    apply_settings(page)
+
+
+def apply_settings(page) -> None:
+    """Press Settings' apply button and wait for its own result."""
     page.locator("#settings_apply").click()
     # the apply button's own result, not any text of the page: "applies" also stands in other
     # controls' descriptions, and a wait satisfied by those raced the save (a CI run under load)
@@ -92,9 +131,7 @@ def test_txt2img_in_the_browser(server: Server, browser, tmp_path: Path) -> None
         image = page.locator("#txt2img_gallery img").first
         image.wait_for(state="visible", timeout=120_000)
         info = page.locator("#txt2img_info textarea")
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Seed: 77')", timeout=30_000
-        )
+        wait_for_info(page, "txt2img", "Seed: 77", timeout=30_000)
         text = info.input_value()
         assert text.startswith("a lighthouse at night\nNegative prompt: blurry\nSteps: 3,")
         assert "Size: 64x64" in text
@@ -344,15 +381,13 @@ def test_extension_section_assets_and_settings_in_the_browser(browser, tmp_path:
         section = page.locator("#txt2img_ext_page-tagger")
         assert "rgb(1, 2, 3)" in page.evaluate("el => getComputedStyle(el).outlineColor", section.element_handle())
         section.get_by_text("Page tagger").click()
-        page.locator("#page_tagger_tag textarea, #page_tagger_tag input").first.fill("from-the-page")
+        fill_text(page, "#page_tagger_tag textarea, #page_tagger_tag input", "from-the-page")
         page.locator("#txt2img_prompt textarea").fill("a barn")
         set_number(page, "txt2img_steps", 2)
         set_number(page, "txt2img_width", 64)
         set_number(page, "txt2img_height", 64)
         page.locator("#txt2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Page tag: from-the-page')",
-            timeout=120_000)
+        wait_for_info(page, "txt2img", "Page tag: from-the-page", server=s)
         # Settings tab: switch the image format, apply, generate: the file is a JPEG
         page.get_by_role("tab", name="Settings").click()
         # the runtime the flags chose is shown, read-only
@@ -361,9 +396,7 @@ def test_extension_section_assets_and_settings_in_the_browser(browser, tmp_path:
         fmt = page.locator("#setting_samples_format input")
         fmt.click()
         page.get_by_role("option", name="jpeg").click()
-        page.locator("#settings_apply").click()
-        page.wait_for_function("() => document.body.innerText.toLowerCase().includes('saved')"
-                               " || document.body.innerText.includes('applies')", timeout=30_000)
+        apply_settings(page)
         assert '"samples_format": "jpeg"' in (tmp_path / "config.json").read_text()
         page.get_by_role("tab", name="txt2img").click()
         page.locator("#txt2img_generate").click()
@@ -475,8 +508,7 @@ def test_xyz_plot_from_the_script_dropdown(server: Server, browser, tmp_path: Pa
         values = page.locator("[id^=txt2img_script_][id$=_x_values] textarea, [id^=txt2img_script_][id$=_x_values] input")
         values.first.fill("1, 2")
         page.locator("#txt2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('X Type: Steps')", timeout=120_000)
+        wait_for_info(page, "txt2img", "X Type: Steps", timeout=120_000)
         # the first gallery picture once its file has loaded (visible comes before loaded)
         size = page.wait_for_function(
             "() => { const i = document.querySelector('#txt2img_gallery img');"
@@ -523,8 +555,7 @@ def test_controlnet_unit_from_the_page(browser, tmp_path: Path, checkpoint_store
         page.get_by_role("option", name="cn_canny", exact=False).first.click()
         page.locator("#txt2img_cn_0_enabled input").check()
         page.locator("#txt2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('ControlNet 0')", timeout=120_000)
+        wait_for_info(page, "txt2img", "ControlNet 0", timeout=120_000)
         text = page.locator("#txt2img_info textarea").input_value()
         assert 'ControlNet 0: "Module: canny, Model: cn_canny [' in text
         # the infotext pasted back fills the unit again
@@ -553,9 +584,7 @@ def test_token_merging_from_the_settings_tab(browser, tmp_path: Path, checkpoint
         page.get_by_role("tab", name="txt2img").click()
         small_txt2img(page, "a harbour")
         page.locator("#txt2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Token merging ratio: 0.5')",
-            timeout=120_000)
+        wait_for_info(page, "txt2img", "Token merging ratio: 0.5", timeout=120_000)
     finally:
         page.close()
         stop_server(s)
@@ -583,9 +612,7 @@ def test_few_step_button_and_step_caching(browser, tmp_path: Path, checkpoint_st
         set_number(page, "txt2img_width", 64)
         set_number(page, "txt2img_height", 64)
         page.locator("#txt2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('DeepCache interval: 2')",
-            timeout=120_000)
+        wait_for_info(page, "txt2img", "DeepCache interval: 2", timeout=120_000)
         text = page.locator("#txt2img_info textarea").input_value()
         assert "Steps: 4" in text and "Sampler: Euler a" in text and "Schedule type: Simple" in text
         assert "CFG scale: 1" in text
@@ -631,8 +658,7 @@ def test_restore_faces_in_extras_and_over_the_api(browser, tmp_path: Path, check
         page.locator("#extras_image input[type=file]").set_input_files(str(scene_path))
         set_number(page, "extras_gfpgan_visibility", 1)
         page.locator("#extras_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#extras_info textarea')?.value.includes('saved as')", timeout=120_000)
+        wait_for_info(page, "extras", "saved as", timeout=120_000)
         saved = sorted((tmp_path / "outputs" / "extras-images").rglob("*.png"))
         assert saved, "the Extras result was not saved"
         assert "GFPGAN visibility: 1" in Image.open(saved[-1]).info.get("parameters", "")
@@ -686,8 +712,7 @@ def test_two_workers_the_page_shows_which_one_runs_the_job(browser, tmp_path: Pa
         small_txt2img(page, "a harbour", steps=150)
         page.locator("#txt2img_generate").click()
         page.wait_for_function("() => /Step \\d+\\/150 on cpu\\/[01]/.test(document.body.innerText)", timeout=120_000)
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Steps: 150')", timeout=300_000)
+        wait_for_info(page, "txt2img", "Steps: 150", timeout=300_000)
         page.get_by_role("tab", name="Settings").click()
         runtime = page.locator("#settings_runtime")
         runtime.wait_for(state="visible", timeout=30_000)
@@ -736,9 +761,7 @@ def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Pat
         set_number(page, "txt2img_cfg_scale", 1)
         set_number(page, "txt2img_distilled_cfg_scale", 5)
         page.locator("#txt2img_generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#txt2img_info textarea')?.value.includes('Distilled CFG Scale: 5')",
-            timeout=120_000)
+        wait_for_info(page, "txt2img", "Distilled CFG Scale: 5", timeout=120_000)
         assert "Model: flux1-dev" in page.locator("#txt2img_info textarea").input_value()
         choose("sd1")
         distilled.wait_for(state="hidden", timeout=30_000)
@@ -766,7 +789,6 @@ def test_opening_sampler_parameters_changes_nothing(server: Server, browser) -> 
         assert "Sampler: Euler a" in text and "Eta" not in text and "Sigma noise" not in text, text
         page.locator("#txt2img_eta input, #txt2img_eta textarea").first.fill("0.5")
         page.locator("#txt2img_generate").click()
-        page.wait_for_function("() => document.querySelector('#txt2img_info textarea')?.value.includes('Eta: 0.5')",
-                               timeout=120_000)
+        wait_for_info(page, "txt2img", "Eta: 0.5", timeout=120_000)
     finally:
         page.close()
