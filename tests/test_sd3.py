@@ -150,7 +150,7 @@ def test_shift_bends_the_schedule_and_is_written(engine: Engine) -> None:
 
 
 def test_euler_a_and_other_samplers(engine: Engine) -> None:
-    """Euler a (its flow form) is seeded and varies with the seed; DPM++ 2M runs; a sampler whose
+    """Euler a (its flow form) is seeded and varies with the seed; DPM++ 2M and UniPC run; a sampler whose
     noise assumes the SD schedule is refused with the ones that work."""
     a1 = np.asarray(engine.runner.generate(req(checkpoint="sd35", sampler_name="Euler a")).images[0])
     a2 = np.asarray(engine.runner.generate(req(checkpoint="sd35", sampler_name="Euler a")).images[0])
@@ -158,6 +158,8 @@ def test_euler_a_and_other_samplers(engine: Engine) -> None:
     assert np.array_equal(a1, a2) and np.abs(a1.astype(int) - euler.astype(int)).mean() > 1
     dpm = engine.runner.generate(req(checkpoint="sd35", sampler_name="DPM++ 2M", scheduler="Karras")).images[0]
     assert np.asarray(dpm).std() > 5
+    unipc = engine.runner.generate(req(checkpoint="sd35", sampler_name="UniPC"))
+    assert np.asarray(unipc.images[0]).std() > 5 and "Sampler: UniPC" in unipc.infotexts[0]
     with pytest.raises(ValueError, match="does not work with SD 3.x models; choose one of Euler a, Euler"):
         engine.runner.generate(req(checkpoint="sd35", sampler_name="DPM++ 2M SDE"))
 

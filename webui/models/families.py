@@ -209,6 +209,10 @@ CLIP_L_SEPARATE = TextEncoderSpec(kind="clip", prefix="text_encoders.clip_l.tran
 T5XXL = TextEncoderSpec(kind="t5", prefix="text_encoders.t5xxl.transformer.", hidden_act="gelu_new", pad_token="<pad>",
                         default_layer_from_end=1, final_layer_norm=True, max_tokens=512)
 
+# A flow model's ODE, dx/dt = (x - denoised) / t, has the form of the SD ones in sigma = t, so the
+# deterministic solvers (UniPC and DPM++ 2M in log t) run on it unchanged; Euler a has a flow form.
+FLOW_SAMPLERS = ("Euler a", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M", "UniPC")
+
 # Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo) in one file, the layout Stability ships:
 # MMDiT under `model.diffusion_model.`, CLIP-L, CLIP-G and (optionally) T5-XXL under
 # `text_encoders.`, a 16-channel VAE. Both CLIPs give their penultimate hidden states (no final
@@ -237,7 +241,7 @@ SD3 = FamilySpec(
     denoiser="mmdit",
     flow=True,
     flow_shift=3.0,
-    samplers=("Euler a", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M"),
+    samplers=FLOW_SAMPLERS,
 )
 
 # Flux.1 dev / schnell and fine-tunes: the transformer alone in Black Forest Labs' layout (maybe
@@ -265,7 +269,7 @@ FLUX = FamilySpec(
     flow=True,
     flow_shift=1.0,
     flow_dynamic_shift=True,
-    samplers=("Euler a", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M"),
+    samplers=FLOW_SAMPLERS,
 )
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER, SD3, FLUX)}
