@@ -36,6 +36,11 @@ def open_page(page, url: str) -> None:
     page.locator("#txt2img_generate").wait_for(state="visible", timeout=60_000)
 
 
+def next_frames(page) -> None:
+    """Let the page draw its next two frames (and the tasks they start)."""
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 50))))")
+
+
 def set_number(page, elem_id: str, value: int) -> None:
     """Type a number as a user does, and see that it holds.
 
@@ -49,7 +54,7 @@ def set_number(page, elem_id: str, value: int) -> None:
     for _ in range(3):
         box.fill(str(value))
         box.press("Enter")
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 50))))")
+        next_frames(page)
         if box.input_value() == str(value):
             return
     raise AssertionError(f"#{elem_id} does not keep {value}: it shows {box.input_value()}")
@@ -61,7 +66,7 @@ def fill_text(page, selector: str, text: str) -> None:
     box = page.locator(selector).first
     for _ in range(3):
         box.fill(text)
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 50))))")
+        next_frames(page)
         if box.input_value() == text:
             return
     raise AssertionError(f"{selector} does not keep {text!r}: it shows {box.input_value()!r}")
@@ -727,12 +732,17 @@ def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Pat
     """Distilled CFG Scale and Shift are on the page only for a model that takes them, and the
     sampler list holds only what the model can use: choosing Flux dev shows the two and shortens
     the list, choosing SD 1.x hides them and gives every sampler back; a Flux generation from the
-    page writes the distilled scale typed there."""
+    page writes the distilled scale typed there and the CLIP-L chosen in "VAE / Text encoder"; that
+    choice with SD 1.x is refused with what to do."""
+    from safetensors.torch import save_file
+
     from tests.conftest import add_checkpoint, start_server, stop_server
-    from webui.testing.make_flux import write_flux
+    from webui.testing.make_flux import tiny_parts, write_flux
 
     add_checkpoint(tmp_path, checkpoint_store, "sd1.safetensors")
     write_flux(tmp_path / "models", name="flux1-dev", seed=1)
+    clip = {k: v.contiguous() for k, v in tiny_parts(seed=5).clip_l.state_dict().items() if "position_ids" not in k}
+    save_file(clip, str(tmp_path / "models" / "text_encoder" / "ViT-L-14-detail.safetensors"))
     s = start_server(tmp_path)
     page = browser.new_page()
     try:
@@ -760,11 +770,16 @@ def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Pat
         small_txt2img(page, "a harbour at dawn")
         set_number(page, "txt2img_cfg_scale", 1)
         set_number(page, "txt2img_distilled_cfg_scale", 5)
+        page.locator("#modules input").click()
+        page.get_by_role("option", name="ViT-L-14-detail.safetensors").click()
+        page.keyboard.press("Escape")
         page.locator("#txt2img_generate").click()
-        wait_for_info(page, "txt2img", "Distilled CFG Scale: 5", timeout=120_000)
-        assert "Model: flux1-dev" in page.locator("#txt2img_info textarea").input_value()
+        text = wait_for_info(page, "txt2img", "Distilled CFG Scale: 5", timeout=120_000, server=s)
+        assert "Model: flux1-dev" in text and "Module 2: ViT-L-14-detail" in text, text
         choose("sd1")
         distilled.wait_for(state="hidden", timeout=30_000)
+        page.locator("#txt2img_generate").click()  # the CLIP-L file is still chosen: SD 1.x takes none
+        page.get_by_text("remove it from 'VAE / Text encoder'").first.wait_for(state="visible", timeout=60_000)
     finally:
         page.close()
         stop_server(s)

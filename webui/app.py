@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from webui.faces import FaceRestorers
     from webui.models.detect import ModelControls
     from webui.models.load import ModelBundle
+    from webui.models.modules import ModuleChoice
     from webui.networks.embeddings import EmbeddingLibrary
     from webui.pipeline.batch import FolderBatch
     from webui.pipeline.progress import CancelToken, ProgressFn
@@ -150,9 +151,10 @@ class Engine:
         def upscale(image, name: str, size: tuple[int, int]):
             return side.upscalers.upscale(image, name, size=size, device=device)
 
-        return Runner(lambda query: self.bundle(query, worker), side.library, self.writer, upscale=upscale,
-                      models_path=self.config.models_path, extensions=self.extensions, settings=self.settings.get,
-                      data_dir=self.config.data_dir, controlnets=self.controlnets, faces=side.faces)
+        return Runner(lambda query, modules=(): self.bundle(query, worker, modules), side.library, self.writer,
+                      upscale=upscale, models_path=self.config.models_path, extensions=self.extensions,
+                      settings=self.settings.get, data_dir=self.config.data_dir, controlnets=self.controlnets,
+                      faces=side.faces)
 
     @property
     def worker(self) -> Worker:
@@ -236,6 +238,8 @@ class Engine:
                     self.resolve_checkpoint(query)
                 except ModelError as err:
                     raise ModelError(f"{field}: {err}") from None
+        if request.modules:
+            self._check_modules(request)
         if request.enable_hr and not request.is_img2img and not request.hr_upscaler.lower().startswith("latent"):
             self.check_upscaler(request.hr_upscaler, "hr_upscaler")
         extra = self.extensions.sampler_specs()
@@ -263,6 +267,23 @@ class Engine:
             raise ValueError(str(err)) from None
         if request.script_name:
             self._check_script(request)
+
+    def _check_modules(self, request: GenerationRequest) -> None:
+        """The VAE / text encoder files exist (ModelError), are such parts and the checkpoint takes
+        them (ValueError)."""
+        from webui.models.detect import family_of
+        from webui.models.modules import ModuleNotFound, check_fits
+        from webui.models.readers import tensor_names
+
+        try:
+            choice = self.module_choice(request.modules)
+            family = family_of(dict.fromkeys(tensor_names(self.resolve_checkpoint(request.checkpoint).path)))
+            if family is not None:
+                check_fits(choice, family)
+        except ModuleNotFound as err:
+            raise ModelError(f"modules: {err}") from None
+        except ModelError as err:
+            raise ValueError(f"modules: {err}") from None
 
     def _check_control_unit(self, i: int, unit: ControlUnit, request: GenerationRequest) -> None:
         from webui.controlnet import preprocess
@@ -368,7 +389,8 @@ class Engine:
             job.request = job.request.without_inputs()
 
         local = [w for w in self.workers if not w.remote]
-        affinity = self.model_key(request.checkpoint) if len(local) > 1 else None  # only a choice among several
+        # only a choice among several workers
+        affinity = self.model_key(request.checkpoint, request.modules) if len(local) > 1 else None
         return self.jobs.submit(kind, work, request=request, owner=owner, release=release, affinity=affinity)
 
     def warm_up(self) -> threading.Thread:
@@ -428,25 +450,46 @@ class Engine:
         info = self.resolve_checkpoint(checkpoint)
         return recognise(info.path, info.name)
 
-    def _key(self, info: CheckpointInfo) -> tuple[tuple[str, str | None, str], Path | None, str]:
-        vae = self._vae_for(info)
+    def _key(self, info: CheckpointInfo, choice: ModuleChoice) -> tuple[Hashable, Path | None, str]:
+        vae = choice.vae or self._vae_for(info)
         forced = self.config.prediction
         prediction = forced if forced != "auto" else self.registry.prediction_for(info)
-        return (str(info.path.resolve()), str(vae) if vae else None, prediction), vae, prediction
+        encoders = tuple((role, str(path.resolve())) for role, path in choice.text_encoders)
+        return (str(info.path.resolve()), str(vae) if vae else None, prediction, encoders), vae, prediction
 
-    def model_key(self, query: str | None) -> Hashable | None:
+    def module_choice(self, names: tuple[str, ...] | list[str]) -> ModuleChoice:
+        """The files a request's `modules` ("VAE / Text encoder") name; ModelError naming a bad one."""
+        from webui.models.modules import ModuleChoice, resolve
+        from webui.models.text_encoders import text_encoder_dirs
+
+        if not names:
+            return ModuleChoice()
+        return resolve(names, self.config.vae_path, text_encoder_dirs(self.config.models_path))
+
+    def module_files(self) -> list[tuple[str, Path]]:
+        """(name, file) of what the page's "VAE / Text encoder" selector offers."""
+        from webui.models.modules import available
+        from webui.models.text_encoders import text_encoder_dirs
+
+        return available(self.config.vae_path, text_encoder_dirs(self.config.models_path))
+
+    def module_names(self) -> list[str]:
+        return [name for name, _ in self.module_files()]
+
+    def model_key(self, query: str | None, modules: tuple[str, ...] = ()) -> Hashable | None:
         """What identifies the model `query` loads as in a worker's cache (None: no such model)."""
         try:
-            return self._key(self.resolve_checkpoint(query))[0]
+            return self._key(self.resolve_checkpoint(query), self.module_choice(modules))[0]
         except (ModelError, OSError):
             return None
 
-    def bundle(self, query: str | None, worker: Worker | None = None) -> ModelBundle:
+    def bundle(self, query: str | None, worker: Worker | None = None, modules: tuple[str, ...] = ()) -> ModelBundle:
         """The loaded model for `query` (None: the start-up choice or the first listed) on
-        `worker` (default: the first)."""
+        `worker` (default: the first), with the VAE / text encoder files `modules` names."""
         worker = worker or self.worker
         info = self.resolve_checkpoint(query)
-        key, vae, prediction = self._key(info)
+        choice = self.module_choice(modules)
+        key, vae, prediction = self._key(info, choice)
         side = self._model_side()
 
         def load() -> ModelBundle:
@@ -464,7 +507,10 @@ class Engine:
                 prediction=prediction,
                 text_encoder_dirs=text_encoder_dirs(self.config.models_path),
                 vae_dir=self.config.vae_path,
+                text_encoder_files=dict(choice.text_encoders),
             )
+            if choice.vae is not None and choice.vae.stem not in bundle.module_names:
+                bundle.module_names.insert(0, choice.vae.stem)  # chosen: restored with the infotext
             self.extensions.model_loaded(bundle)
             return bundle
 

@@ -272,6 +272,11 @@ def infotext_to_fields(params: Mapping[str, str]) -> dict[str, object]:
         m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,10})\]", refiner)
         out["refiner_checkpoint"] = m.group(2) if m else refiner
         put("refiner_switch_at", "Refiner switch at", _float)
+    # the "VAE / Text encoder" choice (Forge's additional modules); `VAE` alone is not restored, as in A1111
+    modules = [params[k].strip() for k in sorted((k for k in params if re.fullmatch(r"Module \d+", k)),
+                                                key=lambda k: int(k.split()[1])) if params[k].strip()]
+    if modules:
+        out["modules"] = tuple(modules)
     put("eta", "Eta", _float)
     put("s_churn", "Sigma churn", _float)
     put("s_noise", "Sigma noise", _float)

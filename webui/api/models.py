@@ -38,6 +38,19 @@ OVERRIDE_FIELDS = {
     "code_former_weight": "code_former_weight",
 }
 
+# override_settings keys that choose VAE / text-encoder files (the request's `modules`): A1111's
+# `sd_vae` (a name, "Automatic" or "None") and Forge's `forge_additional_modules` (a list of paths)
+MODULE_OVERRIDES = ("sd_vae", "forge_additional_modules")
+
+
+def _module_names(key: str, value: Any) -> tuple[str, ...]:
+    """The file names an override names; "Automatic" and "None" (A1111's sd_vae) choose none."""
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"override_settings.{key}: file names (got {value!r})")
+    names = [v.replace("\\", "/").rsplit("/", 1)[-1] if key == "forge_additional_modules" else v for v in values]
+    return tuple(n for n in names if n.strip() and n not in ("Automatic", "None"))
+
 
 class GenerationBody(GenerationRequest):
     """txt2img / img2img body: every `GenerationRequest` field plus the A1111 envelope."""
@@ -92,6 +105,8 @@ class GenerationBody(GenerationRequest):
         for key, value in self.override_settings.items():
             if key in OVERRIDE_FIELDS:
                 fields[OVERRIDE_FIELDS[key]] = value
+            elif key in MODULE_OVERRIDES:
+                fields["modules"] = (*fields["modules"], *_module_names(key, value))
             else:
                 ignored_overrides.append(key)
         if ignored_overrides:

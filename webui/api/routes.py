@@ -567,8 +567,9 @@ def build_router(engine: Engine) -> APIRouter:  # noqa: C901  one flat list of s
 
     @router.get("/sd-modules")
     def sd_modules() -> list[dict]:
-        """Forge's list of separate model parts: the VAEs here."""
-        return [{"model_name": n, "filename": str(cfg.vae_path / n)} for n in engine.registry.vae_names()]
+        """Forge's list of separate model parts (VAEs and text encoders): what `modules` and
+        `override_settings.forge_additional_modules` may name."""
+        return [{"model_name": n, "filename": str(path)} for n, path in engine.module_files()]
 
     @router.post("/refresh-embeddings")
     def refresh_embeddings() -> dict:

@@ -67,7 +67,8 @@ class ModelBundle:
     alphas_cumprod: torch.Tensor  # float32, CPU
     runtime: Runtime
     zero_terminal_snr: bool = False  # the schedule was rescaled to zero terminal SNR (the file's `ztsnr` key)
-    module_names: list[str] = field(default_factory=list)  # separate text-encoder files used (infotext's Module n)
+    # the parts read from files of their own (VAE first, then text encoders): infotext's Module n
+    module_names: list[str] = field(default_factory=list)
 
     @property
     def hash10(self) -> str | None:
@@ -94,19 +95,21 @@ def load_bundle(
     prediction: Prediction | None = None,
     text_encoder_dirs: list[Path] | None = None,
     vae_dir: Path | None = None,
+    text_encoder_files: dict[str, Path] | None = None,
 ) -> ModelBundle:
     """Read `path`, detect its family and build the modules on `runtime.device`.
 
     `prediction` overrides what the file says; otherwise v-prediction is chosen when the file
     carries a `v_pred` key. A checkpoint without the text encoders its family needs (SD3.5 as
     Stability ships it, Flux) takes them from `text_encoder_dirs`, and one without a VAE its family's
-    from `vae_dir` (Flux: `ae.safetensors`). Raises `ModelError` with a one-line reason naming the file.
+    from `vae_dir` (Flux: `ae.safetensors`); `text_encoder_files` (role -> file, the page's "VAE / Text
+    encoder" choice) replace the checkpoint's own. Raises `ModelError` with a one-line reason naming the file.
     """
     path = Path(path)
     # a GGUF file is a transformer alone, its tensors dequantised to float32: straight to the runtime's dtype
     select = _floats_to(runtime.dtype) if path.suffix.lower() == ".gguf" else _runtime_dtypes(runtime)
     sd = read_state_dict(path, select, runtime.weights_device)
-    modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime)
+    modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime, text_encoder_files or {})
     found = detect(sd, path)
     try:
         alphas = _alphas_cumprod(sd, found.family)
@@ -128,6 +131,8 @@ def load_bundle(
     sd.clear()  # what no module took (e.g. a VAE replaced by vae_path) goes now, by reference count
     if vae is None and vae_path is None and vae_dir is not None:
         vae_path = family_vae(vae_dir, found.family)
+        if vae_path is not None:  # a part of its own, as the text encoders: recorded as a module
+            modules.insert(0, vae_path.stem)
     if vae is None:
         if vae_path is None:
             hint = "".join(f" ({found.family.name.capitalize()}'s is {n}.safetensors)" for n in found.family.vae_names[:1])
@@ -156,21 +161,30 @@ def load_bundle(
     return bundle
 
 
-def _add_separate_text_encoders(sd: StateDict, path: Path, dirs: list[Path], runtime: Runtime) -> list[str]:
+def _add_separate_text_encoders(sd: StateDict, path: Path, dirs: list[Path], runtime: Runtime,
+                                chosen: dict[str, Path]) -> list[str]:
     """For an SD3 or Flux transformer without its text encoders: read them from their own files
-    into `sd` under the prefixes a complete file has. The names of the files used (no suffix)."""
+    into `sd` under the prefixes a complete file has; a file `chosen` for a role ("VAE / Text
+    encoder") takes the place of the checkpoint's own. The names of the files used (no suffix)."""
     from webui.models.detect import family_of
+    from webui.models.modules import ModuleChoice, check_fits
     from webui.models.text_encoders import FILE_NAMES, find_text_encoder, role_of
 
     family = family_of(sd)
-    if family is None or family.denoiser == "unet":
+    if family is None:
+        return []
+    check_fits(ModuleChoice(text_encoders=tuple(chosen.items())), family)
+    if family.denoiser == "unet":
         return []
     used, missing = [], []
     for spec in family.text_encoders:
-        if any(k.startswith(spec.prefix) for k in sd):
-            continue
         role = role_of(spec.prefix)
-        found = find_text_encoder(dirs, role)
+        if role in chosen:
+            for key in [k for k in sd if k.startswith(spec.prefix)]:
+                del sd[key]
+        elif any(k.startswith(spec.prefix) for k in sd):
+            continue
+        found = chosen.get(role) or find_text_encoder(dirs, role)
         if found is None:
             if not spec.optional:
                 missing.append(FILE_NAMES[role])
@@ -227,7 +241,11 @@ def load_vae(path: Path, family: FamilySpec, runtime: Runtime) -> AutoencoderKL:
     if f"{prefix}decoder.conv_in.weight" not in sd:
         raise ModelError("not a VAE in the original layout (no 'decoder.conv_in.weight')", path)
     try:
-        return _build_vae(sd, prefix, vae_config_from_shapes(sd, prefix, family, path), runtime)
+        config = vae_config_from_shapes(sd, prefix, family, path)
+        if config["latent_channels"] != family.latent_channels:
+            raise ModelError(f"a VAE for {config['latent_channels']}-channel latents; {family.label} models use "
+                             f"{family.latent_channels} channels (choose a VAE made for {family.label})", path)
+        return _build_vae(sd, prefix, config, runtime)
     except ModelError:
         raise
     except (RuntimeError, KeyError, ValueError) as e:

@@ -46,7 +46,8 @@ class CheckpointInfo:
         return f"{self.name} [{self.hash10}]" if self.sha256 else self.name
 
 
-def _scan(root: Path, suffixes: tuple[str, ...], skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+def scan_folder(root: Path, suffixes: tuple[str, ...], skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """(name relative to `root` with `/`, path) of the files under `root` with these suffixes, by name."""
     if not root.is_dir():
         return []
     found = []
@@ -73,12 +74,12 @@ class ModelRegistry:
 
     def refresh(self, compute_hashes: bool = True) -> list[CheckpointInfo]:
         """Rescan the folders. With `compute_hashes`, hash files not hashed before (slow for new files)."""
-        files = _scan(self.ckpt_dir, CHECKPOINT_SUFFIXES, skip=(".vae.safetensors", ".vae.sft", ".vae.ckpt", ".vae.pt"))
+        files = scan_folder(self.ckpt_dir, CHECKPOINT_SUFFIXES, skip=(".vae.safetensors", ".vae.sft", ".vae.ckpt", ".vae.pt"))
         infos = []
         for name, path in files:
             digest = self.hashes.get(path) if compute_hashes else self.hashes.cached(path)
             infos.append(CheckpointInfo(path=path, name=name, sha256=digest))
-        vaes = {name: path for name, path in _scan(self.vae_dir, VAE_SUFFIXES)}
+        vaes = {name: path for name, path in scan_folder(self.vae_dir, VAE_SUFFIXES)}
         with self._lock:
             self._checkpoints, self._vaes = infos, vaes
         return infos

@@ -125,6 +125,9 @@ class GenerationRequest(BaseModel):
     s_tmax: float | None = Field(None, ge=0.0)
     s_noise: float | None = Field(None, ge=0.0, le=10.0)
     checkpoint: str | None = None  # title, name or hash; None = the server's current model
+    # "VAE / Text encoder": files from models/VAE and the text-encoder folders that take the place
+    # of the checkpoint's own (or complete it); empty: automatic (webui.models.modules)
+    modules: tuple[str, ...] = ()
     # a second model (sharing the latent space) takes over for the last part of the steps
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)  # fraction of the steps run by the first model

@@ -77,7 +77,7 @@ class Runner:
 
     def __init__(
         self,
-        get_bundle: Callable[[str | None], ModelBundle],
+        get_bundle: Callable[..., ModelBundle],  # (checkpoint query, modules=()) -> the loaded model
         library: Library,
         writer: OutputWriter,
         *,
@@ -117,7 +117,7 @@ class Runner:
                 info._run = None  # the closure holds the request (and its images): no cycle keeps it alive
 
     def _generate(self, r: GenerationRequest, control: Control, job_id: str) -> GenerationResult:
-        bundle = self.get_bundle(r.checkpoint)  # stage: model
+        bundle = self.get_bundle(r.checkpoint, r.modules)  # stage: model
         for name in (r.sampler_name, r.hr_sampler_name):
             if name:
                 self.resolve(name, r.scheduler)  # an unknown sampler fails before any work
@@ -135,7 +135,7 @@ class Runner:
                     job.result.interrupted = True
                     break
                 if index:  # a refiner may have taken the base model's place in the cache
-                    bundle = self.get_bundle(r.checkpoint)
+                    bundle = self.get_bundle(r.checkpoint, r.modules)
                 self._run_batch(job, index, bundle)
                 if job.result.interrupted:
                     break

@@ -42,10 +42,20 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 allow_custom_value=True,  # API callers may name a checkpoint by name or hash
                 scale=4,
             )
+            # files that take the place of the checkpoint's VAE / text encoders (or complete a Flux or
+            # SD3.5 file that lacks them); empty: automatic
+            modules = gr.Dropdown(
+                label="VAE / Text encoder",
+                choices=engine.module_names(),
+                value=[],
+                multiselect=True,
+                elem_id="modules",
+                scale=3,
+            )
             refresh = gr.Button("🔄 Refresh", elem_id="refresh_checkpoints", scale=1, min_width=80)
         with gr.Tabs() as tabs:
-            txt2img = build_txt2img_tab(engine, board, checkpoint, ["Lanczos", "Nearest"])
-            img2img = build_img2img_tab(engine, board, checkpoint)
+            txt2img = build_txt2img_tab(engine, board, checkpoint, modules, ["Lanczos", "Nearest"])
+            img2img = build_img2img_tab(engine, board, checkpoint, modules)
             extras_image, extras_upscaler, extras_note = build_extras_tab(engine)
             build_pnginfo_tab(engine, tabs, {"txt2img": txt2img, "img2img": img2img})
             extension_tabs(engine)
@@ -62,6 +72,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
             return gr.update(choices=engine.registry.titles(), value=_current_or_default(engine, current)), models_help(engine)
 
         refresh.click(refresh_models, inputs=[checkpoint], outputs=[checkpoint, help_box], api_name="refresh_checkpoints")
+        refresh.click(lambda chosen: gr.update(choices=engine.module_names(),
+                                               value=[c for c in chosen or [] if c in engine.module_names()]),
+                      inputs=[modules], outputs=[modules], api_visibility="private")
 
         def on_load(current: str | None) -> tuple[dict, str, dict, dict, str]:
             # hashes computed in the background since start-up now show in the titles; the

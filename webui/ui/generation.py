@@ -204,6 +204,7 @@ def _to_request(values: dict[str, Any], fixed: dict[str, Any],
             raise ValueError(f"{key}: {text!r} is not a number (leave it empty for the default)") from None
     data["styles"] = tuple(data.get("styles") or ())
     data["checkpoint"] = data.get("checkpoint") or None
+    data["modules"] = tuple(data.get("modules") or ())
     if data.get("refiner_checkpoint") in ("", "None"):
         data["refiner_checkpoint"] = None
     data.update(fixed)

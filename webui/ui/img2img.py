@@ -90,9 +90,10 @@ def prepare(given: dict[str, Any], allow_folders: bool = True) -> dict[str, Any]
     return fields
 
 
-def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown) -> Panel:
+def build_img2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, modules: gr.Dropdown) -> Panel:
     panel = Panel("img2img")
     panel.add("checkpoint", checkpoint)
+    panel.add("modules", modules)
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         prompt_area(engine, panel)
         with gr.Row():

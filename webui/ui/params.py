@@ -11,6 +11,7 @@ from webui.app import Engine
 from webui.controlnet.units import units_from_infotext
 from webui.infotext import infotext_to_fields, parse_infotext
 from webui.models.errors import ModelError
+from webui.models.modules import match
 from webui.prompts.styles import extract_styles
 
 
@@ -48,10 +49,11 @@ def checkpoint_choice(engine: Engine, query: str | None) -> str | None:
 
 
 # The controls infotext can fill, by request field name (a tab fills those it has).
-FILLABLE = ("checkpoint", "prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width",
-            "height", "cfg_scale", "distilled_cfg_scale", "seed", "clip_skip", "subseed", "subseed_strength", "enable_hr", "hr_scale",
-            "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "denoising_strength",
-            "refiner_checkpoint", "refiner_switch_at", "eta", "s_churn", "s_noise", "shift", "tiling", "restore_faces")
+FILLABLE = ("checkpoint", "modules", "prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps",
+            "width", "height", "cfg_scale", "distilled_cfg_scale", "seed", "clip_skip", "subseed", "subseed_strength",
+            "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+            "denoising_strength", "refiner_checkpoint", "refiner_switch_at", "eta", "s_churn", "s_noise", "shift",
+            "tiling", "restore_faces")
 
 
 def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str | None, panel) -> list[Any]:
@@ -66,6 +68,12 @@ def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str |
             f["checkpoint"] = title
         else:
             gr.Warning(f"Model {wanted[-1]!r} is not in the models folder; keeping {current_checkpoint!r}.")
+    if "modules" in f:  # infotext names them without suffix (`Module 1: ae`); the selector lists files
+        listed = engine.module_names()
+        found = {name: match(name, listed) for name in f["modules"]}
+        if missing := [name for name, n in found.items() if n is None]:
+            gr.Warning(f"Not in models/VAE or models/text_encoder, so not chosen: {', '.join(missing)}")
+        f["modules"] = [n for n in found.values() if n]
     if "refiner_checkpoint" in f:
         f["refiner_checkpoint"] = checkpoint_choice(engine, str(f["refiner_checkpoint"])) or "None"
     if "prompt" in f or "negative_prompt" in f:

@@ -14,9 +14,11 @@ from webui.ui.params import fields_from_text, updates_for_fields
 from webui.ui.scripts import script_section
 
 
-def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, upscalers: list[str]) -> Panel:
+def build_txt2img_tab(engine: Engine, board: JobBoard, checkpoint: gr.Dropdown, modules: gr.Dropdown,
+                      upscalers: list[str]) -> Panel:
     panel = Panel("txt2img")
     panel.add("checkpoint", checkpoint)
+    panel.add("modules", modules)
     with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
         prompt_area(engine, panel)
         paste = gr.Button("↙ Read parameters from prompt", elem_id="txt2img_paste", size="sm")
