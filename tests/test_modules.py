@@ -135,8 +135,9 @@ def test_over_the_api_in_a1111_and_forge_terms(root: Path) -> None:
                {"sd_model_checkpoint": "sd1", "sd_vae": "other.safetensors"}}
         answer = requests.post(api + "/txt2img", json=sd1, timeout=300)
         assert answer.status_code == 200 and "VAE: other" in answer.json()["info"], answer.text
-        sd1["override_settings"]["sd_vae"] = "Automatic"  # A1111's default: no file chosen
-        assert "VAE:" not in requests.post(api + "/txt2img", json=sd1, timeout=300).json()["info"]
+        for automatic in ("Automatic", None):  # A1111's default, and what a client sends for "unset"
+            sd1["override_settings"]["sd_vae"] = automatic
+            assert "VAE:" not in requests.post(api + "/txt2img", json=sd1, timeout=300).json()["info"]
         sd1["override_settings"]["sd_vae"] = "missing.safetensors"
         answer = requests.post(api + "/txt2img", json=sd1, timeout=60)
         assert answer.status_code == 404 and "missing.safetensors" in answer.text, answer.text  # as a checkpoint

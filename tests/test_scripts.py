@@ -320,8 +320,8 @@ def test_checkpoint_cells_run_grouped_by_model_and_land_in_grid_order(engine: En
     loads: list[str] = []
     original = engine.bundle
 
-    def counting(query):
-        bundle = original(query)
+    def counting(query, modules=()):
+        bundle = original(query, modules=modules)
         if not loads or loads[-1] != bundle.model_name:
             loads.append(bundle.model_name)
         return bundle

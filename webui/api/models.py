@@ -44,8 +44,8 @@ MODULE_OVERRIDES = ("sd_vae", "forge_additional_modules")
 
 
 def _module_names(key: str, value: Any) -> tuple[str, ...]:
-    """The file names an override names; "Automatic" and "None" (A1111's sd_vae) choose none."""
-    values = value if isinstance(value, list) else [value]
+    """The file names an override names; "Automatic", "None" (A1111's sd_vae) and null choose none."""
+    values = [v for v in (value if isinstance(value, list) else [value]) if v is not None]
     if not all(isinstance(v, str) for v in values):
         raise ValueError(f"override_settings.{key}: file names (got {value!r})")
     names = [v.replace("\\", "/").rsplit("/", 1)[-1] if key == "forge_additional_modules" else v for v in values]
