@@ -34,11 +34,11 @@ def picture() -> Image.Image:
     return image
 
 
-def as_the_unit_sees_it() -> Image.Image:
+def as_the_unit_sees_it(image: Image.Image | None = None) -> Image.Image:
     """The unit's picture as its preprocessor passes it on (at the 512 px processor resolution)."""
     from webui.controlnet import preprocess
 
-    return preprocess.run("ip-adapter_clip_sd15", picture(), 512, 0, 0)
+    return preprocess.run("ip-adapter_clip_sd15", image or picture(), 512, 0, 0)
 
 
 def unit(**kw) -> dict:
@@ -72,9 +72,11 @@ def test_an_image_prompt_steers_and_leaves_the_unet_as_it_was(engine: Engine) ->
     assert "Module: ip-adapter_clip_sd15, Model: ip-adapter_sd15 [" in steered.infotexts[0]
 
 
-def diffusers_image(bundle, state: dict, positive: torch.Tensor, negative: torch.Tensor) -> np.ndarray:
-    """diffusers' own pipeline on the same model, with the adapter in `state` loaded by diffusers
-    and the given image embeddings; the UNet put back as it was afterwards."""
+def diffusers_image(bundle, state: dict | list[dict], positive: torch.Tensor | list[torch.Tensor],
+                    negative: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
+    """diffusers' own pipeline on the same model, with the adapter(s) in `state` loaded by diffusers
+    and the given image embeddings (one each); the UNet put back as it was afterwards."""
+    states, positives, negatives = ([x] if not isinstance(x, list) else x for x in (state, positive, negative))
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     te = bundle.text_encoders[0]
@@ -84,15 +86,15 @@ def diffusers_image(bundle, state: dict, positive: torch.Tensor, negative: torch
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    grouped = {"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
-               "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}}
+    grouped = [{"image_proj": {k[11:]: v for k, v in one.items() if k.startswith("image_proj.")},
+                "ip_adapter": {k[11:]: v for k, v in one.items() if k.startswith("ip_adapter.")}} for one in states]
     before = bundle.unet.attn_processors
-    bundle.unet._load_ip_adapter_weights([grouped], low_cpu_mem_usage=False)
+    bundle.unet._load_ip_adapter_weights(grouped, low_cpu_mem_usage=False)
     try:
         noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(21))
         theirs = pipe(prompt="a lighthouse", negative_prompt="", num_inference_steps=4, guidance_scale=5.0,
                       latents=noise, height=64, width=64, output_type="np",
-                      ip_adapter_image_embeds=[torch.cat([negative, positive])]).images[0]
+                      ip_adapter_image_embeds=[torch.cat([n, p]) for n, p in zip(negatives, positives)]).images[0]
     finally:  # the projection first: a plus one has attention layers of its own
         bundle.unet.encoder_hid_proj = None
         bundle.unet.config.encoder_hid_dim_type = None
@@ -146,3 +148,33 @@ def test_a_plus_adapter_reads_clips_tokens_as_diffusers_does(engine: Engine, dat
     theirs = diffusers_image(bundle, state, positive, negative)
     diff = np.abs(px(ours) - theirs)
     assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_several_adapters_each_add_their_image_as_diffusers_does(engine: Engine, data_dir: Path) -> None:
+    """Two units (a plain and a plus adapter, each with its picture): each adds its own branch to
+    the cross-attention, equal to diffusers with both adapters loaded; a unit at weight 0 leaves
+    the other's result; the UNet is as it was after the job."""
+    from webui.models.readers import read_state_dict
+
+    bundle = engine.bundle("sd1")
+    plus_state = make_ip_adapter(bundle.unet, image_embed_dim=32, seed=2, plus=True)
+    save_file(plus_state, data_dir / "models" / "ControlNet" / "ip-adapter-plus_sd15.safetensors")
+    second = Image.new("RGB", (64, 64), (30, 30, 220))
+    units = [unit(), unit(model="ip-adapter-plus_sd15", image=second)]
+    before = {name: type(p).__name__ for name, p in bundle.unet.attn_processors.items()}
+    ours = engine.runner.generate(req(controlnet=units)).images[0]
+    assert {name: type(p).__name__ for name, p in bundle.unet.attn_processors.items()} == before
+    first_only = engine.runner.generate(req(controlnet=[unit()])).images[0]
+    assert np.abs(px(ours) - px(first_only)).mean() > 0.5  # the second picture counts
+    muted = engine.runner.generate(req(controlnet=[units[0], {**units[1], "weight": 0}])).images[0]
+    assert np.array_equal(px(muted), px(first_only))
+    embeds = []
+    for name, image in (("ip-adapter_sd15", picture()), ("ip-adapter-plus_sd15", second)):
+        adapter = engine.controlnets.load(name, bundle)
+        encoder = engine.controlnets.clip_vision.encoder_for(adapter, torch.device("cpu"))
+        embeds.append(ip_adapter.embeddings(adapter, encoder, as_the_unit_sees_it(image)))
+    state = read_state_dict(data_dir / "models" / "ControlNet" / "ip-adapter_sd15.safetensors")
+    theirs = diffusers_image(bundle, [state, plus_state], [e[0] for e in embeds], [e[1] for e in embeds])
+    diff = np.abs(px(ours) - theirs)
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,31 +158,41 @@ def model_input(loaded: list[tuple[PreparedUnit, Any]], bundle: ModelBundle, siz
 
 def ip_adapter_run(loaded: list[tuple[PreparedUnit, Any]], library: ControlNetLibrary, bundle: ModelBundle,
                    steps: int) -> tuple[Any, Callable[[Any], None]] | None:
-    """For a sampling run with an IP-Adapter among `loaded`: (a context manager that installs the
-    adapter on `bundle`'s UNet for the run, the per-call model input giving each row its image
-    embeddings); None without one. One IP-Adapter unit a job (ValueError for more)."""
+    """For a sampling run with IP-Adapters among `loaded`: (a context manager that installs them on
+    `bundle`'s UNet for the run, the per-call model input giving each row each unit's image
+    embeddings); None without one. Several units (several images, the same adapter or others) each
+    add their own branch to the cross-attention, with their own weight and step range."""
     found = [(u, net) for u, net in loaded if isinstance(net, ip_adapter.IPAdapterModel)]
     if not found:
         return None
-    if len(found) > 1:
-        raise ValueError(f"ControlNet units {', '.join(str(u.index) for u, _ in found)}: one IP-Adapter a job")
-    u, adapter = found[0]
-    key = ("ip", adapter.name, str(bundle.runtime.device))
-    if key not in u.features:
-        encoder = library.clip_vision.encoder_for(adapter, bundle.runtime.device)
-        u.features[key] = list(ip_adapter.embeddings(adapter, encoder, u.image))
-    positive, negative = (e.to(dtype=bundle.runtime.dtype) for e in u.features[key])
+    embeds = []
+    for u, adapter in found:
+        key = ("ip", adapter.name, str(bundle.runtime.device))
+        if key not in u.features:
+            encoder = library.clip_vision.encoder_for(adapter, bundle.runtime.device)
+            u.features[key] = list(ip_adapter.embeddings(adapter, encoder, u.image))
+        embeds.append([e.to(dtype=bundle.runtime.dtype) for e in u.features[key]])
+    layers: list[Any] = []
 
     def add(call: Any) -> None:
         fraction = (call.step - 1) / max(steps, 1)
-        inside = u.unit.guidance_start <= fraction <= u.unit.guidance_end
-        ip_adapter.set_scale(adapter, u.unit.weight if inside else 0.0)
-        rows = positive.expand(len(call.row_image), *positive.shape[1:]).clone()
-        if call.uncond_rows:
-            rows[call.uncond_rows] = negative
-        call.added_cond_kwargs = {**(call.added_cond_kwargs or {}), "image_embeds": [rows]}
+        ip_adapter.set_scales(layers, [u.unit.weight if u.unit.guidance_start <= fraction <= u.unit.guidance_end
+                                       else 0.0 for u, _ in found])
+        per_unit = []
+        for positive, negative in embeds:
+            rows = positive.expand(len(call.row_image), *positive.shape[1:]).clone()
+            if call.uncond_rows:
+                rows[call.uncond_rows] = negative
+            per_unit.append(rows)
+        call.added_cond_kwargs = {**(call.added_cond_kwargs or {}), "image_embeds": per_unit}
 
-    return ip_adapter.installed(bundle.unet, adapter), add
+    @contextmanager
+    def install() -> Iterator[None]:
+        with ip_adapter.installed(bundle.unet, [adapter for _, adapter in found]) as installed_layers:
+            layers[:] = installed_layers
+            yield
+
+    return install(), add
 
 
 def _shaped(mode: ControlMode, uncond_rows: Any, residuals: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -160,23 +160,41 @@ def embeddings(adapter: IPAdapterModel, encoder: Any, image: Image.Image) -> tup
 
 
 @contextmanager
-def installed(unet: Any, adapter: IPAdapterModel) -> Iterator[None]:
-    """The adapter's processors and projection on `unet` for the block, then the UNet as it was."""
+def installed(unet: Any, adapters: list[IPAdapterModel]) -> Iterator[list[Any]]:
+    """The adapters' processors and projections on `unet` for the block (one IP branch per adapter in
+    each cross-attention layer, in order, as diffusers loads several), then the UNet as it was.
+    Yields the layers' processors, whose scales `set_scales` sets."""
     from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
     before = unet.attn_processors
     hid_proj, hid_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
-    unet.set_attn_processor({**before, **adapter.processors})
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([adapter.image_proj])
+    layers = {name: _joined([a.processors[name] for a in adapters]) for name in adapters[0].processors}
+    unet.set_attn_processor({**before, **layers})
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([a.image_proj for a in adapters])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     try:
-        yield
+        yield list(layers.values())
     finally:  # the projection first: a "plus" one has attention layers of its own, which would count
         unet.encoder_hid_proj = hid_proj
         unet.config.encoder_hid_dim_type = hid_type
         unet.set_attn_processor(before)
 
 
-def set_scale(adapter: IPAdapterModel, scale: float) -> None:
-    for processor in adapter.processors.values():
-        processor.scale = [scale]
+def _joined(processors: list[Any]) -> Any:
+    """One layer's IP processors as one with a branch each (their key/value projections, not copies)."""
+    import torch
+
+    if len(processors) == 1:
+        return processors[0]
+    first = processors[0]
+    joined = type(first)(first.hidden_size, first.cross_attention_dim,
+                         num_tokens=[n for p in processors for n in p.num_tokens])
+    joined.to_k_ip = torch.nn.ModuleList([m for p in processors for m in p.to_k_ip])
+    joined.to_v_ip = torch.nn.ModuleList([m for p in processors for m in p.to_v_ip])
+    return joined
+
+
+def set_scales(layers: list[Any], scales: list[float]) -> None:
+    """Each adapter's weight (in the order `installed` got them) in every layer."""
+    for processor in layers:
+        processor.scale = list(scales)
