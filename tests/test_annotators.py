@@ -72,6 +72,41 @@ def test_depth_preprocessors_run_the_users_model_and_say_what_is_missing(data_di
         preprocess.check("depth_anything_v2", annotators)
 
 
+
+def test_a_normal_map_from_depth_slopes() -> None:
+    """Flat ground faces the viewer (127, 127, 255); a surface rising to the right (near on the right)
+    leans its normal the same way in red; the steeper, the further; background stays flat."""
+    from webui.controlnet.annotators import normal_from_depth
+
+    flat = normal_from_depth(np.full((16, 16), 3.0, dtype=np.float32), 0.4)
+    assert (flat == (127, 127, 255)).all()
+    x = np.linspace(0, 1, 32, dtype=np.float32)
+    gentle = normal_from_depth(np.tile(x * 4, (16, 1)), 0.0)[4:-4, 4:-4]
+    steep = normal_from_depth(np.tile(x * 16, (16, 1)), 0.0)[4:-4, 4:-4]
+    assert (gentle[..., 0] > 127).all() and (gentle[..., 1] == 127).all()  # leans in x only
+    assert (steep[..., 0] > gentle[..., 0]).all() and (steep[..., 2] < gentle[..., 2]).all()
+    down = normal_from_depth(np.tile(x[:, None] * 4, (1, 16)), 0.0)[4:-4, 4:-4]
+    assert (down[..., 1] > 127).all() and (down[..., 0] == 127).all()  # rising downwards: green
+    masked = normal_from_depth(np.tile(x * 4, (16, 1)), 0.5)  # the far (low) half is background
+    assert (masked[:, 2:14] == (127, 127, 255)).all() and (masked[4:-4, 18:-4, 0] > 127).all()
+
+
+def test_normal_midas_reads_the_depth_midas_model(data_dir: Path) -> None:
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    annotators = engine.controlnets.annotators
+    assert "normal_midas" in preprocess.names() and preprocess.defaults("normal_midas") == (0.4, 0.0)
+    with pytest.raises(ValueError, match=r"normal_midas needs a depth model .* in .*annotators/depth_midas"):
+        preprocess.check("normal_midas", annotators)
+    write_depth_model(annotators.folder / "depth_midas", kind="dpt")
+    preprocess.check("normal_midas", annotators)
+    normal = np.asarray(preprocess.run("normal_midas", picture(), 64, -1, -1, annotators))
+    assert normal.shape == (64, 77, 3)
+    lengths = np.linalg.norm(normal.astype(np.float32) / 127.5 - 1, axis=2)
+    assert np.abs(lengths - 1).max() < 0.03  # unit normals, as colours
+    assert (normal[..., 2] >= 127).all()  # every normal faces the viewer's side
+    everything_background = np.asarray(preprocess.run("normal_midas", picture(), 64, 1.01, -1, annotators))
+    assert (everything_background == (127, 127, 255)).all()  # threshold A is the background level
+
 def test_a_depth_unit_in_a_generation_and_over_the_api(data_dir: Path) -> None:
     engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
     write_controlnet(data_dir / "models" / "ControlNet" / "control_v11f1p_sd15_depth.safetensors",

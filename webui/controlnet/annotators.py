@@ -11,6 +11,12 @@ offer it), read with `AutoModelForDepthEstimation`:
 The map is relative inverse depth, stretched to 0-255: near is white, as the depth models were
 trained on.
 
+Normal map, for the normal ControlNets (`control_v11p_sd15_normalbae` takes it too, though it was
+trained on BAE's maps): `normal_midas` from the `depth_midas` model's depth, as the first normal
+ControlNet was trained: the depth's horizontal and vertical slopes (Sobel) and a constant depth
+component of 2 pi make each pixel's normal, (x, y, z) into R, G, B; where the depth, stretched to
+0-1, is below threshold A ("background", 0.4) the surface is taken as facing the viewer.
+
 Edges and lines, from the single files the A1111 extension's users have (anywhere under the
 annotators folder; the networks are in `webui.controlnet.annotator_nets`):
 
@@ -65,7 +71,28 @@ NETS: dict[str, Net] = {
     "lineart_realistic": Net("sk_model.pth", "lineart"),
     "lineart_coarse": Net("sk_model2.pth", "lineart"),
 }
-NAMES = (*KINDS, *NETS)
+# maps computed from a depth model's prediction: name -> the depth preprocessor whose model it reads
+FROM_DEPTH = {"normal_midas": "depth_midas"}
+NAMES = (*KINDS, *NETS, *FROM_DEPTH)
+DEFAULTS = {"normal_midas": (0.4, 0.0)}  # threshold A / B where a preprocessor has them
+
+
+def normal_from_depth(depth: np.ndarray, background: float) -> np.ndarray:
+    """An RGB normal map (uint8, H x W x 3) of a relative inverse depth map as the model predicts it
+    (near = large): the slopes give x and y, 2 pi the z component; where the depth stretched to 0-1
+    is below `background` the normal is (0, 0, 1)."""
+    import cv2
+
+    depth = depth.astype(np.float32)
+    low, high = float(depth.min()), float(depth.max())
+    stretched = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+    x = cv2.Sobel(depth, cv2.CV_32F, 1, 0, ksize=3)
+    y = cv2.Sobel(depth, cv2.CV_32F, 0, 1, ksize=3)
+    x[stretched < background] = 0
+    y[stretched < background] = 0
+    normal = np.stack([x, y, np.full_like(x, 2 * np.pi)], axis=2)
+    normal /= np.linalg.norm(normal, axis=2, keepdims=True)
+    return np.clip(normal * 127.5 + 127.5, 0, 255).astype(np.uint8)
 
 
 def is_annotator(name: str) -> bool:
@@ -83,6 +110,9 @@ class Annotators:
     def problem(self, name: str) -> str | None:
         """Why `name` cannot run here (None: it can)."""
         key = name.strip().lower()
+        if key in FROM_DEPTH:
+            why = self.problem(FROM_DEPTH[key])
+            return None if why is None else why.replace(f"preprocessor {FROM_DEPTH[key]}", f"preprocessor {key}")
         if key in NETS:
             if self._net_file(key) is not None:
                 return None
@@ -99,8 +129,8 @@ class Annotators:
             return None
         return next(iter(sorted(self.folder.rglob(NETS[key].file))), None)
 
-    def run(self, name: str, image: Image.Image, device: torch.device | str = "cpu") -> Image.Image:
-        """The preprocessor's map of `image` at its own size (RGB)."""
+    def run(self, name: str, image: Image.Image, device: torch.device | str = "cpu", a: float = -1) -> Image.Image:
+        """The preprocessor's map of `image` at its own size (RGB); `a`: threshold A (-1: its default)."""
         import torch
 
         key = name.strip().lower()
@@ -108,7 +138,13 @@ class Annotators:
             raise ValueError(why)
         if key in NETS:
             return self._run_net(key, image, torch.device(device))
-        return self._depth(key, image, torch.device(device))
+        if key in FROM_DEPTH:
+            depth = self._depth_array(FROM_DEPTH[key], image, torch.device(device))
+            return Image.fromarray(normal_from_depth(depth, a if a >= 0 else DEFAULTS[key][0]))
+        depth = self._depth_array(key, image, torch.device(device))
+        low, high = float(depth.min()), float(depth.max())
+        scaled = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+        return Image.fromarray(np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
 
     def _run_net(self, key: str, image: Image.Image, device: torch.device) -> Image.Image:
         from webui.controlnet import annotator_nets as nets
@@ -144,8 +180,8 @@ class Annotators:
                 self._loaded[(spec.file, str(device))] = net.to(device=device, dtype=torch.float32).eval()
             return self._loaded[(spec.file, str(device))]
 
-    def _depth(self, key: str, image: Image.Image, device: torch.device) -> Image.Image:
-        """The depth map of `image` at its own size (near = white)."""
+    def _depth_array(self, key: str, image: Image.Image, device: torch.device) -> np.ndarray:
+        """The model's relative inverse depth of `image` at its own size (near = large)."""
         import torch
 
         kind = KINDS[key]
@@ -157,11 +193,8 @@ class Annotators:
         pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(device=model.device, dtype=torch.float32)
         with torch.no_grad():
             depth = model(pixel_values=pixels).predicted_depth[:, None].float()
-        depth = torch.nn.functional.interpolate(depth, size=(rgb.height, rgb.width), mode="bicubic",
-                                                align_corners=False)[0, 0].cpu().numpy()
-        low, high = float(depth.min()), float(depth.max())
-        scaled = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
-        return Image.fromarray(np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        return torch.nn.functional.interpolate(depth, size=(rgb.height, rgb.width), mode="bicubic",
+                                               align_corners=False)[0, 0].cpu().numpy()
 
     def _model(self, key: str, device: torch.device) -> Any:
         import torch

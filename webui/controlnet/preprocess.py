@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 
-from webui.controlnet.annotators import NAMES, Annotators, is_annotator
+from webui.controlnet.annotators import DEFAULTS, NAMES, Annotators, is_annotator
 
 Preprocessor = Callable[[Image.Image, float, float], Image.Image]
 
@@ -132,7 +132,7 @@ def _entry(name: str) -> tuple[Preprocessor, tuple[float, float]]:
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in PREPROCESSORS:
         raise ValueError(f"ControlNet: unknown preprocessor {name!r} (available: {', '.join(names())}; "
-                         "openpose and normal maps are not available yet)")
+                         "openpose and the BAE / DSINE normal maps are not available yet)")
     return PREPROCESSORS[key]
 
 
@@ -147,7 +147,9 @@ def check(name: str, annotators: Annotators | None = None) -> None:
 
 def defaults(name: str) -> tuple[float, float]:
     """The thresholds `name` uses when a request leaves them at -1."""
-    return (0, 0) if is_annotator(name) else _entry(name)[1]
+    if is_annotator(name):
+        return DEFAULTS.get(name.strip().lower(), (0, 0))
+    return _entry(name)[1]
 
 
 def run(name: str, image: Image.Image, resolution: int, a: float, b: float, annotators: Annotators | None = None,
@@ -162,5 +164,5 @@ def run(name: str, image: Image.Image, resolution: int, a: float, b: float, anno
     if is_annotator(name):
         if annotators is None:
             raise ValueError(f"preprocessor {name} needs a models folder")
-        return annotators.run(name, work, device)
+        return annotators.run(name, work, device, a)
     return _entry(name)[0](work, a, b)
