@@ -277,3 +277,25 @@ def test_loras_in_kohya_comfy_and_diffusers_names(flux, tmp_path: Path) -> None:
     assert np.abs(images["kohya"] - images["peft"]).max() <= 1 and np.abs(images["comfy"] - images["peft"]).max() <= 1
     assert "Lora hashes" in parse_infotext(results["kohya"].infotexts[0])
     assert np.array_equal(pixels(engine.runner.generate(req(checkpoint="flux1-dev"))), plain)  # weights restored
+
+
+def test_a_t5_lora_is_the_second_text_encoders(flux) -> None:
+    """Flux's text encoders are CLIP-L then T5: kohya's `lora_te2_*` and diffusers' `text_encoder_2.*`
+    reach T5, the same picture from each."""
+    root = flux[0]
+    engine = build_engine(Config(data_dir=root, dtype="float32"))
+    q = engine.bundle("flux1-dev").text_encoders[1].model.encoder.block[0].layer[0].SelfAttention.q
+    gen = torch.Generator().manual_seed(8)
+    down, up = torch.randn(4, q.in_features, generator=gen), torch.randn(q.out_features, 4, generator=gen)
+    name = "encoder_block_0_layer_0_SelfAttention_q"
+    files = {"flux-t5-kohya": {f"lora_te2_{name}.lora_down.weight": down, f"lora_te2_{name}.lora_up.weight": up,
+                               f"lora_te2_{name}.alpha": torch.tensor(4.0)},
+             "flux-t5-peft": {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": down.clone(),
+                              "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": up.clone()}}
+    (root / "models" / "Lora").mkdir(exist_ok=True)
+    for file, tensors in files.items():
+        save_file(tensors, str(root / "models" / "Lora" / f"{file}.safetensors"))
+    engine.networks.refresh()
+    plain, a, b = (pixels(engine.runner.generate(req(checkpoint="flux1-dev", prompt=PROMPT + tag)))
+                   for tag in ("", " <lora:flux-t5-kohya:1>", " <lora:flux-t5-peft:1>"))
+    assert np.abs(a - plain).mean() > 1 and np.abs(a - b).max() <= 1

@@ -254,3 +254,26 @@ def test_loras_in_kohya_and_diffusers_names(engine: Engine, sd3_dir) -> None:
     assert np.abs(a - plain).mean() > 1 and np.abs(a - b).max() <= 1
     with pytest.raises(ModelError, match="none of its 1 LoRA layers match a layer of this SD 3.x model"):
         engine.runner.generate(req(checkpoint="sd35", prompt=f"{PROMPT} <lora:for-sd1:1>"))
+
+
+def test_a_t5_lora_in_kohya_and_diffusers_names(engine: Engine, sd3_dir) -> None:
+    """The third text encoder (T5) takes LoRAs as `lora_te3_*` (kohya) and `text_encoder_3.*`
+    (diffusers): the same picture from each, another without."""
+    from safetensors.torch import save_file
+
+    q = engine.bundle("sd35").text_encoders[2].model.encoder.block[0].layer[0].SelfAttention.q
+    gen = torch.Generator().manual_seed(6)
+    down, up = torch.randn(4, q.in_features, generator=gen), torch.randn(q.out_features, 4, generator=gen)
+    name = "encoder_block_0_layer_0_SelfAttention_q"
+    kohya = {f"lora_te3_{name}.lora_down.weight": down, f"lora_te3_{name}.lora_up.weight": up,
+             f"lora_te3_{name}.alpha": torch.tensor(4.0)}
+    peft = {"text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": down.clone(),
+            "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": up.clone()}
+    loras = sd3_dir[0] / "models" / "Lora"
+    loras.mkdir(exist_ok=True)
+    for file, tensors in (("t5-kohya", kohya), ("t5-peft", peft)):
+        save_file(tensors, str(loras / f"{file}.safetensors"))
+    engine.networks.refresh()
+    plain, a, b = (np.asarray(engine.runner.generate(req(checkpoint="sd35", prompt=PROMPT + tag)).images[0])
+                   .astype(np.int16) for tag in ("", " <lora:t5-kohya:1>", " <lora:t5-peft:1>"))
+    assert np.abs(a - plain).mean() > 1 and np.abs(a - b).max() <= 1

@@ -11,10 +11,11 @@ SD3 and Flux LoRAs name the transformer's layers in the original layouts (kohya
 `lora_unet_double_blocks_0_img_attn_qkv`, `diffusion_model.single_blocks.0.linear1`) or in diffusers'
 (`transformer.transformer_blocks.0.attn.to_q`); see `webui.networks.transformer_names`.
 
-Handled: kohya/sd-scripts (`lora_unet_*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*` with
-`.lora_down.weight` / `.lora_up.weight` / `.alpha`; UNet names in diffusers or LDM form),
-LyCORIS LoCon (the same keys on convolutions, 1x1 or 3x3), diffusers/peft (`unet.*`,
-`text_encoder.*`, `text_encoder_2.*` with `.lora_A.weight` / `.lora_B.weight`,
+Handled: kohya/sd-scripts (`lora_unet_*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*`, `lora_te3_*` with
+`.lora_down.weight` / `.lora_up.weight` / `.alpha`; UNet names in diffusers or LDM form; the text
+encoders in the model's order, so Flux's T5 is te2 and SD3's te3), LyCORIS LoCon (the same keys on
+convolutions, 1x1 or 3x3), diffusers/peft (`unet.*`, `text_encoder.*`, `text_encoder_2.*`,
+`text_encoder_3.*` with `.lora_A.weight` / `.lora_B.weight`,
 `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.*`, attention-processor names).
 Other LyCORIS kinds (LoHa, LoKr, Tucker `lora_mid`, DoRA `dora_scale`, full `diff`) are
 recognised and reported as unsupported rather than applied wrongly.
@@ -43,8 +44,9 @@ from webui.networks.transformer_names import Target, transformer_table
 
 log = logging.getLogger(__name__)
 
-Component = Literal["unet", "te1", "te2"]
-_COMPONENT_INDEX = {"te1": 0, "te2": 1}
+Component = Literal["unet", "te1", "te2", "te3"]
+# the model's text encoders in order: SD1/2 CLIP; SDXL CLIP-L, CLIP-G; SD3 CLIP-L, CLIP-G, T5; Flux CLIP-L, T5
+_COMPONENT_INDEX = {"te1": 0, "te2": 1, "te3": 2}
 
 # "<base>.<suffix>" -> role; checked in order (longest first where they overlap)
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -70,6 +72,7 @@ _KOHYA_PREFIXES: tuple[tuple[str, Component], ...] = (
     ("lora_unet_", "unet"),
     ("lora_te1_", "te1"),
     ("lora_te2_", "te2"),
+    ("lora_te3_", "te3"),
     ("lora_te_", "te1"),
 )
 _DIFFUSERS_PREFIXES: tuple[tuple[str, Component], ...] = (
@@ -78,6 +81,7 @@ _DIFFUSERS_PREFIXES: tuple[tuple[str, Component], ...] = (
     ("diffusion_model.", "unet"),  # SD3 / Flux in the original names (ComfyUI's form, ai-toolkit)
     ("base_model.model.", "unet"),  # a peft adapter saved straight from a UNet
     ("text_encoder_2.", "te2"),
+    ("text_encoder_3.", "te3"),
     ("text_encoder.", "te1"),
 )
 _BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
