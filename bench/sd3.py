@@ -3,17 +3,18 @@
 Writes (once, to bench/.cache/, random weights) Stability's layout of SD3.5 Medium: the 2.5B
 MMDiT and the VAE in `sd35-medium-random-bf16.safetensors`, CLIP-L and CLIP-G as separate files
 in `text_encoder/` (T5-XXL left out: it is optional, and 4.7B more parameters would not fit this
-benchmark's time); with `--layouts fp8 fp8-packed gguf` also the MMDiT with its 2-D weights in
-float8_e4m3fn (upcast when loaded, or kept packed as --fp8-weights packed does), and as a Q8_0 GGUF
-file (bare keys, as city96's). Then, each in a fresh child process:
+benchmark's time); with `--layouts fp8 fp8-packed gguf gguf-packed` also the MMDiT with its 2-D
+weights in float8_e4m3fn and as a Q8_0 GGUF file (bare keys, as city96's), each upcast when loaded
+or kept packed as --fp8-weights packed does. Then, each in a fresh child process:
 
   load:  peak RSS while `load_bundle` builds the model, minus RSS before it, as a ratio to the
-         files' size (goal <= 1.3: about one copy of the weights; float8 and GGUF weights are
-         upcast when read, so their ratio shows what keeping them packed would save)
+         files' size (goal <= 1.3: about one copy of the weights; float8 and GGUF weights upcast
+         when read take more than their files, packed ones about their files)
   step:  one denoiser call at 256x256 (a 16x32x32 latent, 154 text tokens) through our CFG
          denoiser and SD3 adapter, against the bare diffusers SD3Transformer2DModel call on the
          same inputs, measured alternately in the same process (goal: ratio <= 1.02); for float8
-         and GGUF also against the bf16 file's step (float8 weights are upcast a layer a call)
+         and GGUF also against the bf16 file's step (packed weights are upcast / dequantised a
+         layer a call)
 
 Prints figures and ratios, never pass/fail. Run it alone (2 cores: anything beside it skews it).
 
@@ -36,7 +37,9 @@ CACHE = HERE / ".cache" / "sd35"
 CKPT = CACHE / "Stable-diffusion" / "sd35-medium-random-bf16.safetensors"
 LAYOUTS = {"bf16": CKPT, "fp8": CKPT.with_name("sd35-medium-random-fp8.safetensors"),
            "gguf": CKPT.with_name("sd35-medium-random-Q8_0.gguf")}
-LAYOUTS["fp8-packed"] = LAYOUTS["fp8"]  # the same file, its float8 weights kept packed (--fp8-weights packed)
+# the same files, their float8 weights / GGUF blocks kept packed (--fp8-weights packed)
+LAYOUTS["fp8-packed"] = LAYOUTS["fp8"]
+LAYOUTS["gguf-packed"] = LAYOUTS["gguf"]
 ENCODERS = CACHE / "text_encoder"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
@@ -202,7 +205,7 @@ def main() -> None:
         if not LAYOUTS[layout].exists():
             write_layout(layout.removesuffix("-packed"))
         vae = CACHE / "VAE" / "sd3_vae.safetensors"
-        size = LAYOUTS[layout].stat().st_size + encoders + (vae.stat().st_size if layout == "gguf" else 0)
+        size = LAYOUTS[layout].stat().st_size + encoders + (vae.stat().st_size if layout.startswith("gguf") else 0)
         load = child(_LOAD, str(LAYOUTS[layout]), args.dtype, str(ENCODERS), _packing(layout))
         print(f"{layout}: files {size / 2**30:.2f} GiB (MMDiT 2.5B + VAE, CLIP-L, CLIP-G); load into {args.dtype}: "
               f"{load['seconds']:.1f} s, peak RSS delta {load['peak_delta'] / 2**30:.2f} GiB = "

@@ -66,8 +66,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--lowvram", action="store_true", help="stream the UNet's blocks to the GPU as they run (slowest, least VRAM)")
     g.add_argument("--vae-tiling", action="store_true", help="always decode and encode images in tiles (default: large images only)")
     g.add_argument("--fp8-weights", choices=("auto", "packed", "upcast"), default="auto",
-                   help="float8 Flux/SD3.5 weights: kept packed in memory and upcast a layer a call, or upcast when "
-                        "loaded (auto: packed on a GPU, upcast on the CPU)")
+                   help="float8 and GGUF Flux/SD3.5 weights: kept packed (float8 / quantised) in memory and upcast "
+                        "a layer a call, or upcast when loaded (auto: packed on a GPU, upcast on the CPU)")
     g.add_argument("--model-cache-size", type=int, help="checkpoints loaded on the device at once (default: the setting, 1)")
     g.add_argument("--ckpt-cache", type=int, metavar="N",
                    help="checkpoints kept in RAM besides the loaded ones, for instant switching (default: the setting, 0)")

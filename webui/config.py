@@ -70,6 +70,7 @@ class Config(BaseModel):
     vae_tiling: bool = False  # always decode/encode in tiles (otherwise only images over a pixel budget)
     # float8 transformer weights (Flux / SD3.5 files): kept packed and upcast a layer a call, or upcast
     # once when loaded; "auto": packed on a GPU, upcast on the CPU (no fast float8 casts there)
+    # float8 and GGUF weights: kept packed, or upcast when loaded (auto: packed on a GPU)
     fp8_weights: Literal["auto", "packed", "upcast"] = "auto"
     compile: bool = False  # torch.compile the UNet (see webui.runtime.compile)
     channels_last: bool | None = None  # UNet and VAE in channels-last memory format; None: where measured faster

@@ -108,7 +108,7 @@ def load_bundle(
     path = Path(path)
     # a GGUF file is a transformer alone, its tensors dequantised to float32: straight to the runtime's dtype
     select = _floats_to(runtime.dtype) if path.suffix.lower() == ".gguf" else _runtime_dtypes(runtime)
-    sd = read_state_dict(path, select, runtime.weights_device)
+    sd = read_state_dict(path, select, runtime.weights_device, keep_quantized=runtime.float8_packed)
     modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime, text_encoder_files or {})
     found = detect(sd, path)
     try:
@@ -262,25 +262,33 @@ def _take(sd: StateDict, prefix: str, strip: bool) -> StateDict:
 
 
 def _finish(module: torch.nn.Module, weights: StateDict, runtime: Runtime, dtype: torch.dtype,
-            keep_float8: bool = False) -> torch.nn.Module:
-    return load_meta_module(module, weights, runtime.weights_device, dtype, keep_float8)
+            keep_packed: bool = False) -> torch.nn.Module:
+    return load_meta_module(module, weights, runtime.weights_device, dtype, keep_packed)
 
 
 def load_meta_module(module: torch.nn.Module, weights: StateDict, device: torch.device,
-                     dtype: torch.dtype, keep_float8: bool = False) -> torch.nn.Module:
+                     dtype: torch.dtype, keep_packed: bool = False) -> torch.nn.Module:
     """Load `weights` into a module built on the meta device, casting tensor by tensor onto
     `device`; the non-persistent `position_ids` buffers that files do not hold are made here (a
-    meta buffer left behind would be read as garbage). With `keep_float8`, 2-D float8 weights stay
-    float8 and their linear layers compute in `dtype` (webui.runtime.float8). ModelError when the
-    weights do not fit."""
+    meta buffer left behind would be read as garbage). With `keep_packed`, 2-D float8 weights stay
+    float8 and GGUF-quantised linear weights stay quantised, their layers computing in `dtype`
+    (webui.runtime.float8, webui.runtime.gguf). ModelError when the weights do not fit."""
     from webui.runtime.float8 import FLOAT8, compute_float8_linears
+    from webui.runtime.gguf import QuantizedTensor, keep_quantized
 
+    quantized: dict[str, QuantizedTensor] = {}
     for k in list(weights):
         tensor = weights.pop(k)
-        packed = keep_float8 and tensor.dtype in FLOAT8 and tensor.ndim == 2 and k.endswith(".weight")
+        if isinstance(tensor, QuantizedTensor):
+            layer = module.get_submodule(k.rsplit(".", 1)[0]) if "." in k else None
+            if keep_packed and k.endswith(".weight") and isinstance(layer, torch.nn.Linear):
+                quantized[k] = tensor
+                continue
+            tensor = tensor.dequantized()
+        packed = keep_packed and tensor.dtype in FLOAT8 and tensor.ndim == 2 and k.endswith(".weight")
         weights[k] = tensor.to(device=device) if packed else tensor.to(device=device, dtype=dtype)
     result = module.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids") and k not in quantized]
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise ModelError(f"weights do not fit the detected {type(module).__name__}: {detail}")
@@ -292,9 +300,14 @@ def load_meta_module(module: torch.nn.Module, weights: StateDict, device: torch.
             owner.register_buffer(
                 "position_ids", torch.arange(buf.shape[-1], device=device).expand((1, -1)), persistent=False
             )
-    if keep_float8 and (n := compute_float8_linears(module)):
+    if keep_packed and (n := compute_float8_linears(module)):
         log.info("%s: %d linear layers keep their float8 weights, computed in %s", type(module).__name__, n,
                  str(dtype).removeprefix("torch."))
+    for k, tensor in quantized.items():
+        keep_quantized(module.get_submodule(k.rsplit(".", 1)[0]), tensor, device)
+    if quantized:
+        log.info("%s: %d linear layers keep their GGUF blocks, computed in %s", type(module).__name__,
+                 len(quantized), str(dtype).removeprefix("torch."))
     return module.eval().requires_grad_(False)
 
 
@@ -320,7 +333,7 @@ def _build_mmdit(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.M
     weights = convert_sd3_transformer_checkpoint_to_diffusers(_take(sd, UNET_PREFIX, strip=True))
     with torch.device("meta"):
         transformer = SD3Transformer2DModel.from_config(found.unet_config)
-    _finish(transformer, weights, runtime, runtime.dtype, keep_float8=runtime.float8_packed)  # attention: SDPA already
+    _finish(transformer, weights, runtime, runtime.dtype, keep_packed=runtime.float8_packed)  # attention: SDPA already
     return MMDiTDenoiser(transformer).eval()
 
 
@@ -349,7 +362,7 @@ def _build_flux(sd: StateDict, found: Detected, runtime: Runtime) -> torch.nn.Mo
                         f"{b}proj_mlp.{kind}": mlp})
     with torch.device("meta"):
         transformer = FluxTransformer2DModel.from_config(found.unet_config)
-    _finish(transformer, weights, runtime, runtime.dtype, keep_float8=runtime.float8_packed)
+    _finish(transformer, weights, runtime, runtime.dtype, keep_packed=runtime.float8_packed)
     return FluxDenoiser(transformer).eval()
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from webui.models.errors import ModelError
@@ -44,11 +45,14 @@ _ST_DTYPES = {
 }
 
 
-def read_state_dict(path: Path, select: Select | None = None, device: torch.device | None = None) -> StateDict:
+def read_state_dict(path: Path, select: Select | None = None, device: torch.device | None = None,
+                    keep_quantized: bool = False) -> StateDict:
     """All tensors of `path`; with `select`, only those it keeps, in the dtype it names.
 
     `device` (safetensors only): put the tensors straight there, piece by piece from the file
-    mapping, without a full copy in process memory first (an accelerator load). Default: the CPU."""
+    mapping, without a full copy in process memory first (an accelerator load). Default: the CPU.
+    `keep_quantized` (GGUF): 2-D weights in the block types `webui.runtime.gguf` computes with
+    stay quantised (`QuantizedTensor`)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError("file not found", path)
@@ -62,14 +66,17 @@ def read_state_dict(path: Path, select: Select | None = None, device: torch.devi
         sd = _apply(_read_pickle(path), select)
         return sd if device is None or device.type == "cpu" else {k: v.to(device) for k, v in sd.items()}
     if suffix in GGUF_SUFFIXES:
-        sd = _read_gguf(path, select)
+        sd = _read_gguf(path, select, keep_quantized)
         return sd if device is None or device.type == "cpu" else {k: v.to(device) for k, v in sd.items()}
     raise ModelError(f"unsupported file type {suffix!r} (expected one of {', '.join(WEIGHT_SUFFIXES)})", path)
 
 
-def _read_gguf(path: Path, select: Select | None) -> StateDict:
+def _read_gguf(path: Path, select: Select | None, keep_quantized: bool = False) -> StateDict:
     """Every tensor of a GGUF file, dequantised (to float32, then the dtype `select` names; a
-    float32 / float16 / bfloat16 tensor as stored when `select` keeps it)."""
+    float32 / float16 / bfloat16 tensor as stored when `select` keeps it), or with `keep_quantized`
+    the 2-D ones in a block type kept quantised as their blocks."""
+    from webui.runtime.gguf import BLOCK_BYTES, QuantizedTensor
+
     try:
         import gguf
     except ImportError:
@@ -82,6 +89,12 @@ def _read_gguf(path: Path, select: Select | None) -> StateDict:
     out: StateDict = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        if keep_quantized and len(shape) == 2 and t.tensor_type.name in BLOCK_BYTES:
+            if select is None or select(t.name, torch.float32) is not None:
+                blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(shape[0], -1))
+                out[t.name] = QuantizedTensor.wrap(blocks, t.tensor_type.name, shape[1])
+            _release(reader, t.data_offset, t.n_bytes)
+            continue
         try:
             array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             # a dequantised array is new memory; float32/16 ones are views of the read-only mapping

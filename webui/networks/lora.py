@@ -41,6 +41,7 @@ from webui.models.load import ModelBundle
 from webui.models.readers import read_state_dict
 from webui.networks.lora_names import diffusers_target, text_table, unet_table
 from webui.networks.transformer_names import Target, transformer_table
+from webui.runtime.gguf import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def resolve(lora: LoraWeights, bundle: ModelBundle) -> Resolution:
             wrong_shape.append(m.key)
             continue
         fits = [(part, piece, root.get_submodule(part)) for part, piece in parts]
-        if any(mod.weight.numel() != piece.delta_numel() or mod.weight.shape[0] != piece.up.shape[0]
+        if any(_weight_shape(mod).numel() != piece.delta_numel() or _weight_shape(mod)[0] != piece.up.shape[0]
                for _, piece, mod in fits):
             wrong_shape.append(m.key)
             continue
@@ -299,6 +300,13 @@ def resolve(lora: LoraWeights, bundle: ModelBundle) -> Resolution:
             lora.path,
         )
     return Resolution(lora=lora, patches=patches, unmatched=unmatched, wrong_shape=wrong_shape)
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    """The weight's shape; a GGUF layer kept quantised has its blocks instead (webui.runtime.gguf)."""
+    if is_quantized(module):
+        return torch.Size((module.out_features, module.in_features))
+    return module.weight.shape
 
 
 # --- merging ----------------------------------------------------------------------------------
@@ -317,9 +325,15 @@ def apply_loras(bundle: ModelBundle, loras: list[tuple[LoraWeights, float]]) -> 
     active = [(lora, float(w)) for lora, w in loras if float(w) != 0.0]
     resolutions = [resolve(lora, bundle) for lora, _ in active]
     by_weight: dict[int, tuple[torch.Tensor, list[tuple[Patch, float]]]] = {}
+    # GGUF layers kept quantised get the factors for the job, not a merged weight (webui.runtime.gguf)
+    factors: list[tuple[nn.Module, tuple[torch.Tensor, torch.Tensor, float]]] = []
     for resolution, (_, multiplier) in zip(resolutions, active):
         for patch in resolution.patches:
-            by_weight.setdefault(id(patch.weight), (patch.weight, []))[1].append((patch, multiplier))
+            if is_quantized(patch.module):
+                factors.append((patch.module, (patch.lora.down.flatten(1), patch.lora.up.flatten(1),
+                                               patch.lora.scale * multiplier)))
+            else:
+                by_weight.setdefault(id(patch.weight), (patch.weight, []))[1].append((patch, multiplier))
     backups: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
@@ -329,6 +343,9 @@ def apply_loras(bundle: ModelBundle, loras: list[tuple[LoraWeights, float]]) -> 
                 for patch, multiplier in items:
                     total.add_(patch.lora.delta(weight.shape, weight.device), alpha=multiplier)
                 weight.copy_(weight.float() + total)  # one rounding to the weight's dtype
+            for module, (down, up, scale) in factors:
+                device = module.qweight.device
+                module.lora_factors.append((down.to(device), up.to(device), scale))
         for r in resolutions:
             for message in r.warnings():
                 log.warning("%s", message)
@@ -337,6 +354,8 @@ def apply_loras(bundle: ModelBundle, loras: list[tuple[LoraWeights, float]]) -> 
         with torch.no_grad():
             for weight, original in reversed(backups):
                 weight.copy_(original)
+        for module, _ in factors:
+            module.lora_factors.clear()
 
 
 class LoraCache:

@@ -34,7 +34,7 @@ class Runtime:
     attention_message: str = ""  # what was chosen and, after a fallback, why
     memory: MemoryManager | None = None  # medvram / lowvram (see webui.runtime.memory); None = normal
     vae_tiling: bool = False  # --vae-tiling: always decode/encode in tiles (else only large images)
-    float8_packed: bool = False  # float8 transformer weights stay float8 in memory (--fp8-weights)
+    float8_packed: bool = False  # float8 and GGUF transformer weights stay packed in memory (--fp8-weights)
     # How a model cached in RAM (--ckpt-cache) leaves the compute device and comes back; None when
     # there is nothing to move (the CPU computes in RAM; medvram / lowvram models already wait there).
     park: Transfer | None = None
