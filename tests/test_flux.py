@@ -164,23 +164,33 @@ def test_a_gguf_quantised_transformer_loads(flux, tmp_path: Path) -> None:
 
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+# where a block's float16 scales lie (K-quants: gguf cannot write them, so the blocks are random bytes)
+K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_gguf_blocks_are_dequantised_exactly_as_gguf_does(qtype: str) -> None:
     import gguf
 
-    from webui.runtime.gguf import QuantizedTensor, dequantize
+    from webui.runtime.gguf import BLOCK_BYTES, QuantizedTensor, dequantize
 
     rng = np.random.default_rng(1)
-    values = rng.standard_normal((6, 96)).astype(np.float32) * 3
     kind = gguf.GGMLQuantizationType[qtype]
-    blocks = gguf.quants.quantize(values, kind)
+    if qtype in K_SCALES:
+        blocks = rng.integers(0, 256, size=(6 * 2, BLOCK_BYTES[qtype]), dtype=np.uint8)
+        for at in K_SCALES[qtype]:
+            blocks[:, at:at + 2] = rng.uniform(-0.1, 0.1, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+        blocks = blocks.reshape(6, -1)
+    else:
+        blocks = gguf.quants.quantize(rng.standard_normal((6, 512)).astype(np.float32) * 3, kind)
     expected = gguf.quants.dequantize(blocks, kind)
+    assert expected.shape == (6, 512)
     assert np.array_equal(dequantize(torch.from_numpy(blocks), qtype).numpy(), expected)
     # cut and joined by rows, as the layout converter does with fused layers, it stays quantised
-    t = QuantizedTensor.wrap(torch.from_numpy(blocks), qtype, 96)
+    t = QuantizedTensor.wrap(torch.from_numpy(blocks), qtype, 512)
     first, second = t.chunk(2, dim=0)
     swapped = torch.cat([second, first], dim=0)
-    assert isinstance(swapped, QuantizedTensor) and tuple(swapped.shape) == (6, 96)
+    assert isinstance(swapped, QuantizedTensor) and tuple(swapped.shape) == (6, 512)
     assert np.array_equal(swapped.dequantized().numpy(), np.concatenate([expected[3:], expected[:3]]))
     assert np.array_equal((t * 2).numpy(), expected * 2)  # any other use sees the values
 

@@ -1,11 +1,12 @@
 """GGUF-quantised weights kept quantised in memory, dequantised per layer when it runs.
 
 A GGUF transformer (city96's Flux / SD3.5 files) stores its big 2-D weights in blocks of 32
-values: Q8_0 (8-bit), Q4_0 / Q4_1 / Q5_0 / Q5_1 (4- and 5-bit, with or without an offset). With
+values: Q8_0 (8-bit), Q4_0 / Q4_1 / Q5_0 / Q5_1 (4- and 5-bit, with or without an offset), or in
+super-blocks of 256 with 6-bit sub-block scales: Q4_K, Q5_K, Q6_K (the _S / _M files). With
 `--fp8-weights packed` (the default on CUDA) such a weight stays as its raw blocks, a uint8
 tensor of one row per output row, and its linear layer dequantises it on the device each call:
 memory is the file's, arithmetic the runtime dtype's, and the values exactly those gguf's own
-dequantiser gives. Other block types (the K-quants) are dequantised as the file is read.
+dequantiser gives. Other block types (Q2_K, Q3_K, the IQ types) are dequantised as the file is read.
 
 On the way from the file to the model a weight goes through key renames and the layout
 converter, which cut and join fused layers by rows (Flux's qkv, linear1): `QuantizedTensor` does
@@ -21,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCK = 32
-# block type -> bytes a block of 32 values takes
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+# block type -> bytes a block takes (32 values; the K-quants' super-blocks hold 256)
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 def _f16(raw: torch.Tensor, start: int) -> torch.Tensor:
@@ -44,6 +44,40 @@ def _high_bits(raw: torch.Tensor, start: int) -> torch.Tensor:
     return ((word[:, None] >> shifts) & 1).to(torch.uint8)
 
 
+def _shifted(q: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
+    """Each byte of q [blocks, groups, n] shifted by each of `shifts` and masked:
+    [blocks, groups * len(shifts), n], the shifts' results after one another."""
+    by = torch.tensor(shifts, dtype=torch.uint8, device=q.device).reshape(1, 1, -1, 1)
+    return ((q.unsqueeze(2) >> by) & mask).reshape(q.shape[0], -1, q.shape[-1])
+
+
+def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: the 8 six-bit scales and minimums packed in 12 bytes -> two [blocks, 8, 1]."""
+    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc.float().unsqueeze(-1), mn.float().unsqueeze(-1)
+
+
+def _k_quant(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """A K-quant's super-blocks of 256 values -> [blocks, 256] float32."""
+    n = blocks.shape[0]
+    if qtype == "Q6_K":
+        low = _shifted(blocks[:, :128].reshape(n, 2, 64), [0, 4], 0x0F).reshape(n, 8, 32)
+        high = _shifted(blocks[:, 128:192].reshape(n, 2, 32), [0, 2, 4, 6], 0x03)
+        q = (low | (high << 4)).float() - 32
+        scales = blocks[:, 192:208].contiguous().view(torch.int8).float() * _f16(blocks, 208)
+        return (scales.unsqueeze(-1) * q.reshape(n, 16, 16)).reshape(n, 256)
+    sc, mn = _k_scales(blocks[:, 4:16])
+    scale, offset = _f16(blocks, 0).unsqueeze(-1) * sc, _f16(blocks, 2).unsqueeze(-1) * mn
+    if qtype == "Q4_K":
+        q = _shifted(blocks[:, 16:].reshape(n, 4, 32), [0, 4], 0x0F)
+    else:  # Q5_K: 32 bytes of fifth bits, a bit per group of 32, then the low nibbles
+        high = _shifted(blocks[:, 16:48].reshape(n, 1, 32), list(range(8)), 0x01)
+        q = _shifted(blocks[:, 48:].reshape(n, 4, 32), [0, 4], 0x0F) | (high << 4)
+    return (scale * q.float() - offset).reshape(n, 256)
+
+
 def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Raw blocks (uint8 [rows, blocks * bytes]) -> values [rows, blocks * 32] in `dtype`."""
     rows = raw.shape[0]
@@ -60,6 +94,8 @@ def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32
     elif qtype == "Q5_1":
         q = _nibbles(blocks[:, 8:]) | (_high_bits(blocks, 4) << 4)
         values = q.float() * _f16(blocks, 0) + _f16(blocks, 2)
+    elif qtype.endswith("_K"):
+        values = _k_quant(blocks, qtype)
     else:
         raise ValueError(f"GGUF block type {qtype} is not kept quantised")
     return values.reshape(rows, -1).to(dtype)
