@@ -79,6 +79,34 @@ def test_make_checkpoint_command(tmp_path: Path) -> None:
     assert detect(read_state_dict(out)).family.name == "sdxl"
 
 
+
+@pytest.mark.parametrize("family,options,name,expected", [
+    ("sdxl-vpred-ztsnr", [], "xl-vpred.safetensors", "sdxl"),
+    ("sd3", [], "sd35.safetensors", "sd3"),
+    ("sd3-split", [], "sd35-split.safetensors", "sd3"),
+    ("flux", [], "flux1-dev.safetensors", "flux"),
+    ("flux-schnell", ["--fp8"], "flux1-schnell-fp8.safetensors", "flux"),
+    ("flux", ["--gguf", "Q4_0"], "flux1-dev-Q4_0.gguf", "flux"),
+])
+def test_make_checkpoint_writes_the_newer_families_as_users_keep_them(tmp_path: Path, family: str, options: list,
+                                                                       name: str, expected: str) -> None:
+    """Each file (with its VAE and text encoders where users keep them) loads as its family."""
+    from webui.app import build_engine
+    from webui.config import Config
+
+    out = tmp_path / "models" / "Stable-diffusion" / name
+    r = run(sys.executable, "-m", "webui.testing.make_checkpoint", "--family", family, *options, str(out),
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    engine = build_engine(Config(data_dir=tmp_path, dtype="float32", fp8_weights="upcast"))
+    bundle = engine.bundle(Path(name).stem)
+    assert bundle.family.name == expected
+    if family == "sdxl-vpred-ztsnr":
+        assert bundle.prediction == "v" and bundle.zero_terminal_snr
+    if family == "sd3-split":
+        assert bundle.module_names == ["clip_l", "clip_g", "t5xxl_fp16"]
+
 def test_img2img_and_hires_from_the_command_line(data_dir: Path) -> None:
     from PIL import ImageDraw
 

@@ -7,6 +7,16 @@ Tiny ones (a few MB) for tests, or full-size SD1.5-architecture ones for benchma
 
 `--family sdxl-refiner --full-size` gives the SDXL refiner architecture (2.3B UNet, bigG text
 encoder); the tests build that one only on the meta device, to check detection from shapes.
+`--family sdxl-vpred-ztsnr` is SDXL with the `v_pred` and `ztsnr` marker keys (NoobAI-XL v-pred).
+
+The transformer families, their parts where users keep them (OUT in a `models/Stable-diffusion/`
+folder: the VAE and text encoders go to `../VAE/` and `../text_encoder/`; see make_sd3, make_flux):
+
+    python -m webui.testing.make_checkpoint --family sd3 models/Stable-diffusion/sd35.safetensors
+    python -m webui.testing.make_checkpoint --family sd3-split models/Stable-diffusion/sd35.safetensors
+    python -m webui.testing.make_checkpoint --family flux models/Stable-diffusion/flux1-dev.safetensors
+    python -m webui.testing.make_checkpoint --family flux --gguf Q8_0 models/Stable-diffusion/flux1-dev.gguf
+    python -m webui.testing.make_checkpoint --family flux --fp8 models/Stable-diffusion/flux1-dev-fp8.safetensors
 
 The modules are built with diffusers / transformers and their keys mapped back to the names
 the CompVis code used, so loading them exercises the same conversion as a downloaded file.
@@ -25,6 +35,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-refiner")
+TRANSFORMER_FAMILIES = ("sd3", "sd3-split", "flux", "flux-schnell")  # written by make_sd3 / make_flux
 FULL_SIZE = ("sd1", "sdxl", "sdxl-refiner")
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 FULL_SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -355,16 +366,64 @@ def write_checkpoint(path: Path, family: str, full_size: bool = False, dtype: to
     return path
 
 
+def write_transformer_family(path: Path, family: str, seed: int = 0, fp8: bool = False,
+                             gguf: str | None = None) -> Path:
+    """An SD3 or Flux file at `path` with its parts beside it (see the module docstring); with `fp8`
+    the transformer's 2-D weights in float8_e4m3fn, with `gguf` the transformer alone as GGUF in
+    that block type (bare keys, as city96's files)."""
+    from safetensors.torch import load_file
+
+    from webui.testing.make_flux import write_flux, write_gguf
+    from webui.testing.make_sd3 import write_sd3
+
+    path = Path(path)
+    models = path.parent.parent
+    written = path.with_suffix(".safetensors")
+    if family.startswith("flux"):
+        write_flux(models, name=written.stem, seed=seed, guidance=family == "flux")
+        written = models / "Stable-diffusion" / f"{written.stem}.safetensors"
+        if written != path.with_suffix(".safetensors"):
+            written.replace(path.with_suffix(".safetensors"))
+            written = path.with_suffix(".safetensors")
+    else:
+        write_sd3(written, seed=seed, text_encoder_dir=models / "text_encoder" if family == "sd3-split" else None)
+    if gguf:
+        sd = load_file(str(written))
+        written.unlink()
+        transformer = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()
+                       if not k.startswith(("first_stage_model.", "text_encoders."))}
+        if any(k.startswith("first_stage_model.") for k in sd):  # the VAE goes beside it, as users keep it
+            (models / "VAE").mkdir(parents=True, exist_ok=True)
+            save_file({k.removeprefix("first_stage_model."): v for k, v in sd.items()
+                       if k.startswith("first_stage_model.")}, str(models / "VAE" / f"{family[:3]}_vae.safetensors"))
+        return write_gguf(path.with_suffix(".gguf"), transformer, qtype=gguf)
+    if fp8:
+        sd = load_file(str(written))
+        save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 and not k.startswith(("first_stage_model.",
+                   "text_encoders.")) else v for k, v in sd.items()}, str(written))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m webui.testing.make_checkpoint", description=__doc__.splitlines()[0])
-    ap.add_argument("--family", choices=FAMILIES, default="sd1")
+    ap.add_argument("--family", choices=(*FAMILIES, "sdxl-vpred-ztsnr", *TRANSFORMER_FAMILIES), default="sd1")
+    ap.add_argument("--fp8", action="store_true", help="sd3/flux: the transformer's weights in float8_e4m3fn")
+    ap.add_argument("--gguf", metavar="QTYPE", help="sd3/flux: the transformer alone as GGUF (Q8_0, Q4_0, ...)")
     ap.add_argument("--full-size", action="store_true",
                     help="full-size architecture (sd1: SD1.5, sdxl: SDXL base, sdxl-refiner: SDXL refiner), not a tiny model")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("out", type=Path)
     a = ap.parse_args(argv)
-    write_checkpoint(a.out, a.family, a.full_size, getattr(torch, a.dtype), a.seed)
+    if a.family in TRANSFORMER_FAMILIES:
+        print(write_transformer_family(a.out, a.family, a.seed, a.fp8, a.gguf))
+        return 0
+    family = "sdxl" if a.family == "sdxl-vpred-ztsnr" else a.family
+    write_checkpoint(a.out, family, a.full_size, getattr(torch, a.dtype), a.seed)
+    if a.family == "sdxl-vpred-ztsnr":  # the marker keys NoobAI-XL v-pred and the like carry
+        from safetensors.torch import load_file
+
+        save_file({**load_file(str(a.out)), "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, str(a.out))
     print(a.out)
     return 0
 
