@@ -770,7 +770,11 @@ def test_flux_controls_follow_the_checkpoint_and_generate(browser, tmp_path: Pat
         small_txt2img(page, "a harbour at dawn")
         set_number(page, "txt2img_cfg_scale", 1)
         set_number(page, "txt2img_distilled_cfg_scale", 5)
+        # a file put in the folder while the page is open is offered after Refresh
+        save_file(clip, str(tmp_path / "models" / "text_encoder" / "clip_l-later.safetensors"))
+        page.locator("#refresh_checkpoints").click()
         page.locator("#modules input").click()
+        page.get_by_role("option", name="clip_l-later.safetensors").wait_for(state="visible", timeout=30_000)
         page.get_by_role("option", name="ViT-L-14-detail.safetensors").click()
         page.keyboard.press("Escape")
         page.locator("#txt2img_generate").click()

@@ -464,14 +464,14 @@ class Engine:
 
         if not names:
             return ModuleChoice()
-        return resolve(names, self.config.vae_path, text_encoder_dirs(self.config.models_path))
+        return resolve(names, self.registry.vae_files(), text_encoder_dirs(self.config.models_path))
 
     def module_files(self) -> list[tuple[str, Path]]:
         """(name, file) of what the page's "VAE / Text encoder" selector offers."""
         from webui.models.modules import available
         from webui.models.text_encoders import text_encoder_dirs
 
-        return available(self.config.vae_path, text_encoder_dirs(self.config.models_path))
+        return available(self.registry.vae_files(), text_encoder_dirs(self.config.models_path))
 
     def module_names(self) -> list[str]:
         return [name for name, _ in self.module_files()]
@@ -507,10 +507,8 @@ class Engine:
                 prediction=prediction,
                 text_encoder_dirs=text_encoder_dirs(self.config.models_path),
                 vae_dir=self.config.vae_path,
-                text_encoder_files=dict(choice.text_encoders),
+                chosen=choice,
             )
-            if choice.vae is not None and choice.vae.stem not in bundle.module_names:
-                bundle.module_names.insert(0, choice.vae.stem)  # chosen: restored with the infotext
             self.extensions.model_loaded(bundle)
             return bundle
 

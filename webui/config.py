@@ -68,9 +68,9 @@ class Config(BaseModel):
     medvram: bool = False  # only the running component on the GPU (see webui.runtime.memory)
     lowvram: bool = False  # UNet blocks streamed to the GPU as they run
     vae_tiling: bool = False  # always decode/encode in tiles (otherwise only images over a pixel budget)
-    # float8 transformer weights (Flux / SD3.5 files): kept packed and upcast a layer a call, or upcast
-    # once when loaded; "auto": packed on a GPU, upcast on the CPU (no fast float8 casts there)
-    # float8 and GGUF weights: kept packed, or upcast when loaded (auto: packed on a GPU)
+    # float8 and GGUF transformer weights (Flux / SD3.5 files): kept packed (float8 / quantised) and
+    # upcast a layer a call, or upcast once when loaded; "auto": packed on a GPU, upcast on the CPU
+    # (no fast float8 casts or dequantisation there)
     fp8_weights: Literal["auto", "packed", "upcast"] = "auto"
     compile: bool = False  # torch.compile the UNet (see webui.runtime.compile)
     channels_last: bool | None = None  # UNet and VAE in channels-last memory format; None: where measured faster

@@ -77,6 +77,12 @@ NAMES = (*KINDS, *NETS, *FROM_DEPTH)
 DEFAULTS = {"normal_midas": (0.4, 0.0)}  # threshold A / B where a preprocessor has them
 
 
+def stretched(depth: np.ndarray) -> np.ndarray:
+    """A depth map stretched to 0-1 (all 0 when it is flat)."""
+    low, high = float(depth.min()), float(depth.max())
+    return (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+
+
 def normal_from_depth(depth: np.ndarray, background: float) -> np.ndarray:
     """An RGB normal map (uint8, H x W x 3) of a relative inverse depth map as the model predicts it
     (near = large): the slopes give x and y, 2 pi the z component; where the depth stretched to 0-1
@@ -84,12 +90,11 @@ def normal_from_depth(depth: np.ndarray, background: float) -> np.ndarray:
     import cv2
 
     depth = depth.astype(np.float32)
-    low, high = float(depth.min()), float(depth.max())
-    stretched = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
     x = cv2.Sobel(depth, cv2.CV_32F, 1, 0, ksize=3)
     y = cv2.Sobel(depth, cv2.CV_32F, 0, 1, ksize=3)
-    x[stretched < background] = 0
-    y[stretched < background] = 0
+    far = stretched(depth) < background
+    x[far] = 0
+    y[far] = 0
     normal = np.stack([x, y, np.full_like(x, 2 * np.pi)], axis=2)
     normal /= np.linalg.norm(normal, axis=2, keepdims=True)
     return np.clip(normal * 127.5 + 127.5, 0, 255).astype(np.uint8)
@@ -110,19 +115,17 @@ class Annotators:
     def problem(self, name: str) -> str | None:
         """Why `name` cannot run here (None: it can)."""
         key = name.strip().lower()
-        if key in FROM_DEPTH:
-            why = self.problem(FROM_DEPTH[key])
-            return None if why is None else why.replace(f"preprocessor {FROM_DEPTH[key]}", f"preprocessor {key}")
         if key in NETS:
             if self._net_file(key) is not None:
                 return None
             return (f"preprocessor {key} needs {NETS[key].file} (the file the A1111 ControlNet extension "
                     f"downloads for it): put it in {self.folder}")
-        folder = self.folder / key
+        model = FROM_DEPTH.get(key, key)  # the depth model a map is made from
+        folder = self.folder / model
         if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
             return None
         return (f"preprocessor {key} needs a depth model that is not there: put its config.json and "
-                f"model.safetensors (e.g. from {KINDS[key].example}) in {folder}")
+                f"model.safetensors (e.g. from {KINDS[model].example}) in {folder}")
 
     def _net_file(self, key: str) -> Path | None:
         if not self.folder.is_dir():
@@ -141,9 +144,7 @@ class Annotators:
         if key in FROM_DEPTH:
             depth = self._depth_array(FROM_DEPTH[key], image, torch.device(device))
             return Image.fromarray(normal_from_depth(depth, a if a >= 0 else DEFAULTS[key][0]))
-        depth = self._depth_array(key, image, torch.device(device))
-        low, high = float(depth.min()), float(depth.max())
-        scaled = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+        scaled = stretched(self._depth_array(key, image, torch.device(device)))
         return Image.fromarray(np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
 
     def _run_net(self, key: str, image: Image.Image, device: torch.device) -> Image.Image:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,7 +171,8 @@ def ip_adapter_run(loaded: list[tuple[PreparedUnit, Any]], library: ControlNetLi
             encoder = library.clip_vision.encoder_for(adapter, bundle.runtime.device)
             u.features[key] = list(ip_adapter.embeddings(adapter, encoder, u.image))
         embeds.append([e.to(dtype=bundle.runtime.dtype) for e in u.features[key]])
-    layers: list[Any] = []
+    adapters = [adapter for _, adapter in found]
+    layers = ip_adapter.joined(adapters)
 
     def add(call: Any) -> None:
         fraction = (call.step - 1) / max(steps, 1)
@@ -186,13 +186,7 @@ def ip_adapter_run(loaded: list[tuple[PreparedUnit, Any]], library: ControlNetLi
             per_unit.append(rows)
         call.added_cond_kwargs = {**(call.added_cond_kwargs or {}), "image_embeds": per_unit}
 
-    @contextmanager
-    def install() -> Iterator[None]:
-        with ip_adapter.installed(bundle.unet, [adapter for _, adapter in found]) as installed_layers:
-            layers[:] = installed_layers
-            yield
-
-    return install(), add
+    return ip_adapter.installed(bundle.unet, adapters, layers), add
 
 
 def _shaped(mode: ControlMode, uncond_rows: Any, residuals: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -159,21 +159,25 @@ def embeddings(adapter: IPAdapterModel, encoder: Any, image: Image.Image) -> tup
         return both[:1, None], both[1:, None]  # [1, images, tokens, width], as the Resampler takes them
 
 
+def joined(adapters: list[IPAdapterModel]) -> dict[str, Any]:
+    """Each cross-attention layer's IP processor for the adapters together: one branch per adapter,
+    in order, as diffusers loads several (their key/value projections, not copies)."""
+    return {name: _joined([a.processors[name] for a in adapters]) for name in adapters[0].processors}
+
+
 @contextmanager
-def installed(unet: Any, adapters: list[IPAdapterModel]) -> Iterator[list[Any]]:
-    """The adapters' processors and projections on `unet` for the block (one IP branch per adapter in
-    each cross-attention layer, in order, as diffusers loads several), then the UNet as it was.
-    Yields the layers' processors, whose scales `set_scales` sets."""
+def installed(unet: Any, adapters: list[IPAdapterModel], layers: dict[str, Any]) -> Iterator[None]:
+    """The `joined` processors and the adapters' projections on `unet` for the block, then the UNet
+    as it was."""
     from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
     before = unet.attn_processors
     hid_proj, hid_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
-    layers = {name: _joined([a.processors[name] for a in adapters]) for name in adapters[0].processors}
     unet.set_attn_processor({**before, **layers})
     unet.encoder_hid_proj = MultiIPAdapterImageProjection([a.image_proj for a in adapters])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     try:
-        yield list(layers.values())
+        yield
     finally:  # the projection first: a "plus" one has attention layers of its own, which would count
         unet.encoder_hid_proj = hid_proj
         unet.config.encoder_hid_dim_type = hid_type
@@ -194,7 +198,7 @@ def _joined(processors: list[Any]) -> Any:
     return joined
 
 
-def set_scales(layers: list[Any], scales: list[float]) -> None:
-    """Each adapter's weight (in the order `installed` got them) in every layer."""
-    for processor in layers:
+def set_scales(layers: dict[str, Any], scales: list[float]) -> None:
+    """Each adapter's weight (in the order `joined` got them) in every layer."""
+    for processor in layers.values():
         processor.scale = list(scales)

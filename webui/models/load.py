@@ -31,6 +31,7 @@ from transformers import (
 from webui.models.detect import UNET_PREFIX, VAE_PREFIX, Detected, detect, vae_config_from_shapes
 from webui.models.errors import ModelError
 from webui.models.families import FamilySpec, TextEncoderSpec
+from webui.models.modules import ModuleChoice, check_fits
 from webui.models.readers import StateDict, read_state_dict
 from webui.models.registry import SAFETENSORS_SUFFIXES
 from webui.prompts.tokenizer import TokenizerFactory
@@ -95,21 +96,24 @@ def load_bundle(
     prediction: Prediction | None = None,
     text_encoder_dirs: list[Path] | None = None,
     vae_dir: Path | None = None,
-    text_encoder_files: dict[str, Path] | None = None,
+    chosen: ModuleChoice | None = None,
 ) -> ModelBundle:
     """Read `path`, detect its family and build the modules on `runtime.device`.
 
     `prediction` overrides what the file says; otherwise v-prediction is chosen when the file
     carries a `v_pred` key. A checkpoint without the text encoders its family needs (SD3.5 as
     Stability ships it, Flux) takes them from `text_encoder_dirs`, and one without a VAE its family's
-    from `vae_dir` (Flux: `ae.safetensors`); `text_encoder_files` (role -> file, the page's "VAE / Text
-    encoder" choice) replace the checkpoint's own. Raises `ModelError` with a one-line reason naming the file.
+    from `vae_dir` (Flux: `ae.safetensors`); the files `chosen` (the page's "VAE / Text encoder")
+    replace the checkpoint's own parts and `vae_path`. Parts read from files of their own are the
+    bundle's `module_names`. Raises `ModelError` with a one-line reason naming the file.
     """
     path = Path(path)
     # a GGUF file is a transformer alone, its tensors dequantised to float32: straight to the runtime's dtype
     select = _floats_to(runtime.dtype) if path.suffix.lower() == ".gguf" else _runtime_dtypes(runtime)
     sd = read_state_dict(path, select, runtime.weights_device, keep_quantized=runtime.float8_packed)
-    modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime, text_encoder_files or {})
+    chosen = chosen or ModuleChoice()
+    vae_path = chosen.vae or vae_path
+    modules = _add_separate_text_encoders(sd, path, text_encoder_dirs or [], runtime, chosen)
     found = detect(sd, path)
     try:
         alphas = _alphas_cumprod(sd, found.family)
@@ -129,10 +133,11 @@ def load_bundle(
         gc.collect()
         raise ModelError(f"could not build the model from its weights: {str(e).splitlines()[0]}", path) from None
     sd.clear()  # what no module took (e.g. a VAE replaced by vae_path) goes now, by reference count
+    separate_vae = chosen.vae
     if vae is None and vae_path is None and vae_dir is not None:
-        vae_path = family_vae(vae_dir, found.family)
-        if vae_path is not None:  # a part of its own, as the text encoders: recorded as a module
-            modules.insert(0, vae_path.stem)
+        vae_path = separate_vae = family_vae(vae_dir, found.family)
+    if separate_vae is not None:  # a part of its own, as the text encoders: recorded as a module
+        modules.insert(0, separate_vae.stem)
     if vae is None:
         if vae_path is None:
             hint = "".join(f" ({found.family.name.capitalize()}'s is {n}.safetensors)" for n in found.family.vae_names[:1])
@@ -162,29 +167,29 @@ def load_bundle(
 
 
 def _add_separate_text_encoders(sd: StateDict, path: Path, dirs: list[Path], runtime: Runtime,
-                                chosen: dict[str, Path]) -> list[str]:
+                                chosen: ModuleChoice) -> list[str]:
     """For an SD3 or Flux transformer without its text encoders: read them from their own files
     into `sd` under the prefixes a complete file has; a file `chosen` for a role ("VAE / Text
     encoder") takes the place of the checkpoint's own. The names of the files used (no suffix)."""
     from webui.models.detect import family_of
-    from webui.models.modules import ModuleChoice, check_fits
     from webui.models.text_encoders import FILE_NAMES, find_text_encoder, role_of
 
     family = family_of(sd)
     if family is None:
         return []
-    check_fits(ModuleChoice(text_encoders=tuple(chosen.items())), family)
+    check_fits(chosen, family)
     if family.denoiser == "unet":
         return []
+    files = dict(chosen.text_encoders)
     used, missing = [], []
     for spec in family.text_encoders:
         role = role_of(spec.prefix)
-        if role in chosen:
+        if role in files:
             for key in [k for k in sd if k.startswith(spec.prefix)]:
                 del sd[key]
         elif any(k.startswith(spec.prefix) for k in sd):
             continue
-        found = chosen.get(role) or find_text_encoder(dirs, role)
+        found = files.get(role) or find_text_encoder(dirs, role)
         if found is None:
             if not spec.optional:
                 missing.append(FILE_NAMES[role])

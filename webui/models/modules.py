@@ -1,8 +1,8 @@
 """The "VAE / Text encoder" choice: files of their own that take the place of a checkpoint's VAE or
 text encoders for one job (Forge's additional modules; A1111's `sd_vae`).
 
-Choices are file names as listed from `models/VAE/` and the text-encoder folders
-(`webui.models.text_encoders`). What a file holds is read from its header: a VAE
+Choices are file names as listed from `models/VAE/` (the registry's list, as of its last refresh)
+and the text-encoder folders (`webui.models.text_encoders`). What a file holds is read from its header: a VAE
 (`decoder.conv_in.weight`, bare or under `first_stage_model.`), CLIP-L or CLIP-G in transformers'
 layout (`text_model.` or bare, told apart by size), or T5-XXL (`encoder.block.`). A pickled file in
 `models/VAE/` is taken for a VAE (its header cannot be read without loading it).
@@ -19,7 +19,7 @@ from pathlib import Path
 from webui.models.errors import ModelError
 from webui.models.families import FamilySpec
 from webui.models.readers import safetensors_shapes
-from webui.models.registry import SAFETENSORS_SUFFIXES, VAE_SUFFIXES, scan_folder
+from webui.models.registry import SAFETENSORS_SUFFIXES, match_name, scan_folder
 from webui.models.text_encoders import role_of
 
 PARTS = ("vae", "clip_l", "clip_g", "t5xxl")
@@ -57,43 +57,30 @@ def part_of(path: Path, in_vae_folder: bool = False) -> str | None:
     return None
 
 
-def available(vae_dir: Path, text_encoder_dirs: list[Path]) -> list[tuple[str, Path]]:
+def available(vae_files: list[tuple[str, Path]], text_encoder_dirs: list[Path]) -> list[tuple[str, Path]]:
     """(name, file) of what the page offers: every VAE file, then every text-encoder file (of two
-    files of the same name, the first folder's)."""
-    first: dict[str, Path] = {}
-    for name, path in _files(vae_dir, text_encoder_dirs):
-        first.setdefault(name, path)
+    files of the same name, the first)."""
+    first = dict(vae_files)
+    for folder in text_encoder_dirs:
+        for name, path in scan_folder(folder, SAFETENSORS_SUFFIXES):
+            first.setdefault(name, path)
     return list(first.items())
 
 
-def match(name: str, listed: list[str]) -> str | None:
-    """The listed file `name` stands for: its name, or without folder or suffix (infotext's `ae`)."""
-    for n in listed:
-        base = n.rsplit("/", 1)[-1]
-        if name in (n, n.rsplit(".", 1)[0], base, base.rsplit(".", 1)[0]):
-            return n
-    return None
-
-
-def _files(vae_dir: Path, text_encoder_dirs: list[Path]) -> list[tuple[str, Path]]:
-    found = scan_folder(vae_dir, VAE_SUFFIXES)
-    for folder in text_encoder_dirs:
-        found += scan_folder(folder, SAFETENSORS_SUFFIXES)
-    return found
-
-
-def resolve(names: list[str] | tuple[str, ...], vae_dir: Path, text_encoder_dirs: list[Path]) -> ModuleChoice:
+def resolve(names: list[str] | tuple[str, ...], vae_files: list[tuple[str, Path]],
+            text_encoder_dirs: list[Path]) -> ModuleChoice:
     """The parts `names` choose; ModelError naming the file for one not found, not a VAE or text
     encoder, or a second file for the same part."""
-    files = _files(vae_dir, text_encoder_dirs)
+    files = dict(available(vae_files, text_encoder_dirs))
+    vaes = {path for _, path in vae_files}
     chosen: dict[str, Path] = {}
     for name in names:
-        listed = match(name, [n for n, _ in files])
-        path = next((p for n, p in files if n == listed), None)
-        if path is None:
-            listed = ", ".join(n for n, _ in files[:12]) or f"none; put files in {vae_dir} or {text_encoder_dirs[0]}"
-            raise ModuleNotFound(f"VAE / text encoder {name!r} not found (available: {listed})")
-        part = part_of(path, in_vae_folder=path.is_relative_to(vae_dir))
+        listed = match_name(name, list(files))
+        if listed is None:
+            known = ", ".join(list(files)[:12]) or "none; put VAEs in models/VAE, text encoders in models/text_encoder"
+            raise ModuleNotFound(f"VAE / text encoder {name!r} not found (available: {known})")
+        path = files[listed]
+        part = part_of(path, in_vae_folder=path in vaes)
         if part is None:
             raise ModelError("neither a VAE nor a CLIP-L, CLIP-G or T5-XXL text encoder in transformers' layout", path)
         if part in chosen and chosen[part] != path:

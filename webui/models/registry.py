@@ -46,6 +46,16 @@ class CheckpointInfo:
         return f"{self.name} [{self.hash10}]" if self.sha256 else self.name
 
 
+def match_name(name: str, listed: list[str]) -> str | None:
+    """The listed name (a path relative to its folder) that `name` stands for: the same, or
+    without its folder or suffix (`vae-ft-mse`, infotext's `ae`)."""
+    for n in listed:
+        base = n.rsplit("/", 1)[-1]
+        if name in (n, n.rsplit(".", 1)[0], base, base.rsplit(".", 1)[0]):
+            return n
+    return None
+
+
 def scan_folder(root: Path, suffixes: tuple[str, ...], skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
     """(name relative to `root` with `/`, path) of the files under `root` with these suffixes, by name."""
     if not root.is_dir():
@@ -74,7 +84,8 @@ class ModelRegistry:
 
     def refresh(self, compute_hashes: bool = True) -> list[CheckpointInfo]:
         """Rescan the folders. With `compute_hashes`, hash files not hashed before (slow for new files)."""
-        files = scan_folder(self.ckpt_dir, CHECKPOINT_SUFFIXES, skip=(".vae.safetensors", ".vae.sft", ".vae.ckpt", ".vae.pt"))
+        # a paired VAE (foo.vae.safetensors beside foo.safetensors) is not a checkpoint
+        files = scan_folder(self.ckpt_dir, CHECKPOINT_SUFFIXES, skip=tuple(".vae" + s for s in VAE_SUFFIXES))
         infos = []
         for name, path in files:
             digest = self.hashes.get(path) if compute_hashes else self.hashes.cached(path)
@@ -100,6 +111,11 @@ class ModelRegistry:
     def vae_names(self) -> list[str]:
         with self._lock:
             return list(self._vaes)
+
+    def vae_files(self) -> list[tuple[str, Path]]:
+        """(name, file) of each VAE in models/VAE, as of the last refresh."""
+        with self._lock:
+            return list(self._vaes.items())
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -134,9 +150,8 @@ class ModelRegistry:
     def find_vae(self, name: str) -> Path:
         with self._lock:
             vaes = dict(self._vaes)
-        for n, p in vaes.items():
-            if name in (n, n.rsplit(".", 1)[0], p.name):
-                return p
+        if (found := match_name(name, list(vaes))) is not None:
+            return vaes[found]
         p = Path(name).expanduser()
         if p.is_file():
             return p

@@ -31,24 +31,21 @@ def _f16(raw: torch.Tensor, start: int) -> torch.Tensor:
     return raw[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 bytes -> 32 values: the low halves are values 0-15, the high halves 16-31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
-
-
-def _high_bits(raw: torch.Tensor, start: int) -> torch.Tensor:
-    """The fifth bit of each of the 32 values, from the little-endian 32-bit field at `start`."""
-    qh = raw[:, start:start + 4].to(torch.int32)
-    word = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
-    shifts = torch.arange(32, device=raw.device, dtype=torch.int32)
-    return ((word[:, None] >> shifts) & 1).to(torch.uint8)
-
-
 def _shifted(q: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
     """Each byte of q [blocks, groups, n] shifted by each of `shifts` and masked:
     [blocks, groups * len(shifts), n], the shifts' results after one another."""
     by = torch.tensor(shifts, dtype=torch.uint8, device=q.device).reshape(1, 1, -1, 1)
     return ((q.unsqueeze(2) >> by) & mask).reshape(q.shape[0], -1, q.shape[-1])
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes -> 32 values: the low halves are values 0-15, the high halves 16-31."""
+    return _shifted(qs.unsqueeze(1), [0, 4], 0x0F).flatten(1)
+
+
+def _high_bits(raw: torch.Tensor, start: int) -> torch.Tensor:
+    """The fifth bit of each of the 32 values, from the little-endian 32-bit field at `start`."""
+    return _shifted(raw[:, start:start + 4].unsqueeze(-1), list(range(8)), 0x01).flatten(1)
 
 
 def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

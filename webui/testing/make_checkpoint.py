@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -381,10 +381,7 @@ def write_transformer_family(path: Path, family: str, seed: int = 0, fp8: bool =
     written = path.with_suffix(".safetensors")
     if family.startswith("flux"):
         write_flux(models, name=written.stem, seed=seed, guidance=family == "flux")
-        written = models / "Stable-diffusion" / f"{written.stem}.safetensors"
-        if written != path.with_suffix(".safetensors"):
-            written.replace(path.with_suffix(".safetensors"))
-            written = path.with_suffix(".safetensors")
+        (models / "Stable-diffusion" / written.name).replace(written)  # OUT may be in another folder
     else:
         write_sd3(written, seed=seed, text_encoder_dir=models / "text_encoder" if family == "sd3-split" else None)
     if gguf:

@@ -71,10 +71,14 @@ def build_ui(engine: Engine) -> gr.Blocks:
             engine.networks.refresh()
             return gr.update(choices=engine.registry.titles(), value=_current_or_default(engine, current)), models_help(engine)
 
-        refresh.click(refresh_models, inputs=[checkpoint], outputs=[checkpoint, help_box], api_name="refresh_checkpoints")
-        refresh.click(lambda chosen: gr.update(choices=engine.module_names(),
-                                               value=[c for c in chosen or [] if c in engine.module_names()]),
-                      inputs=[modules], outputs=[modules], api_visibility="private")
+        def refresh_modules(chosen: list[str] | None) -> dict:
+            names = engine.module_names()
+            return gr.update(choices=names, value=[c for c in chosen or [] if c in names])
+
+        # the modules after the registry's refresh: its VAE list is theirs
+        refresh.click(refresh_models, inputs=[checkpoint], outputs=[checkpoint, help_box],
+                      api_name="refresh_checkpoints").then(refresh_modules, inputs=[modules], outputs=[modules],
+                                                           api_visibility="private")
 
         def on_load(current: str | None) -> tuple[dict, str, dict, dict, str]:
             # hashes computed in the background since start-up now show in the titles; the

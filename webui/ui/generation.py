@@ -48,6 +48,10 @@ class Panel:
         return self.inputs[name]
 
 
+# "Sampler parameters": request field -> label; an empty box means the sampler's default
+OPTIONAL_NUMBERS = {"eta": "Eta", "s_churn": "Sigma churn", "s_noise": "Sigma noise", "shift": "Shift"}
+
+
 def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None = None,
                       extra_samplers: list[str] | None = None) -> None:
     """Sampler, size, batch, seed and variation, refiner (`titles`: the checkpoints to offer;
@@ -104,9 +108,8 @@ def sampling_controls(panel: Panel, titles: list[str], defaults: Settings | None
         # text boxes, not number boxes: an emptied number box sends 0, which would silently turn
         # Euler a's noise off (eta 0, sigma noise 0) for whoever merely opened this accordion
         with gr.Row():
-            for name, label, visible in (("eta", "Eta", True), ("s_churn", "Sigma churn", True),
-                                         ("s_noise", "Sigma noise", True), ("shift", "Shift", False)):
-                panel.add(name, gr.Textbox("", label=label, placeholder="default", visible=visible,
+            for name, label in OPTIONAL_NUMBERS.items():  # Shift: shown for flow models (ui.blocks)
+                panel.add(name, gr.Textbox("", label=label, placeholder="default", visible=name != "shift",
                                            elem_id=f"{p}_{name}"))
 
 
@@ -162,8 +165,6 @@ def output_area(panel: Panel) -> None:
         for name in ("img2img", "inpaint", "extras"):
             panel.send[name] = gr.Button(f"Send to {name}", size="sm", elem_id=f"{p}_send_to_{name}")
 
-
-OPTIONAL_NUMBERS = ("eta", "s_churn", "s_noise", "shift")  # "Sampler parameters": empty means the default
 
 
 def _to_request(values: dict[str, Any], fixed: dict[str, Any],

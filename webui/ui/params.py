@@ -11,7 +11,7 @@ from webui.app import Engine
 from webui.controlnet.units import units_from_infotext
 from webui.infotext import infotext_to_fields, parse_infotext
 from webui.models.errors import ModelError
-from webui.models.modules import match
+from webui.models.registry import match_name
 from webui.prompts.styles import extract_styles
 
 
@@ -70,7 +70,7 @@ def updates_for_fields(engine: Engine, pasted: Pasted, current_checkpoint: str |
             gr.Warning(f"Model {wanted[-1]!r} is not in the models folder; keeping {current_checkpoint!r}.")
     if "modules" in f:  # infotext names them without suffix (`Module 1: ae`); the selector lists files
         listed = engine.module_names()
-        found = {name: match(name, listed) for name in f["modules"]}
+        found = {name: match_name(name, listed) for name in f["modules"]}
         if missing := [name for name, n in found.items() if n is None]:
             gr.Warning(f"Not in models/VAE or models/text_encoder, so not chosen: {', '.join(missing)}")
         f["modules"] = [n for n in found.values() if n]
