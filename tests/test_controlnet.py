@@ -19,6 +19,7 @@ from tests.conftest import start_server, stop_server
 from webui.app import Engine, build_engine
 from webui.config import Config
 from webui.controlnet import preprocess
+from webui.extensions.api import ModelCall
 from webui.infotext import parse_infotext
 from webui.models.errors import ModelError
 from webui.pipeline.request import GenerationRequest
@@ -190,7 +191,7 @@ def test_every_preprocessor_on_a_picture() -> None:
         out = preprocess.run(name, scene, 128, a, b)
         assert out.mode == "RGB", name
         assert out.size == ((320, 256) if name == "none" else (160, 128)), name
-        if name not in ("none", "tile_resample"):  # tile at its default factor 1 keeps the picture
+        if name not in ("none", "tile_resample", "tile_colorfix", "tile_colorfix+sharp"):  # these keep the picture
             assert not np.array_equal(np.asarray(out), np.asarray(scene.resize(out.size))), name
 
 
@@ -254,6 +255,62 @@ def test_an_sdxl_controlnet_gets_the_size_conditioning(data_dir: Path, checkpoin
     assert np.abs(px(steered.images[0]) - plain).mean() > 1
     converted = engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit(model="xl_original")]))
     assert np.array_equal(px(converted.images[0]), px(steered.images[0]))
+
+
+def test_the_tile_colour_fix_takes_the_control_images_colours(engine: Engine, data_dir: Path) -> None:
+    """tile_colorfix: each row's denoised estimate keeps its detail (what its own blur leaves out)
+    and takes its colours (its blur) from the control image's latents, inside the unit's step range.
+    With a ControlNet adding nothing, the last estimate's blur moves to the control image's."""
+    from tests.test_extensions import write_extension
+    from webui.controlnet import apply
+    from webui.pipeline.init_image import resize_image
+    from webui.pipeline.latents import encode
+
+    write_extension(data_dir, "last-estimate", '''
+        from pathlib import Path
+        import torch
+
+        @hookimpl
+        def step_end(stage):
+            if stage.step == stage.steps:
+                torch.save(stage.denoised, Path(__file__).parent / "last.pt")
+    ''')
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    bundle = engine.bundle("sd1")
+    control = square()
+    fix = {"model": "cn_zero", "module": "tile_colorfix", "image": control}
+    (prepared,) = apply.prepare(req(checkpoint="sd1", controlnet=[fix]), engine.controlnets, bundle)
+    correct = apply.colour_fix([(prepared, None)], bundle, (64, 64), 3, 64)
+    fitted = resize_image(prepared.image, 1, 64, 64)  # the control image as the ControlNet sees it (512 px back to 64)
+    colours = apply.box_blur(encode(bundle, [fitted]), 8)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        d = torch.randn(3, 4, 8, 8, generator=gen) * 5
+        out = correct(d, ModelCall(d, None, None, None, 1, [0, 0, 0], [2]))
+        assert torch.allclose(out - (d - apply.box_blur(d, 8)), colours.expand_as(d), atol=1e-5)
+
+    def last() -> torch.Tensor:
+        return torch.load(data_dir / "extensions" / "last-estimate" / "last.pt")
+
+    def colour_error(latents: torch.Tensor) -> float:
+        return float((apply.box_blur(latents, 8) - apply.box_blur(colours, 8)).abs().mean())
+
+    plain = engine.runner.generate(req(checkpoint="sd1"))
+    plain_error = colour_error(last())
+    fixed = engine.runner.generate(req(checkpoint="sd1", controlnet=[fix]))
+    assert colour_error(last()) < plain_error / 2
+    info = parse_infotext(fixed.infotexts[0])["ControlNet 0"]
+    assert "Module: tile_colorfix, " in info and "Threshold A: 8, Threshold B: 0," in info
+    outside = engine.runner.generate(req(checkpoint="sd1", controlnet=[{**fix, "guidance_start": 1.0}]))
+    assert np.array_equal(px(outside.images[0]), px(plain.images[0]))
+    sharp = {**fix, "module": "tile_colorfix+sharp"}
+    no_sharpness = engine.runner.generate(req(checkpoint="sd1", controlnet=[{**sharp, "threshold_b": 0}]))
+    assert np.array_equal(px(no_sharpness.images[0]), px(fixed.images[0]))
+    sharper = engine.runner.generate(req(checkpoint="sd1", controlnet=[{**sharp, "threshold_b": 2}]))
+    assert not np.array_equal(px(sharper.images[0]), px(fixed.images[0]))
+    hires = engine.runner.generate(req(checkpoint="sd1", enable_hr=True, hr_scale=2, denoising_strength=0.5,
+                                       controlnet=[fix]))
+    assert hires.images[0].size == (128, 128)  # the hires pass blurs over 16 latent pixels, its own colours
 
 
 def test_the_inpaint_preprocessor_marks_the_masked_pixels(engine: Engine) -> None:

@@ -8,6 +8,12 @@ extension has them: "My prompt is more important" scales the residuals down towa
 layers (0.825 per layer); "ControlNet is more important" does that too and leaves the negative
 prompt's rows without control, so guidance pushes towards the control.
 
+The tile model's colour fix (`tile_colorfix`, `tile_colorfix+sharp`): inside the unit's step
+range, every row's denoised estimate keeps its detail but takes its colours, the estimate
+box-blurred over threshold A latent pixels (scaled with the pass's size), from the control image's
+own latents blurred alike. "+sharp" also blurs the negative prompt's estimate by threshold B %,
+so that guidance pushes away from blur.
+
 A T2I-Adapter unit runs its adapter once per pass size and adds the feature maps inside the
 UNet's down blocks on every call in its step range (`down_intrablock_additional_residuals`),
 with the same weight, step range and control modes.
@@ -32,6 +38,7 @@ from webui.controlnet.units import NO_MASK, ControlMode, ControlUnit
 from webui.models.errors import ModelError
 from webui.models.load import ModelBundle
 from webui.pipeline.init_image import resize_image
+from webui.pipeline.latents import encode
 from webui.pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -153,6 +160,48 @@ def model_input(loaded: list[tuple[PreparedUnit, Any]], bundle: ModelBundle, siz
         call.kwargs["mid_block_additional_residual"] = mid_sum if given_mid is None else given_mid + mid_sum
 
     return add
+
+
+def box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """The mean over a (2r+1)² window, edges repeated outwards."""
+    padded = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
+    return torch.nn.functional.avg_pool2d(padded, 2 * radius + 1, stride=1)
+
+
+def colour_fix(loaded: list[tuple[PreparedUnit, Any]], bundle: ModelBundle, size: tuple[int, int], steps: int,
+               base_width: int) -> Callable[[torch.Tensor, Any], torch.Tensor] | None:
+    """The denoiser's correction for the colour-fixing tile units among `loaded` in a sampling run
+    of `steps` steps at `size` (`base_width`: the first pass's width, where threshold A is in
+    latent pixels); None without one."""
+    fixes = []
+    for u, _ in loaded:
+        if not preprocess.is_colour_fix(u.unit.module):
+            continue
+        radius = max(1, round(u.thresholds[0] * size[0] / max(base_width, 1)))
+        key = ("colour", size, radius, bundle.model_name)
+        if key not in u.features:
+            fitted = resize_image(u.image, int(u.unit.resize_mode), *size).convert("RGB")
+            u.features[key] = [box_blur(encode(bundle, [fitted]), radius)]
+        sharp = u.thresholds[1] / 100 if u.unit.module.strip().lower().endswith("+sharp") else 0.0
+        fixes.append((u.unit, u.features[key][0], radius, sharp))
+    if not fixes:
+        return None
+
+    def correct(denoised: torch.Tensor, call: Any) -> torch.Tensor:
+        fraction = (call.step - 1) / max(steps, 1)
+        for unit, colours, radius, sharp in fixes:
+            if not unit.guidance_start <= fraction <= unit.guidance_end:
+                continue
+            if colours.shape[-2:] != denoised.shape[-2:]:
+                colours = torch.nn.functional.interpolate(colours, size=denoised.shape[-2:], mode="bilinear")
+            denoised = denoised - box_blur(denoised, radius) + colours.to(denoised)
+            if sharp and call.uncond_rows:
+                rows = torch.tensor(call.uncond_rows, device=denoised.device)
+                denoised = denoised.index_copy(0, rows, torch.lerp(denoised[rows], box_blur(denoised[rows], radius),
+                                                                   sharp))
+        return denoised
+
+    return correct
 
 
 def ip_adapter_run(loaded: list[tuple[PreparedUnit, Any]], library: ControlNetLibrary, bundle: ModelBundle,

@@ -100,6 +100,10 @@ def is_inpaint(name: str) -> bool:
     return ALIASES.get(name.strip().lower(), name.strip().lower()) == "inpaint"
 
 
+def is_colour_fix(name: str) -> bool:
+    return name.strip().lower() in ("tile_colorfix", "tile_colorfix+sharp")
+
+
 def none(image: Image.Image, _a: float, _b: float) -> Image.Image:
     return image.convert("RGB")
 
@@ -112,6 +116,9 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "threshold": (threshold, (127, 0)),
     "blur_gaussian": (blur, (9, 0)),
     "tile_resample": (tile_resample, (1, 0)),
+    # the picture as it is; while sampling, its colours replace the result's (webui.controlnet.apply.colour_fix)
+    "tile_colorfix": (none, (8, 0)),  # threshold A: "Variation", the blur's radius in latent pixels
+    "tile_colorfix+sharp": (none, (8, 1)),  # threshold B: "Sharpness"
     "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
     "lineart_standard": (lineart_standard, (0, 0)),
     "inpaint": (none, (0, 0)),  # the picture: the unit's mask sets its pixels to -1 (webui.controlnet.apply)

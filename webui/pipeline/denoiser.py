@@ -53,6 +53,8 @@ class CFGDenoiser:
         # how cond and uncond predictions combine (an extension's, via DenoiserStage.combine); None: CFG
         self.combine: Callable[[Guidance], torch.Tensor] | None = None
         self.model_inputs: list[Callable[[ModelCall], None]] = []  # extensions' per-call model inputs
+        # each row's denoised estimate changed before guidance combines them (ControlNet tile's colour fix)
+        self.corrections: list[Callable[[torch.Tensor, ModelCall], torch.Tensor]] = []
         self.step = 1  # 1-based step being computed; the runner advances it after each step
         self.guidance = guidance
 
@@ -83,7 +85,8 @@ class CFGDenoiser:
         context = sc.context.to(self.dtype)
         timestep = t.expand(unet_in.shape[0])  # float32: bf16 cannot hold t near 999 exactly
         extra: dict = {}
-        if self.model_inputs:
+        call = None
+        if self.model_inputs or self.corrections:
             call = ModelCall(unet_in, timestep, sigma, context, self.step, sc.row_image.tolist(),
                              list(sc.uncond_rows) if sc.uncond_rows is not None else None, added_cond_kwargs=added)
             for add in self.model_inputs:
@@ -97,6 +100,8 @@ class CFGDenoiser:
             denoised = x_in / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5
         else:
             denoised = x_in - out * sigma
+        for correct in self.corrections:
+            denoised = correct(denoised, call)
         result = torch.empty_like(x)
         for image, conds in enumerate(sc.cond_rows):
             if sc.uncond_rows is None:

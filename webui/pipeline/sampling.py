@@ -132,6 +132,8 @@ class Sampling:
             add = cn.model_input(loaded, bundle, p.size, steps or len(sigmas) - 1)
             if add is not None:
                 denoiser.model_inputs.insert(0, add)
+            if fix := cn.colour_fix(loaded, bundle, p.size, steps or len(sigmas) - 1, r.width):
+                denoiser.corrections.append(fix)
             if ip_run := cn.ip_adapter_run(loaded, self.controlnets, bundle, steps or len(sigmas) - 1):
                 denoiser.model_inputs.insert(0, ip_run[1])
         step_hooks = self.extensions.has("step_end")
