@@ -147,7 +147,9 @@ def test_the_infotext_gives_the_units_back(engine: Engine) -> None:
     from webui.infotext import parse_infotext
 
     first = engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(
-        weight=0.8, guidance_end=0.9, control_mode=1, resize_mode=0, threshold_a=50, threshold_b=150)]))
+        weight=0.8, guidance_end=0.9, control_mode=1, resize_mode=0, threshold_a=50, threshold_b=150,
+        union_control_type="Depth")]))
+    assert "Union Control Type" not in first.infotexts[0]  # not a union model: its type means nothing
     back = units_from_infotext(parse_infotext(first.infotexts[0]))
     assert list(back) == [0]
     fields = back[0]

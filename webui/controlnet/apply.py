@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import T2IAdapter
+from diffusers import ControlNetUnionModel, T2IAdapter
 from PIL import Image
 
 from webui.controlnet import ip_adapter, preprocess
 from webui.controlnet.models import ControlNetLibrary
-from webui.controlnet.units import NO_MASK, ControlMode, ControlUnit
+from webui.controlnet.units import NO_MASK, UNION_TYPES, ControlMode, ControlUnit
 from webui.models.errors import ModelError
 from webui.models.load import ModelBundle
 from webui.pipeline.init_image import resize_image
@@ -55,6 +55,7 @@ class PreparedUnit:
     mask: Image.Image | None = None  # the inpaint preprocessor's: these pixels become -1 in the control image
     tensors: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     features: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # a T2I-Adapter's, per size
+    union: int | None = None  # a union model's control type (its index)
 
     def control(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """[1, 3, H, W] in 0-1: the control image fitted to (W, H) with the unit's resize mode."""
@@ -77,9 +78,10 @@ def prepare(request: GenerationRequest, library: ControlNetLibrary, bundle: Mode
         if not unit.active:
             continue
         try:
-            library.load(unit.model, bundle)
+            net = library.load(unit.model, bundle)
         except ModelError as err:
             raise ModelError(f"ControlNet unit {i}: {err}") from None
+        union = _union_index(i, unit, net)
         source = unit.image if unit.image is not None else (request.init_images[0] if request.init_images else None)
         if source is None:
             raise ValueError(f"ControlNet unit {i}: no image (give one, or use img2img, whose image it then takes)")
@@ -92,12 +94,29 @@ def prepare(request: GenerationRequest, library: ControlNetLibrary, bundle: Mode
         mask = None
         if preprocess.is_inpaint(unit.module) and (mask := unit.inpaint_mask(request.mask)) is None:
             raise ValueError(f"ControlNet unit {i}: {NO_MASK}")
-        out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b), mask))
+        out.append(PreparedUnit(i, unit, image, library.find(unit.model).title(library.hashes), (a, b), mask,
+                                union=union))
     return out
 
 
+def _union_index(i: int, unit: ControlUnit, net: Any) -> int | None:
+    """For a union model, the index of the unit's control type (ValueError when it has none or the
+    model lacks it); None for another model."""
+    if not isinstance(net, ControlNetUnionModel):
+        return None
+    kinds = UNION_TYPES[:net.config.num_control_type]
+    chosen = unit.union_type()
+    if chosen is None:
+        raise ValueError(f"ControlNet unit {i}: {unit.model} is a union model; choose its control type "
+                         f"(union_control_type: {', '.join(kinds)}), the preprocessor {unit.module!r} does not say")
+    if chosen not in kinds:
+        raise ValueError(f"ControlNet unit {i}: {unit.model} knows {len(kinds)} control types ({', '.join(kinds)}), "
+                         f"not {chosen!r}")
+    return kinds.index(chosen)
+
+
 def infotext(units: list[PreparedUnit]) -> dict[str, str]:
-    return {f"ControlNet {u.index}": u.unit.infotext(u.title, u.thresholds) for u in units}
+    return {f"ControlNet {u.index}": u.unit.infotext(u.title, u.thresholds, u.union is not None) for u in units}
 
 
 def load_units(units: list[PreparedUnit], library: ControlNetLibrary,
@@ -138,9 +157,14 @@ def model_input(loaded: list[tuple[PreparedUnit, Any]], bundle: ModelBundle, siz
                 intra_sum = feats if intra_sum is None else [a + b for a, b in zip(intra_sum, feats)]
                 continue
             hint = u.control(size, device, dtype).expand(rows, -1, -1, -1)
+            kind: dict[str, Any] = {"controlnet_cond": hint, "conditioning_scale": u.unit.weight}
+            if u.union is not None:  # one hint, its type as a one-hot row per input row and as an index
+                chosen = torch.zeros(rows, net.config.num_control_type, device=device)
+                chosen[:, u.union] = 1
+                kind = {"controlnet_cond": [hint], "control_type": chosen, "control_type_idx": [u.union],
+                        "conditioning_scale": [u.unit.weight]}
             down, mid = net(call.x[:, :channels], call.timestep, encoder_hidden_states=call.context,
-                            controlnet_cond=hint, conditioning_scale=u.unit.weight,
-                            added_cond_kwargs=call.added_cond_kwargs, return_dict=False)
+                            added_cond_kwargs=call.added_cond_kwargs, return_dict=False, **kind)
             residuals = _shaped(u.unit.control_mode, call.uncond_rows, [*down, mid])
             if down_sum is None:
                 down_sum, mid_sum = residuals[:-1], residuals[-1]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch loads with the model side, not at start-up (the API l
 
 SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 CACHE_SIZE = 2  # ControlNets kept loaded (each about a third of its UNet)
+UNION_HEADS = 8  # the control-type transformer's heads in xinsir's union models (not in the weights)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class ControlNetLibrary:
             return adapter.build(state, f.name, bundle)
         if ip_adapter.is_ip_adapter(state):
             return ip_adapter.build(state, f.name, bundle)
+        if "task_embedding" in state:  # xinsir's union models (diffusers layout): one model, several control types
+            if getattr(bundle.unet.config, "addition_time_embed_dim", None) is None:
+                raise ModelError(f"ControlNet {f.name} is a union model for SDXL; it does not fit {bundle.model_name} "
+                                 f"({bundle.family.label})")
+            return _fitted(_union_model(state, bundle), state, f, bundle)
         with torch.device("meta"):
             model = ControlNetModel.from_unet(bundle.unet, load_weights_from_unet=False)
         if any(k.startswith(("control_model.", "input_hint_block.")) for k in state):
@@ -112,13 +118,43 @@ class ControlNetLibrary:
                     for prefix in ("control_model.", ""):
                         if f"{prefix}{ldm}{part}" in original:
                             state[f"{new}{part}"] = original[f"{prefix}{ldm}{part}"]
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in state]
-        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-        if missing or wrong:
-            what = f"{len(missing)} weights missing" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}"
-            raise ModelError(f"ControlNet {f.name} does not fit {bundle.model_name} ({bundle.family.label}): {what} "
-                             "(a ControlNet is made for one model family)")
-        rt = bundle.runtime  # weights go straight to the device and dtype: no float32 copy of the model on the way
-        model.load_state_dict({k: state[k].to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
-        return model.eval().requires_grad_(False)
+        return _fitted(model, state, f, bundle)
+
+
+def _union_model(state: dict[str, torch.Tensor], bundle: ModelBundle) -> torch.nn.Module:
+    """An empty (meta) `ControlNetUnionModel` for `bundle`'s UNet, shaped as `state` says: how many
+    control types, the hint encoder's widths, the type transformer's width and depth."""
+    import torch
+    from diffusers import ControlNetUnionModel
+
+    hint = [state["controlnet_cond_embedding.conv_in.weight"].shape[0]]
+    i = 1
+    while f"controlnet_cond_embedding.blocks.{i}.weight" in state:
+        hint.append(state[f"controlnet_cond_embedding.blocks.{i}.weight"].shape[0])
+        i += 2
+    types, width = state["task_embedding"].shape
+    layers = len({k.split(".")[1] for k in state if k.startswith("transformer_layes.")})
+    with torch.device("meta"):
+        model = ControlNetUnionModel.from_unet(bundle.unet, conditioning_embedding_out_channels=tuple(hint),
+                                               load_weights_from_unet=False)
+        settable = {k: v for k, v in model.config.items() if not k.startswith("_")}  # not diffusers' own notes
+        config = {**settable, "num_control_type": int(types), "num_trans_channel": int(width),
+                  "num_proj_channel": int(state["spatial_ch_projs.weight"].shape[0]), "num_trans_layer": layers,
+                  "num_trans_head": UNION_HEADS if width % UNION_HEADS == 0 else 1}
+        return ControlNetUnionModel.from_config(config)
+
+
+def _fitted(model: torch.nn.Module, state: dict[str, torch.Tensor], f: ControlNetFile,
+            bundle: ModelBundle) -> torch.nn.Module:
+    """`model` (empty) with `state`'s weights on the bundle's device and dtype; a ModelError naming
+    what does not fit when they are not for its family."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or wrong:
+        what = f"{len(missing)} weights missing" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}"
+        raise ModelError(f"ControlNet {f.name} does not fit {bundle.model_name} ({bundle.family.label}): {what} "
+                         "(a ControlNet is made for one model family)")
+    rt = bundle.runtime  # weights go straight to the device and dtype: no float32 copy of the model on the way
+    model.load_state_dict({k: state[k].to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,6 +1,7 @@
 """A ControlNet unit, with the field names and values the A1111 extension's API documents:
 `enabled, module, model, weight, image, resize_mode, processor_res, threshold_a, threshold_b,
-guidance_start, guidance_end, pixel_perfect, control_mode` (modes by name or number)."""
+guidance_start, guidance_end, pixel_perfect, control_mode` (modes by name or number), and
+`union_control_type` for the SDXL union models."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from webui.pipeline.request import ImageInput, ResizeMode
 
 MAX_UNITS = 10  # the most the Settings' unit count may be (control_net_unit_count, default 3)
 RESIZE_LABELS = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the extension's words
+# A union model's control types, in the order of its task embeddings (xinsir's ProMax has all
+# eight, the first union model the first six); the extension's names. "Unknown": from the preprocessor.
+UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+UNKNOWN = "Unknown"
+# the type a preprocessor's picture is, by the start of its name
+_UNION_BY_MODULE = (("openpose", "OpenPose"), ("dw_openpose", "OpenPose"), ("depth", "Depth"),
+                    ("softedge", "Soft Edge"),
+                    ("hed", "Soft Edge"), ("pidi", "Soft Edge"), ("scribble", "Soft Edge"), ("threshold", "Soft Edge"),
+                    ("canny", "Hard Edge"), ("lineart", "Hard Edge"), ("mlsd", "Hard Edge"), ("invert", "Hard Edge"),
+                    ("normal", "Normal Map"), ("seg", "Segmentation"), ("tile", "Tile"), ("blur", "Tile"),
+                    ("inpaint", "Inpaint"))
 
 
 class ControlMode(IntEnum):
@@ -60,6 +72,7 @@ class ControlUnit(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)
     pixel_perfect: bool = False
     control_mode: ControlMode = ControlMode.BALANCED
+    union_control_type: str = UNKNOWN
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +100,22 @@ class ControlUnit(BaseModel):
             data.pop("processor_res")
         return data
 
+    @field_validator("union_control_type")
+    @classmethod
+    def _union_name(cls, v: str) -> str:
+        for name in (*UNION_TYPES, UNKNOWN):
+            if v.strip().lower() == name.lower():
+                return name
+        raise ValueError(f"unknown union_control_type {v!r} (one of: {', '.join((*UNION_TYPES, UNKNOWN))})")
+
+    def union_type(self) -> str | None:
+        """The control type a union model gets: the chosen one, else the preprocessor's; None when
+        neither says."""
+        if self.union_control_type != UNKNOWN:
+            return self.union_control_type
+        module = self.module.strip().lower()
+        return next((t for prefix, t in _UNION_BY_MODULE if module.startswith(prefix)), None)
+
     @field_validator("resize_mode")
     @classmethod
     def _no_latent(cls, v: ResizeMode) -> ResizeMode:
@@ -111,14 +140,17 @@ class ControlUnit(BaseModel):
     def active(self) -> bool:
         return self.enabled and self.model not in ("", "None", "none") and self.weight > 0
 
-    def infotext(self, model_title: str, thresholds: tuple[float, float]) -> str:
+    def infotext(self, model_title: str, thresholds: tuple[float, float], union: bool = False) -> str:
         """The value of `ControlNet N: "..."`, the extension's fields in its order (`thresholds`:
-        those used, after -1 became the preprocessor's default)."""
+        those used, after -1 became the preprocessor's default); a union model's control type when
+        it was chosen (`union`: the model is one)."""
         return (f"Module: {self.module}, Model: {model_title}, Weight: {self.weight:g}, "
                 f"Resize Mode: {RESIZE_LABELS[self.resize_mode]}, Processor Res: {self.processor_res}, "
                 f"Threshold A: {thresholds[0]:g}, Threshold B: {thresholds[1]:g}, "
                 f"Guidance Start: {self.guidance_start:g}, Guidance End: {self.guidance_end:g}, "
-                f"Pixel Perfect: {self.pixel_perfect}, Control Mode: {self.control_mode.label}")
+                f"Pixel Perfect: {self.pixel_perfect}, Control Mode: {self.control_mode.label}"
+                + (f", Union Control Type: {self.union_control_type}"
+                   if union and self.union_control_type != UNKNOWN else ""))
 
 
 _FLOATS = (("Weight", "weight"), ("Threshold A", "threshold_a"), ("Threshold B", "threshold_b"),
@@ -152,6 +184,8 @@ def units_from_infotext(params: Mapping[str, str]) -> dict[int, dict[str, Any]]:
             unit["resize_mode"] = parts["Resize Mode"]
         if parts.get("Control Mode") in [m.label for m in ControlMode]:
             unit["control_mode"] = parts["Control Mode"]
+        if parts.get("Union Control Type") in UNION_TYPES:
+            unit["union_control_type"] = parts["Union Control Type"]
         if "Pixel Perfect" in parts:
             unit["pixel_perfect"] = parts["Pixel Perfect"] == "True"
         units[int(m.group(1))] = unit

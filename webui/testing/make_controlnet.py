@@ -1,6 +1,7 @@
 """Tiny random-weight ControlNets for tests, in lllyasviel's original single-file layout
 (`control_model.*` keys) or diffusers' layout, built on a checkpoint's UNet configuration; and
-full T2I-Adapters, in TencentARC's original layout (`body.K.*`) or diffusers'.
+full T2I-Adapters, in TencentARC's original layout (`body.K.*`) or diffusers'; SDXL union
+ControlNets (xinsir's, diffusers layout: `task_embedding`, `transformer_layes.*`).
 
 `strength` scales the zero convolutions, which a real ControlNet learns and a fresh one has at
 zero: 0 gives a ControlNet whose residuals are all zero (the image must not change), more gives
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from webui.testing.make_checkpoint import unet_keys_to_ldm
@@ -26,6 +27,29 @@ def make_controlnet(unet: UNet2DConditionModel, strength: float = 0.0, seed: int
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
                 p.copy_(torch.randn(p.shape, generator=gen) * strength)
             elif name.startswith("controlnet_cond_embedding"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net
+
+
+def make_union_controlnet(unet: UNet2DConditionModel, strength: float = 0.0, seed: int = 0,
+                          types: int = 8) -> ControlNetUnionModel:
+    """A union ControlNet for an SDXL `unet` knowing `types` control types (8: ProMax, 6: the first),
+    its control-type transformer as wide as the UNet's first level."""
+    gen = torch.Generator().manual_seed(seed)
+    base = ControlNetUnionModel.from_unet(unet, load_weights_from_unet=True)
+    width = unet.config.block_out_channels[0]
+    settable = {k: v for k, v in base.config.items() if not k.startswith("_")}  # not diffusers' own notes
+    net = ControlNetUnionModel.from_config({**settable, "num_control_type": types, "num_trans_channel": width,
+                                            "num_proj_channel": width})
+    fits = {k: v for k, v in base.state_dict().items() if not k.startswith(("task_embedding", "transformer_layes",
+                                                                             "spatial_ch_projs", "control_add"))}
+    net.load_state_dict(fits, strict=False)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                p.copy_(torch.randn(p.shape, generator=gen) * strength)
+            elif name.startswith(("controlnet_cond_embedding", "task_embedding", "spatial_ch_projs",
+                                  "transformer_layes", "control_add_embedding")):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return net
 
@@ -56,9 +80,12 @@ def controlnet_to_ldm(net: ControlNetModel) -> dict[str, torch.Tensor]:
 
 
 def write_controlnet(path: Path, unet: UNet2DConditionModel, strength: float = 0.0, seed: int = 0,
-                     layout: str = "original") -> Path:
-    net = make_controlnet(unet, strength, seed)
-    state = controlnet_to_ldm(net) if layout == "original" else {k: v.contiguous() for k, v in net.state_dict().items()}
+                     layout: str = "original", union_types: int = 0) -> Path:
+    """A ControlNet file; `union_types` > 0: a union model knowing that many types (diffusers layout)."""
+    net = (make_union_controlnet(unet, strength, seed, union_types) if union_types
+           else make_controlnet(unet, strength, seed))
+    state = (controlnet_to_ldm(net) if layout == "original" and not union_types
+             else {k: v.contiguous() for k, v in net.state_dict().items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return path

@@ -1,5 +1,5 @@
 """The ControlNet accordion under txt2img and img2img: one tab per unit (image, preprocessor,
-model, weight, step range, modes), a preview of the preprocessed image. The controls are
+model, weight, step range, modes, a union model's control type), a preview of the preprocessed image. The controls are
 registered as `cn_<unit>_<field>`; `ui.generation` makes them the request's `controlnet` units."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import gradio as gr
 
 from webui.app import Engine
 from webui.controlnet import preprocess
-from webui.controlnet.units import RESIZE_LABELS, ControlMode
+from webui.controlnet.units import RESIZE_LABELS, UNION_TYPES, UNKNOWN, ControlMode
 from webui.ui.generation import Panel
 from webui.ui.messages import user_error
 
@@ -62,6 +62,9 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
                                                 label="Control mode", elem_id=f"{p}_cn_{n}_control_mode"))
                 add(n, "resize_mode", gr.Radio(list(RESIZE_LABELS), value=RESIZE_LABELS[1], label="Resize mode",
                                                elem_id=f"{p}_cn_{n}_resize_mode"))
+                add(n, "union_control_type", gr.Dropdown(
+                    [UNKNOWN, *UNION_TYPES], value=UNKNOWN, elem_id=f"{p}_cn_{n}_union_control_type",
+                    label="Control type, for union models (Unknown: the preprocessor's)"))
             refresh.click(lambda: gr.update(choices=[NONE, *engine.controlnets.titles()]), outputs=[model],
                           api_visibility="private", queue=False)
             show.click(lambda *args: _preview(engine, *args), inputs=[image, module, res, a, b], outputs=[preview],
