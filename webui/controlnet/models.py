@@ -4,7 +4,8 @@ titles), found by title, name or file name, and loaded for the checkpoint in use
 A model is built on the loaded UNet's own configuration (`ControlNetModel.from_unet`: a
 ControlNet copies its UNet's encoder), so no config file is needed: original-layout files
 (lllyasviel's `control_model.*` keys) are converted with diffusers' converter, diffusers-layout
-files load as they are. A file whose weights do not fit that configuration (a ControlNet for
+files load as they are; Stability's control-LoRAs (`lora_controlnet`) are the UNet's encoder with
+their low-rank changes added. A file whose weights do not fit that configuration (a ControlNet for
 another family) is refused by name, with the family it would need. T2I-Adapters in the same
 folder are recognised by their keys and built by `webui.controlnet.adapter`.
 """
@@ -90,7 +91,6 @@ class ControlNetLibrary:
     def _build(f: ControlNetFile, bundle: ModelBundle) -> torch.nn.Module:
         import torch
         from diffusers import ControlNetModel
-        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
         from webui.models.readers import read_state_dict
 
@@ -109,16 +109,50 @@ class ControlNetLibrary:
             return _fitted(_union_model(state, bundle), state, f, bundle)
         with torch.device("meta"):
             model = ControlNetModel.from_unet(bundle.unet, load_weights_from_unet=False)
+        if "lora_controlnet" in state:  # Stability's control-LoRAs: the UNet's encoder plus low-rank changes
+            return _fitted(model, _control_lora(state, dict(model.config), bundle), f, bundle)
         if any(k.startswith(("control_model.", "input_hint_block.")) for k in state):
-            original = state
-            state = convert_controlnet_checkpoint(original, dict(model.config))
-            # SDXL's size/pooled-text embedding: diffusers' converter leaves it out
-            for ldm, new in (("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")):
-                for part in ("weight", "bias"):
-                    for prefix in ("control_model.", ""):
-                        if f"{prefix}{ldm}{part}" in original:
-                            state[f"{new}{part}"] = original[f"{prefix}{ldm}{part}"]
+            state = _from_original(state, dict(model.config))
         return _fitted(model, state, f, bundle)
+
+
+def _from_original(original: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """lllyasviel's layout (keys with or without `control_model.`) in diffusers' names; keys it
+    lacks are left out (diffusers' converter maps those present)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    prefixed = {k if k.startswith("control_model.") else f"control_model.{k}": v for k, v in original.items()}
+    state = {k: v for k, v in convert_controlnet_checkpoint(prefixed, config).items() if v is not None}
+    # SDXL's size/pooled-text embedding: diffusers' converter leaves it out
+    for ldm, new in (("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")):
+        for part in ("weight", "bias"):
+            if f"control_model.{ldm}{part}" in prefixed:
+                state[f"{new}{part}"] = prefixed[f"control_model.{ldm}{part}"]
+    return state
+
+
+def _control_lora(state: dict[str, torch.Tensor], config: dict[str, Any],
+                  bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """A control-LoRA (original layout, no prefix) as full ControlNet weights: a layer given as
+    `.up` / `.down` is the UNet's own weight plus up @ down; a layer given whole is taken as it
+    is; a layer the file leaves out is the UNet's."""
+    changes, whole = {}, {}
+    for key, value in state.items():
+        if key.endswith(".up"):
+            down = state[f"{key[:-3]}.down"]
+            delta = value.flatten(1).float() @ down.flatten(1).float()
+            changes[f"{key[:-3]}.weight"] = delta.reshape(value.shape[0], *down.shape[1:])
+        elif not key.endswith(".down") and key != "lora_controlnet":
+            whole[key] = value
+    unet = bundle.unet.state_dict()  # a ControlNet's encoder has its UNet's names
+    out = {k: v for k, v in unet.items() if k.startswith(("conv_in.", "time_embedding.", "add_embedding.",
+                                                             "down_blocks.", "mid_block."))}
+    for key, delta in _from_original(changes, config).items():
+        if key not in unet or tuple(unet[key].shape) != tuple(delta.shape):
+            raise ModelError(f"control-LoRA layer {key} does not fit {bundle.model_name} ({bundle.family.label})")
+        out[key] = unet[key].float() + delta.to(unet[key].device)
+    out.update(_from_original(whole, config))
+    return out
 
 
 def _union_model(state: dict[str, torch.Tensor], bundle: ModelBundle) -> torch.nn.Module:

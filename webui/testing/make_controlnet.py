@@ -91,6 +91,34 @@ def write_controlnet(path: Path, unet: UNet2DConditionModel, strength: float = 0
     return path
 
 
+def write_control_lora(path: Path, unet: UNet2DConditionModel, strength: float = 0.5, seed: int = 0,
+                       rank: int = 4, full: Path | None = None) -> Path:
+    """A control-LoRA as Stability publishes them (original layout, no prefix, a `lora_controlnet`
+    marker): the encoder's convolutions and linear layers as `.up` / `.down` factors of their change
+    from `unet`'s weights, the rest whole, the time embedding left out (it is the UNet's). `full`:
+    also write the same ControlNet with whole weights there (original layout), to compare."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    net = make_controlnet(unet, strength, seed)
+    original = {k.removeprefix("control_model."): v for k, v in controlnet_to_ldm(net).items()}
+    lora: dict[str, torch.Tensor] = {"lora_controlnet": torch.zeros(0)}
+    whole = {}
+    for key, value in original.items():
+        if key.startswith(("input_blocks.", "middle_block.")) and key.endswith(".weight") and value.ndim >= 2:
+            up = torch.randn(value.shape[0], rank, *([1] * (value.ndim - 2)), generator=gen) * 0.1
+            down = torch.randn(rank, *value.shape[1:], generator=gen) * 0.1
+            whole[key] = value + (up.flatten(1) @ down.flatten(1)).reshape(value.shape)
+            lora[f"{key[:-7]}.up"], lora[f"{key[:-7]}.down"] = up, down
+        else:
+            whole[key] = value
+            if not key.startswith("time_embed."):
+                lora[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(path))
+    if full is not None:
+        save_file({f"control_model.{k}": v.contiguous() for k, v in whole.items()}, str(full))
+    return path
+
+
 def make_adapter(unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 0,
                  in_channels: int = 3) -> T2IAdapter:
     """A full T2I-Adapter for `unet` (one level per down block; for SDXL's UNet the XL adapter,

@@ -1,6 +1,7 @@
-"""SDXL union ControlNets (xinsir's: one model, a control type chosen per unit) on tiny random
-weights in their published diffusers layout: detection, the type from the unit or its
-preprocessor, the model's own count of types, the infotext, and a model for another family."""
+"""SDXL's own kinds of ControlNet on tiny random weights in their published layouts: union models
+(xinsir's: one model, a control type chosen per unit; detection, the type from the unit or its
+preprocessor, the model's own count of types, the infotext, a model for another family) and
+Stability's control-LoRAs (the UNet's encoder plus low-rank changes)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from webui.config import Config
 from webui.controlnet.units import units_from_infotext
 from webui.infotext import parse_infotext
 from webui.models.errors import ModelError
-from webui.testing.make_controlnet import write_controlnet
+from webui.testing.make_controlnet import write_control_lora, write_controlnet
 
 
 @pytest.fixture
@@ -76,3 +77,19 @@ def test_two_union_units_and_a_union_models_own_types(engine: Engine) -> None:
     with pytest.raises(ModelError, match="union_promax is a union model for SDXL; it does not fit sd1"):
         engine.runner.generate(req(checkpoint="sd1", controlnet=[union()]))
     assert any(t.startswith("union_promax [") for t in engine.controlnets.titles())
+
+
+def test_a_control_lora_is_its_unets_encoder_plus_its_changes(engine: Engine, data_dir: Path) -> None:
+    """A control-LoRA gives the pictures of the same ControlNet written whole; the layers it leaves
+    out come from the loaded UNet; on another family it is refused by name."""
+    folder = data_dir / "models" / "ControlNet"
+    write_control_lora(folder / "control-lora-canny-rank4.safetensors", engine.bundle("sdxl").unet, strength=0.5,
+                       full=folder / "control-canny-whole.safetensors")
+    plain = px(engine.runner.generate(req(checkpoint="sdxl")).images[0])
+    lora = engine.runner.generate(req(checkpoint="sdxl", controlnet=[union(model="control-lora-canny-rank4")]))
+    whole = engine.runner.generate(req(checkpoint="sdxl", controlnet=[union(model="control-canny-whole")]))
+    assert np.abs(px(lora.images[0]) - plain).mean() > 1
+    assert np.abs(px(lora.images[0]) - px(whole.images[0])).max() <= 1
+    assert "Model: control-lora-canny-rank4 [" in lora.infotexts[0]
+    with pytest.raises(ModelError, match="control-LoRA layer .* does not fit sd1"):
+        engine.runner.generate(req(checkpoint="sd1", controlnet=[union(model="control-lora-canny-rank4")]))
