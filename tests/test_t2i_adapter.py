@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.test_controlnet import px, square
 from webui.app import Engine, build_engine
@@ -109,10 +110,42 @@ def test_sdxl_adapters_and_adapters_for_another_unet_refused_by_name(engine: Eng
         engine.runner.generate(req(checkpoint="sdxl", controlnet=[unit()]))
     with pytest.raises(ModelError, match=r"t2i-adapter-canny-sdxl-1.0 does not fit .*an SDXL adapter"):
         engine.runner.generate(req(controlnet=[unit(model="t2i-adapter-canny-sdxl-1.0")]))
-    light = {"adapter.conv_in.weight": torch.zeros(32, 192, 3, 3), "adapter.body.0.in_conv.weight": torch.zeros(1),
-             "adapter.body.0.out_conv.weight": torch.zeros(1)}
-    with pytest.raises(ModelError, match="light or style adapter"):
-        adapter_module.build(light, "t2iadapter_color_sd14v1", engine.bundle("sd1"))
+    style = {"style_embedding": torch.zeros(1, 8, 32), "transformer_layes.0.attn.in_proj_weight": torch.zeros(96, 32),
+             "ln_pre.weight": torch.zeros(32), "proj": torch.zeros(32, 32)}  # TencentARC's style adapter's keys
+    save_file(style, str(data_dir / "models" / "ControlNet" / "t2iadapter_style_sd14v1.safetensors"))
+    with pytest.raises(ModelError, match="t2iadapter_style_sd14v1: a style adapter"):
+        engine.runner.generate(req(controlnet=[unit(model="t2iadapter_style_sd14v1")]))
+
+
+def test_the_light_colour_adapter_and_its_colour_grid(engine: Engine, data_dir: Path) -> None:
+    """The colour adapter (TencentARC's light architecture, original layout) converts to the network
+    diffusers builds; it repeats its last width, as SD 1.x's UNet does and the tiny one does not,
+    which is refused by name. `t2ia_color_grid` gives the picture's colours in flat 64-px cells."""
+    from diffusers import T2IAdapter
+    from PIL import Image
+
+    from webui.controlnet import preprocess
+
+    unet = engine.bundle("sd1").unet
+    reference = make_adapter(unet, seed=3, light=True)  # maps of 32 and 32 channels
+    write_adapter(data_dir / "models" / "ControlNet" / "t2iadapter_color_sd14v1.pth", unet, seed=3, light=True)
+    state = read_state_dict(data_dir / "models" / "ControlNet" / "t2iadapter_color_sd14v1.pth")
+    assert "body.0.body.0.block1.weight" in state and "body.0.out_conv.weight" in state
+    assert adapter_module.is_adapter(state)
+    rebuilt = T2IAdapter(**reference.config)
+    rebuilt.load_state_dict(adapter_module.to_diffusers(state))
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(rebuilt(hint), reference(hint), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ModelError, match=r"t2iadapter_color_sd14v1 does not fit sd1 .*light SD 1.x/2.x adapter with "
+                                         r"\[32, 32\] channels, this UNet has \[32, 64\]"):
+        engine.runner.generate(req(controlnet=[{"model": "t2iadapter_color_sd14v1", "module": "t2ia_color_grid",
+                                                "image": square()}]))
+    halves = Image.new("RGB", (256, 128), (250, 20, 20))
+    halves.paste((20, 20, 250), (128, 0, 256, 128))
+    grid = np.asarray(preprocess.run("t2ia_color_grid", halves, 128, 0, 0))
+    assert grid.shape == (128, 256, 3)
+    assert (grid[:, :64] == grid[0, 0]).all() and grid[0, 0, 0] > 200 and grid[0, -1, 2] > 200  # flat cells
 
 
 def test_an_adapter_unit_matches_diffusers_adapter_pipeline(engine: Engine) -> None:

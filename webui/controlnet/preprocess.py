@@ -65,6 +65,14 @@ def tile_resample(image: Image.Image, down: float, _: float) -> Image.Image:
     return small.resize(image.size, Image.Resampling.BICUBIC).convert("RGB")
 
 
+def colour_grid(image: Image.Image, _a: float, _b: float) -> Image.Image:
+    """The colour adapter's input: the picture's colours in 64-pixel cells (made 64 times smaller
+    with bicubic weights, then enlarged back without blending)."""
+    rgb = image.convert("RGB")
+    small = rgb.resize((max(1, rgb.width // 64), max(1, rgb.height // 64)), Image.Resampling.BICUBIC)
+    return small.resize(rgb.size, Image.Resampling.NEAREST)
+
+
 def shuffle(image: Image.Image, seed: float, _: float) -> Image.Image:
     """Content shuffle (the `shuffle` model's input): every pixel moved along a smooth random flow,
     so the colours and textures stay and the layout goes. The flow is coarse noise (one value per
@@ -120,6 +128,7 @@ PREPROCESSORS: dict[str, tuple[Preprocessor, tuple[float, float]]] = {
     "tile_colorfix": (none, (8, 0)),  # threshold A: "Variation", the blur's radius in latent pixels
     "tile_colorfix+sharp": (none, (8, 1)),  # threshold B: "Sharpness"
     "shuffle": (shuffle, (0, 0)),  # threshold A: the flow's seed
+    "t2ia_color_grid": (colour_grid, (0, 0)),  # for the colour T2I-Adapter
     "lineart_standard": (lineart_standard, (0, 0)),
     "inpaint": (none, (0, 0)),  # the picture: the unit's mask sets its pixels to -1 (webui.controlnet.apply)
     "ip-adapter": (none, (0, 0)),  # the picture as it is: its CLIP encoding is the prompt (webui.controlnet.ip_adapter)

@@ -120,12 +120,16 @@ def write_control_lora(path: Path, unet: UNet2DConditionModel, strength: float =
 
 
 def make_adapter(unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 0,
-                 in_channels: int = 3) -> T2IAdapter:
+                 in_channels: int = 3, light: bool = False) -> T2IAdapter:
     """A full T2I-Adapter for `unet` (one level per down block; for SDXL's UNet the XL adapter,
-    whose last level repeats), random weights times `strength`."""
+    whose last level repeats), or a light one (`light`: the colour adapter's kind, for a UNet whose
+    last two levels are as wide), random weights times `strength`."""
     gen = torch.Generator().manual_seed(seed)
     widths = list(unet.config.block_out_channels)
-    if unet.config.addition_embed_type == "text_time":
+    if light:  # its last level repeats the one before: as wide as SD 1.x's last two levels
+        adapter = T2IAdapter(in_channels=in_channels, channels=widths[:-1], num_res_blocks=4, downscale_factor=8,
+                             adapter_type="light_adapter")
+    elif unet.config.addition_embed_type == "text_time":
         adapter = T2IAdapter(in_channels=in_channels, channels=[*widths, *[widths[-1]] * (4 - len(widths))],
                              num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl")
     else:
@@ -138,7 +142,10 @@ def make_adapter(unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 
 
 
 def adapter_to_original(adapter: T2IAdapter) -> dict[str, torch.Tensor]:
-    """TencentARC's layout: the blocks as one list, `body.K` with K = level x blocks per level + block."""
+    """TencentARC's layout: the blocks as one list, `body.K` with K = level x blocks per level + block;
+    a light adapter's as `body.L.body.R`."""
+    if adapter.config.adapter_type == "light_adapter":
+        return {k.removeprefix("adapter.").replace(".resnets.", ".body."): v for k, v in adapter.state_dict().items()}
     per_level = adapter.config.num_res_blocks
     out = {}
     for k, v in adapter.state_dict().items():
@@ -153,8 +160,8 @@ def adapter_to_original(adapter: T2IAdapter) -> dict[str, torch.Tensor]:
 
 
 def write_adapter(path: Path, unet: UNet2DConditionModel, strength: float = 1.0, seed: int = 0,
-                  layout: str = "original", in_channels: int = 3) -> Path:
-    adapter = make_adapter(unet, strength, seed, in_channels)
+                  layout: str = "original", in_channels: int = 3, light: bool = False) -> Path:
+    adapter = make_adapter(unet, strength, seed, in_channels, light)
     state = adapter_to_original(adapter) if layout == "original" else adapter.state_dict()
     state = {k: v.contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
