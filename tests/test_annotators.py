@@ -1,6 +1,7 @@
 """ControlNet preprocessors that need weights (#17): depth from a Depth Anything or DPT model the
 user put in models/ControlNet/annotators/ (tiny random-weight ones here, in transformers' own
-format); listed always, refused with what to put where when the folder is empty."""
+format); HED, line art and openpose from the single files users have (random weights in those
+files' layouts); listed always, refused with what to put where when the folder is empty."""
 
 from __future__ import annotations
 
@@ -154,3 +155,85 @@ def test_lineart_standard_finds_dark_lines_without_weights() -> None:
         drawing.putpixel((x, 32), (0, 0, 0))  # one black line on white
     lines = np.asarray(preprocess.run("lineart_standard (from white bg & black line)", drawing, 64, -1, -1))
     assert lines[32, 30].min() > 100 and lines[10, 10].max() == 0  # white line where it was drawn, black elsewhere
+
+
+# two people's 18 keypoints (x, y), in the model's order: nose, neck, right shoulder/elbow/wrist,
+# left shoulder/elbow/wrist, right hip/knee/ankle, left hip/knee/ankle, right/left eye, right/left ear
+PERSON = ((64, 40), (64, 70), (40, 70), (34, 110), (30, 145), (88, 70), (94, 110), (98, 145), (50, 150), (48, 195),
+          (46, 240), (78, 150), (80, 195), (82, 240), (58, 34), (70, 34), (50, 38), (78, 38))
+
+
+def drawn_maps(people: list[list[tuple[int, int]]], size: tuple[int, int] = (256, 256)) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps and affinity fields as a trained network gives them for `people`: a peak of 1 at each
+    keypoint, and along each limb its direction in the limb's two field channels."""
+    from webui.controlnet.openpose import FIELDS, LIMBS
+
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    heat, fields = np.zeros((h, w, 19), np.float32), np.zeros((h, w, 38), np.float32)
+    for keypoints in people:
+        for part, (x, y) in enumerate(keypoints):
+            heat[:, :, part] = np.maximum(heat[:, :, part], np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 4.0**2)))
+        for (a, b), (fx, fy) in zip(LIMBS, FIELDS):
+            (x0, y0), (x1, y1) = keypoints[a - 1], keypoints[b - 1]
+            length = np.hypot(x1 - x0, y1 - y0)
+            ux, uy = (x1 - x0) / length, (y1 - y0) / length
+            along = (xs - x0) * ux + (ys - y0) * uy
+            across = np.abs((xs - x0) * uy - (ys - y0) * ux)
+            near = (along >= -2) & (along <= length + 2) & (across <= 3)
+            fields[near, fx], fields[near, fy] = ux, uy
+    return heat, fields
+
+
+def test_openpose_joins_keypoints_into_people_and_draws_them() -> None:
+    """From the maps a trained network gives: each person's 18 keypoints found and kept together
+    (two people side by side apart), a stray pair of keypoints dropped; the picture has each limb
+    in its colour at 60 % and each keypoint in its full colour, on black."""
+    from webui.controlnet import openpose
+
+    left = list(PERSON)
+    right = [(x + 128, y) for x, y in PERSON]
+    heat, fields = drawn_maps([left, right])
+    candidates, rows = openpose.people(heat, fields)
+    assert len(rows) == 2 and (rows[:, -1] == 18).all()
+    found = sorted([[tuple(candidates[int(i), :2]) for i in row[:18]] for row in rows])
+    for got, want in zip(found, [left, right]):
+        assert all(abs(gx - wx) <= 1 and abs(gy - wy) <= 1 for (gx, gy), (wx, wy) in zip(got, want))
+    lone = np.zeros_like(heat)
+    lone[:, :, :2] = heat[:, :, :2]  # only noses and necks: one limb per person, too few keypoints
+    assert len(openpose.people(lone, fields)[1]) == 0
+    picture = openpose.draw(candidates, rows, 256, 256)
+    assert picture.shape == (256, 256, 3) and (picture[0, 0] == 0).all()
+    for part, (x, y) in enumerate(left):
+        assert tuple(picture[y, x]) == openpose.COLOURS[part], part
+    neck, shoulder = left[1], left[2]  # limb 0 runs from the neck to the right shoulder
+    middle = picture[neck[1], (neck[0] + shoulder[0]) // 2]
+    assert tuple(middle) == tuple(int(c * 0.6) for c in openpose.COLOURS[0])
+
+
+def test_openpose_runs_the_users_body_network(tmp_path: Path) -> None:
+    """body_pose_model.pth (random weights here, in that file's layout) found under the annotators
+    folder: the pose picture at the image's size; a missing or wrong file is named."""
+    import torch
+
+    from webui.controlnet.annotators import Annotators
+    from webui.controlnet.openpose import BodyPose
+
+    annotators = Annotators(tmp_path / "annotators")
+    with pytest.raises(ValueError, match=r"openpose needs body_pose_model.pth .*annotators"):
+        preprocess.check("openpose", annotators)
+    torch.manual_seed(0)
+    net = BodyPose()
+    (tmp_path / "annotators" / "openpose").mkdir(parents=True)
+    state = net.state_dict()
+    assert "conv1_1.weight" in state and "conv5_5_CPM_L2.weight" in state and "Mconv7_stage6_L1.bias" in state
+    assert len(state) == 2 * (12 + 10 + 5 * 14)  # 12 backbone layers, 2 x 5 in stage 1, 2 x 7 in stages 2-6
+    torch.save(state, tmp_path / "annotators" / "openpose" / "body_pose_model.pth")
+    fields, heat = net(torch.zeros(1, 3, 64, 48))
+    assert fields.shape == (1, 38, 8, 6) and heat.shape == (1, 19, 8, 6)
+    out = preprocess.run("openpose", picture(), 80, -1, -1, annotators)
+    assert out.mode == "RGB" and out.size == (96, 80)
+    (tmp_path / "annotators" / "openpose" / "body_pose_model.pth").unlink()
+    torch.save({"conv1_1.weight": torch.zeros(1)}, tmp_path / "annotators" / "body_pose_model.pth")
+    with pytest.raises(ValueError, match="body_pose_model.pth is not the openpose network"):
+        Annotators(tmp_path / "annotators").run("openpose", picture())

@@ -119,8 +119,9 @@ def test_img2img_hires_and_the_units_image(engine: Engine) -> None:
 def test_bad_units_are_named_before_the_job(engine: Engine) -> None:
     for fields, error, message in [
         (unit(model="missing"), ModelError, "controlnet unit 0: ControlNet model 'missing' not found"),
-        (unit(module="openpose"), ValueError,
-         "unknown preprocessor .openpose.*openpose and the BAE / DSINE normal maps are not available yet"),
+        (unit(module="openpose_full"), ValueError,
+         "unknown preprocessor .openpose_full.*openpose's hands and faces, DW pose and the BAE / DSINE normal maps"),
+        (unit(module="openpose"), ValueError, "preprocessor openpose needs body_pose_model.pth .*annotators"),
         (unit(image=None), ValueError, "controlnet unit 0: no image"),
     ]:
         with pytest.raises(error, match=message):

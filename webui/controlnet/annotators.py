@@ -23,6 +23,9 @@ annotators folder; the networks are in `webui.controlnet.annotator_nets`):
 - `softedge_hed` (and its older name `hed`): `ControlNetHED.pth`;
 - `lineart_realistic`: `sk_model.pth`; `lineart_coarse`: `sk_model2.pth`.
 
+People's poses, for the openpose ControlNets: `openpose` (body keypoints) from `body_pose_model.pth`
+(`webui.controlnet.openpose`).
+
 A name whose files are missing is listed all the same, and a unit that asks for it is told which
 files to put where.
 """
@@ -70,6 +73,7 @@ NETS: dict[str, Net] = {
     "hed": Net("ControlNetHED.pth", "hed"),
     "lineart_realistic": Net("sk_model.pth", "lineart"),
     "lineart_coarse": Net("sk_model2.pth", "lineart"),
+    "openpose": Net("body_pose_model.pth", "openpose"),
 }
 # maps computed from a depth model's prediction: name -> the depth preprocessor whose model it reads
 FROM_DEPTH = {"normal_midas": "depth_midas"}
@@ -152,7 +156,12 @@ class Annotators:
 
         net = self._net(key, device)
         rgb = np.asarray(image.convert("RGB"))
-        found = nets.hed_edges(net, rgb, device) if NETS[key].kind == "hed" else nets.lineart_lines(net, rgb, device)
+        kind = NETS[key].kind
+        if kind == "openpose":
+            from webui.controlnet import openpose
+
+            return Image.fromarray(openpose.pose(net, rgb, device))
+        found = nets.hed_edges(net, rgb, device) if kind == "hed" else nets.lineart_lines(net, rgb, device)
         return Image.fromarray(found).convert("RGB")
 
     def _net(self, key: str, device: torch.device) -> Any:
@@ -172,7 +181,12 @@ class Annotators:
                 except (OSError, ValueError, ModelError) as err:  # ModelError: a pickle refused as unsafe
                     raise ValueError(f"preprocessor {key}: cannot read {path.name}: {err}") from None
                 state = {k.removeprefix("module."): v for k, v in state.items()}
-                net = nets.HED() if spec.kind == "hed" else nets.LineArt(nets.residual_blocks(state))
+                if spec.kind == "openpose":
+                    from webui.controlnet.openpose import BodyPose
+
+                    net = BodyPose()
+                else:
+                    net = nets.HED() if spec.kind == "hed" else nets.LineArt(nets.residual_blocks(state))
                 try:
                     net.load_state_dict(state)
                 except RuntimeError as err:

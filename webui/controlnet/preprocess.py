@@ -148,7 +148,8 @@ def _entry(name: str) -> tuple[Preprocessor, tuple[float, float]]:
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in PREPROCESSORS:
         raise ValueError(f"ControlNet: unknown preprocessor {name!r} (available: {', '.join(names())}; "
-                         "openpose and the BAE / DSINE normal maps are not available yet)")
+                         "openpose's hands and faces, DW pose and the BAE / DSINE normal maps are not available "
+                         "yet)")
     return PREPROCESSORS[key]
 
 
