@@ -82,6 +82,31 @@ def test_a_zero_controlnet_changes_nothing_a_trained_one_steers(engine: Engine) 
                     "Control Mode: Balanced")
 
 
+def test_a_unit_equals_diffusers_controlnet_pipeline(engine: Engine) -> None:
+    """An independent computation: diffusers' StableDiffusionControlNetPipeline on the same weights
+    (the original-layout file as we convert it), control image, initial noise and Euler schedule."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+
+    ours = engine.runner.generate(req(checkpoint="sd1", steps=6, cfg_scale=5.0, controlnet=[unit(module="none")]))
+    bundle = engine.bundle("sd1")
+    te = bundle.text_encoders[0]
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace", steps_offset=1)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
+        controlnet=engine.controlnets.load("cn_canny", bundle), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
+    theirs = pipe(prompt="a red cube", negative_prompt="", image=square(), num_inference_steps=6, guidance_scale=5.0,
+                  latents=noise, height=64, width=64, controlnet_conditioning_scale=1.0, output_type="np").images[0]
+    theirs = np.round(theirs * 255).astype(np.int16)
+    diff = np.abs(px(ours.images[0]) - theirs)
+    plain = px(engine.runner.generate(req(checkpoint="sd1", steps=6, cfg_scale=5.0)).images[0])
+    assert np.abs(plain - theirs).mean() > 2  # the ControlNet changes the image, so agreeing means something
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
 def test_weight_range_and_modes(engine: Engine) -> None:
     plain = px(engine.runner.generate(req(checkpoint="sd1")).images[0])
     balanced = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit()])).images[0])
@@ -97,6 +122,39 @@ def test_weight_range_and_modes(engine: Engine) -> None:
     assert len({a.tobytes() for a in (plain, balanced, prompt_more, control_more)}) == 4
     two = px(engine.runner.generate(req(checkpoint="sd1", controlnet=[unit(), unit(model="cn_zero")])).images[0])
     assert np.array_equal(two, balanced)  # a second unit adding zeros adds nothing
+
+
+def test_the_step_range_decides_which_model_calls_get_residuals(engine: Engine, data_dir: Path) -> None:
+    """A test extension's model input (run after the units') records, per UNet call, whether the
+    ControlNet's residuals are there: only in the steps inside [guidance_start, guidance_end]."""
+    from tests.test_extensions import write_extension
+
+    write_extension(data_dir, "residual-counter", '''
+        from pathlib import Path
+
+        @hookimpl
+        def setup_denoiser(stage):
+            log = Path(__file__).parent / "calls.txt"
+            log.write_text("")
+
+            def record(call):
+                with log.open("a") as f:
+                    f.write(f"{call.step} {'down_block_additional_residuals' in call.kwargs}\\n")
+
+            stage.model_inputs.append(record)
+    ''')
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    log = data_dir / "extensions" / "residual-counter" / "calls.txt"
+
+    def calls(**fields) -> list[tuple[int, bool]]:
+        engine.runner.generate(req(checkpoint="sd1", steps=10, controlnet=[unit(**fields)]))
+        return [(int(step), flag == "True") for step, flag in (line.split() for line in log.read_text().splitlines())]
+
+    steps = calls(guidance_start=0.2, guidance_end=0.6)
+    assert [s for s, _ in steps] == list(range(1, 11))  # Euler: one call per step, all rows at once
+    assert [s for s, with_residuals in steps if with_residuals] == [3, 4, 5, 6, 7]  # (step - 1) / 10 in range
+    assert all(flag for _, flag in calls())
+    assert [s for s, flag in calls(guidance_end=0.0) if flag] == [1]
 
 
 def test_img2img_hires_and_the_units_image(engine: Engine) -> None:
