@@ -244,7 +244,8 @@ class _SamplingDone(Exception):
     """Raised from the progress callback after the last step: the VAE decode (not timed) is skipped."""
 
 
-def step_ours(engine, size: int, steps: int) -> list[float]:
+def step_ours(engine, size: int, steps: int, **fields) -> list[float]:
+    """Seconds per Euler step of one generation (steps 2..N); `fields`: more request fields."""
     from webui.pipeline.request import GenerationRequest
 
     elapsed: list[float] = []
@@ -264,6 +265,7 @@ def step_ours(engine, size: int, steps: int) -> list[float]:
         height=size,
         sampler_name="Euler",
         save_images=False,
+        **fields,
     )
     try:
         engine.runner.generate(request, progress=progress)

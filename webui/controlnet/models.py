@@ -190,5 +190,11 @@ def _fitted(model: torch.nn.Module, state: dict[str, torch.Tensor], f: ControlNe
         raise ModelError(f"ControlNet {f.name} does not fit {bundle.model_name} ({bundle.family.label}): {what} "
                          "(a ControlNet is made for one model family)")
     rt = bundle.runtime  # weights go straight to the device and dtype: no float32 copy of the model on the way
-    model.load_state_dict({k: state[k].to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
+    # each file tensor is let go once converted, so the file's weights and the model's are not all
+    # in memory at once
+    model.load_state_dict({k: state.pop(k).to(device=rt.device, dtype=rt.dtype) for k in expected}, assign=True)
+    if rt.channels_last:  # the memory format its UNet runs in (a ControlNet is a copy of its encoder)
+        from webui.runtime.compile import to_channels_last
+
+        to_channels_last(model)
     return model.eval().requires_grad_(False)
