@@ -554,6 +554,8 @@ def test_controlnet_unit_from_the_page(browser, tmp_path: Path, checkpoint_store
         page.locator("#txt2img_cn_0_image img").first.wait_for(state="visible", timeout=30_000)
         page.locator("#txt2img_cn_0_module input").click()
         page.get_by_role("option", name="canny", exact=True).click()
+        assert not page.locator("#txt2img_cn_0_preview_button").is_visible()  # until "Allow preview"
+        page.locator("#txt2img_cn_0_allow_preview input").check()
         page.locator("#txt2img_cn_0_preview_button").click()
         page.locator("#txt2img_cn_0_preview img").first.wait_for(state="visible", timeout=30_000)
         page.locator("#txt2img_cn_0_model input").click()

@@ -107,6 +107,49 @@ def test_make_checkpoint_writes_the_newer_families_as_users_keep_them(tmp_path: 
     if family == "sd3-split":
         assert bundle.module_names == ["clip_l", "clip_g", "t5xxl_fp16"]
 
+def test_control_models_from_make_checkpoint_and_a_unit_from_the_command_line(data_dir: Path,
+                                                                            checkpoint_store: Path) -> None:
+    """make_checkpoint writes each ControlNet-side family to fit the tiny checkpoints (each loads
+    for its family); `txt2img --controlnet --control-image --control-module` runs one unit, which the
+    infotext records; --control-image alone, or a unit without its image, is one line of error."""
+    from tests.conftest import add_checkpoint
+    from webui.app import build_engine
+    from webui.config import Config
+
+    add_checkpoint(data_dir, checkpoint_store, "sdxl.safetensors")
+    folder = data_dir / "models" / "ControlNet"
+    made = {"controlnet-sd1": ("control_sd15_canny.safetensors", "sd1", "ControlNetModel"),
+            "controlnet-sdxl": ("control_sdxl_canny.safetensors", "sdxl", "ControlNetModel"),
+            "t2i-adapter-sd1": ("t2iadapter_canny_sd15v2.pth", "sd1", "T2IAdapter"),
+            "ip-adapter-sd1": ("ip-adapter_sd15.safetensors", "sd1", "IPAdapterModel")}
+    for family, (name, _, _) in made.items():
+        r = run(sys.executable, "-m", "webui.testing.make_checkpoint", "--family", family, str(folder / name),
+                cwd=data_dir)
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == str(folder / name), r.stderr
+    assert (data_dir / "models" / "clip_vision" / "CLIP-ViT-H-14.safetensors").is_file()
+    engine = build_engine(Config(data_dir=data_dir, dtype="float32"))
+    for name, checkpoint, kind in made.values():
+        assert type(engine.controlnets.load(Path(name).stem, engine.bundle(checkpoint))).__name__ == kind, name
+    square = Image.new("RGB", (64, 64))
+    square.paste((255, 255, 255), (16, 16, 48, 48))
+    square.save(data_dir / "square.png")
+    common = ["--data-dir", str(data_dir), "--ckpt", "sd1", "--prompt", "a tower", "--steps", "2", "--width", "64",
+              "--height", "64", "--seed", "4", "--sampler", "Euler"]
+    r = run(sys.executable, "-m", "webui", "txt2img", *common, "--controlnet", "control_sd15_canny",
+            "--control-image", str(data_dir / "square.png"), "--control-module", "canny", "--control-weight", "0.8",
+            cwd=data_dir)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip())
+    info = parse_infotext(Image.open(path if path.is_absolute() else data_dir / path).info["parameters"])
+    assert info["ControlNet 0"].startswith("Module: canny, Model: control_sd15_canny [")
+    assert "Weight: 0.8," in info["ControlNet 0"]
+    for extra, expected in ((["--control-image", str(data_dir / "square.png")], "--control-image needs --controlnet"),
+                            (["--controlnet", "control_sd15_canny"], "controlnet unit 0: no image")):
+        r = run(sys.executable, "-m", "webui", "txt2img", *common, *extra, cwd=data_dir)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and expected in errors[0].lower(), r.stderr
+
+
 def test_img2img_and_hires_from_the_command_line(data_dir: Path) -> None:
     from PIL import ImageDraw
 

@@ -168,6 +168,12 @@ def _generation_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--eta", type=float, help="noise multiplier of ancestral samplers and DDIM")
     t.add_argument("--s-churn", type=float)
     t.add_argument("--s-noise", type=float)
+    cn = t.add_argument_group("ControlNet (one unit)")
+    cn.add_argument("--controlnet", help="a ControlNet, T2I-Adapter or IP-Adapter in models/ControlNet (name or title)")
+    cn.add_argument("--control-image", type=Path, help="its control image (img2img: the init image when left out)")
+    cn.add_argument("--control-module", default="none", help="the preprocessor: canny, depth_anything, openpose, ... "
+                                                               "(none: the image as it is)")
+    cn.add_argument("--control-weight", type=float, default=1.0)
     sc = t.add_argument_group("scripts")
     sc.add_argument("--script", dest="script_name", default="",
                     help='run a script with this request as its template: "x/y/z plot", "prompt matrix", '
@@ -264,6 +270,11 @@ def _generate(a: argparse.Namespace, config: Config) -> int:
             from webui.pipeline.init_image import Outpaint
 
             fields["outpaint"] = Outpaint.parse(a.outpaint).sizes()
+    if a.controlnet:
+        fields["controlnet"] = [{"model": a.controlnet, "module": a.control_module, "weight": a.control_weight,
+                                 "image": read(a.control_image) if a.control_image else None}]
+    elif a.control_image:
+        raise ValueError("--control-image needs --controlnet (the model that reads it)")
     fields["script_name"], fields["script_args"] = a.script_name, _script_args(a)
     request = GenerationRequest(styles=tuple(a.styles), checkpoint=a.ckpt, **fields)
     engine = build_engine(config)

@@ -18,6 +18,14 @@ folder: the VAE and text encoders go to `../VAE/` and `../text_encoder/`; see ma
     python -m webui.testing.make_checkpoint --family flux --gguf Q8_0 models/Stable-diffusion/flux1-dev.gguf
     python -m webui.testing.make_checkpoint --family flux --fp8 models/Stable-diffusion/flux1-dev-fp8.safetensors
 
+ControlNet-side models fitting the tiny checkpoints (OUT in a `models/ControlNet/` folder; the
+IP-Adapter's tiny CLIP vision model goes to `../clip_vision/`; see make_controlnet):
+
+    python -m webui.testing.make_checkpoint --family controlnet-sd1 models/ControlNet/control_sd15_canny.safetensors
+    python -m webui.testing.make_checkpoint --family controlnet-sdxl models/ControlNet/control_sdxl_canny.safetensors
+    python -m webui.testing.make_checkpoint --family t2i-adapter-sd1 models/ControlNet/t2iadapter_canny_sd15v2.pth
+    python -m webui.testing.make_checkpoint --family ip-adapter-sd1 models/ControlNet/ip-adapter_sd15.safetensors
+
 The modules are built with diffusers / transformers and their keys mapped back to the names
 the CompVis code used, so loading them exercises the same conversion as a downloaded file.
 """
@@ -36,6 +44,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-refiner")
 TRANSFORMER_FAMILIES = ("sd3", "sd3-split", "flux", "flux-schnell")  # written by make_sd3 / make_flux
+CONTROL_FAMILIES = ("controlnet-sd1", "controlnet-sdxl", "t2i-adapter-sd1", "ip-adapter-sd1")  # make_controlnet
 FULL_SIZE = ("sd1", "sdxl", "sdxl-refiner")
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 FULL_SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -401,9 +410,31 @@ def write_transformer_family(path: Path, family: str, seed: int = 0, fp8: bool =
     return written
 
 
+def write_control_family(path: Path, family: str, seed: int = 0) -> Path:
+    """A ControlNet (original layout, steering), T2I-Adapter (TencentARC's layout) or IP-Adapter (h94's,
+    with a tiny CLIP vision model in `../clip_vision/`) fitting the tiny checkpoints of its family."""
+    from webui.testing import make_controlnet as control
+
+    base = "sdxl" if family.endswith("sdxl") else "sd1"
+    text = TINY_TEXT["hidden_size"]
+    torch.manual_seed(seed)
+    unet = _unet(base, False, text + 48, 48) if base == "sdxl" else _unet(base, False, text)  # as make_state_dict's
+    if family.startswith("controlnet"):
+        return control.write_controlnet(path, unet, strength=0.5, seed=seed)
+    if family == "t2i-adapter-sd1":
+        return control.write_adapter(path, unet, seed=seed)
+    vision = path.parent.parent / "clip_vision" / "CLIP-ViT-H-14.safetensors"
+    vision.parent.mkdir(parents=True, exist_ok=True)
+    save_file(control.make_clip_vision(projection=24, seed=seed), str(vision))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(control.make_ip_adapter(unet, image_embed_dim=24, seed=seed), str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m webui.testing.make_checkpoint", description=__doc__.splitlines()[0])
-    ap.add_argument("--family", choices=(*FAMILIES, "sdxl-vpred-ztsnr", *TRANSFORMER_FAMILIES), default="sd1")
+    ap.add_argument("--family", choices=(*FAMILIES, "sdxl-vpred-ztsnr", *TRANSFORMER_FAMILIES, *CONTROL_FAMILIES),
+                    default="sd1")
     ap.add_argument("--fp8", action="store_true", help="sd3/flux: the transformer's weights in float8_e4m3fn")
     ap.add_argument("--gguf", metavar="QTYPE", help="sd3/flux: the transformer alone as GGUF (Q8_0, Q4_0, ...)")
     ap.add_argument("--full-size", action="store_true",
@@ -414,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.family in TRANSFORMER_FAMILIES:
         print(write_transformer_family(a.out, a.family, a.seed, a.fp8, a.gguf))
+        return 0
+    if a.family in CONTROL_FAMILIES:
+        print(write_control_family(a.out, a.family, a.seed))
         return 0
     family = "sdxl" if a.family == "sdxl-vpred-ztsnr" else a.family
     write_checkpoint(a.out, family, a.full_size, getattr(torch, a.dtype), a.seed)

@@ -1,6 +1,7 @@
 """The ControlNet accordion under txt2img and img2img: one tab per unit (image, preprocessor,
-model, weight, step range, modes, a union model's control type), a preview of the preprocessed image. The controls are
-registered as `cn_<unit>_<field>`; `ui.generation` makes them the request's `controlnet` units."""
+model, weight, step range, modes, a union model's control type), a preview of the preprocessed
+image (shown with "Allow preview"). The controls are registered as `cn_<unit>_<field>`;
+`ui.generation` makes them the request's `controlnet` units."""
 
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
                     image = add(n, "image", gr.Image(label="Control image (empty on img2img: the init image)",
                                                      type="pil", sources=["upload", "clipboard"],
                                                      elem_id=f"{p}_cn_{n}_image", height=256))
-                    preview = gr.Image(label="Preprocessor preview", type="pil", interactive=False,
+                    preview = gr.Image(label="Preprocessor preview", type="pil", interactive=False, visible=False,
                                        elem_id=f"{p}_cn_{n}_preview", height=256)
                 with gr.Row():
                     add(n, "enabled", gr.Checkbox(False, label="Enable", elem_id=f"{p}_cn_{n}_enabled"))
+                    allow = gr.Checkbox(False, label="Allow preview", elem_id=f"{p}_cn_{n}_allow_preview")
                     add(n, "pixel_perfect", gr.Checkbox(False, label="Pixel perfect", elem_id=f"{p}_cn_{n}_pixel_perfect"))
                 with gr.Row():
                     module = add(n, "module", gr.Dropdown(preprocess.names(), value="none",
@@ -44,7 +46,8 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
                     model = add(n, "model", gr.Dropdown([NONE, *engine.controlnets.titles()], value=NONE, label="Model",
                                                         elem_id=f"{p}_cn_{n}_model", allow_custom_value=True))
                     refresh = gr.Button("🔄", size="sm", min_width=40, scale=0, elem_id=f"{p}_cn_{n}_refresh")
-                    show = gr.Button("Preview", size="sm", scale=0, elem_id=f"{p}_cn_{n}_preview_button")
+                    show = gr.Button("Preview", size="sm", scale=0, visible=False,
+                                     elem_id=f"{p}_cn_{n}_preview_button")
                 with gr.Row():
                     add(n, "weight", gr.Slider(0, 2, value=1, step=0.05, label="Control weight", elem_id=f"{p}_cn_{n}_weight"))
                     add(n, "guidance_start", gr.Slider(0, 1, value=0, step=0.01, label="Starting control step",
@@ -69,6 +72,8 @@ def controlnet_section(engine: Engine, panel: Panel, tab: str) -> None:
                           api_visibility="private", queue=False)
             show.click(lambda *args: _preview(engine, *args), inputs=[image, module, res, a, b], outputs=[preview],
                        api_visibility="private")
+            allow.change(lambda on: (gr.update(visible=on), gr.update(visible=on)), inputs=[allow],
+                         outputs=[preview, show], api_visibility="private", queue=False)
 
 
 def _preview(engine: Engine, image: Any, module: str, resolution: float, a: float, b: float) -> Any:
