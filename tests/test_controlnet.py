@@ -82,25 +82,34 @@ def test_a_zero_controlnet_changes_nothing_a_trained_one_steers(engine: Engine) 
                     "Control Mode: Balanced")
 
 
-def test_a_unit_equals_diffusers_controlnet_pipeline(engine: Engine) -> None:
-    """An independent computation: diffusers' StableDiffusionControlNetPipeline on the same weights
-    (the original-layout file as we convert it), control image, initial noise and Euler schedule."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+def theirs_with(pipeline: type, bundle, seed: int, prompt: str, **call) -> np.ndarray:
+    """diffusers' `pipeline` around `bundle`'s modules (and the extra modules in `call` named like its
+    arguments) with the Euler schedule ours matches: its picture, 6 steps at CFG 5, from our seed's noise."""
+    from diffusers import EulerDiscreteScheduler
 
-    ours = engine.runner.generate(req(checkpoint="sd1", steps=6, cfg_scale=5.0, controlnet=[unit(module="none")]))
-    bundle = engine.bundle("sd1")
     te = bundle.text_encoders[0]
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="linspace", steps_offset=1)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
-        controlnet=engine.controlnets.load("cn_canny", bundle), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts = {k: call.pop(k) for k in ("controlnet", "adapter") if k in call}
+    pipe = pipeline(vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
+                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                    **parts)
     pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
-    theirs = pipe(prompt="a red cube", negative_prompt="", image=square(), num_inference_steps=6, guidance_scale=5.0,
-                  latents=noise, height=64, width=64, controlnet_conditioning_scale=1.0, output_type="np").images[0]
-    theirs = np.round(theirs * 255).astype(np.int16)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
+    image = pipe(prompt=prompt, negative_prompt="", image=square(), num_inference_steps=6, guidance_scale=5.0,
+                 latents=noise, height=64, width=64, output_type="np", **call).images[0]
+    return np.round(image * 255).astype(np.int16)
+
+
+def test_a_unit_equals_diffusers_controlnet_pipeline(engine: Engine) -> None:
+    """An independent computation: diffusers' StableDiffusionControlNetPipeline on the same weights
+    (the original-layout file as we convert it), control image, initial noise and Euler schedule."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    ours = engine.runner.generate(req(checkpoint="sd1", steps=6, cfg_scale=5.0, controlnet=[unit(module="none")]))
+    bundle = engine.bundle("sd1")
+    theirs = theirs_with(StableDiffusionControlNetPipeline, bundle, 5, "a red cube",
+                         controlnet=engine.controlnets.load("cn_canny", bundle), controlnet_conditioning_scale=1.0)
     diff = np.abs(px(ours.images[0]) - theirs)
     plain = px(engine.runner.generate(req(checkpoint="sd1", steps=6, cfg_scale=5.0)).images[0])
     assert np.abs(plain - theirs).mean() > 2  # the ControlNet changes the image, so agreeing means something

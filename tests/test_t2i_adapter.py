@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.test_controlnet import px, square
+from tests.test_controlnet import px, square, theirs_with
 from webui.app import Engine, build_engine
 from webui.config import Config
 from webui.controlnet import adapter as adapter_module
@@ -151,22 +151,13 @@ def test_the_light_colour_adapter_and_its_colour_grid(engine: Engine, data_dir: 
 def test_an_adapter_unit_matches_diffusers_adapter_pipeline(engine: Engine) -> None:
     """An independent computation: diffusers' StableDiffusionAdapterPipeline on the same weights,
     control image, initial noise and Euler schedule."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionAdapterPipeline
+    from diffusers import StableDiffusionAdapterPipeline
 
     ours = engine.runner.generate(req(steps=6, cfg_scale=5.0, controlnet=[unit(module="none")])).images[0]
     bundle = engine.bundle("sd1")
-    te = bundle.text_encoders[0]
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="linspace", steps_offset=1)
-    pipe = StableDiffusionAdapterPipeline(
-        vae=bundle.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=bundle.unet,
-        adapter=engine.controlnets.load("t2iadapter_canny_sd15v2", bundle), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(11))
-    theirs = pipe(prompt="a lighthouse", negative_prompt="", image=square(), num_inference_steps=6, guidance_scale=5.0,
-                  latents=noise, height=64, width=64, adapter_conditioning_scale=1.0, output_type="np").images[0]
-    theirs = np.round(theirs * 255).astype(np.int16)
+    theirs = theirs_with(StableDiffusionAdapterPipeline, bundle, 11, "a lighthouse",
+                         adapter=engine.controlnets.load("t2iadapter_canny_sd15v2", bundle),
+                         adapter_conditioning_scale=1.0)
     diff = np.abs(px(ours) - theirs)
     plain = px(engine.runner.generate(req(steps=6, cfg_scale=5.0)).images[0])
     assert np.abs(plain - theirs).mean() > 2  # the adapter changes the image, so agreeing means something
