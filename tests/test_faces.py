@@ -54,6 +54,57 @@ def test_the_offline_detector_finds_a_drawn_face_and_nothing_in_noise() -> None:
     assert detect(noise) == []
 
 
+def test_retinaface_decodes_its_anchors_and_keeps_one_box_per_face() -> None:
+    """Head outputs as a trained RetinaFace gives them: zero offsets at an anchor are that anchor's
+    box; a weaker box overlapping it is suppressed, a separate one kept, low scores dropped."""
+    import torch
+
+    from webui.faces import retinaface
+
+    h, w = 128, 160
+    priors = retinaface.anchors(h, w)
+    assert len(priors) == 2 * (16 * 20 + 8 * 10 + 4 * 5)  # two anchor sizes per position, strides 8, 16, 32
+
+    def index(level: int, row: int, column: int, size: int) -> int:
+        before = sum(2 * -(-h // s) * -(-w // s) for s in retinaface.STRIDES[:level])
+        return before + (row * -(-w // retinaface.STRIDES[level]) + column) * 2 + size
+
+    offsets, scores = torch.zeros(len(priors), 4), torch.full((len(priors),), 0.1)
+    face, beside, apart = index(0, 5, 7, 1), index(0, 5, 8, 1), index(1, 5, 2, 1)  # 32, 32 and 128 px anchors
+    scores[face], scores[beside], scores[apart] = 0.95, 0.9, 0.85
+    offsets[apart] = torch.tensor([0.5, 0.0, 0.0, 0.0])  # its centre moved by 0.5 x 0.1 x 128 px
+    found = retinaface.faces(offsets, scores, priors, h, w)
+    assert len(found) == 2
+    np.testing.assert_allclose(found[0], [44, 28, 76, 60, 0.95], atol=1e-4)  # centre (60, 44), 32 px
+    np.testing.assert_allclose(found[1], [40 + 6.4 - 64, 88 - 64, 40 + 6.4 + 64, 88 + 64, 0.85], atol=1e-4)
+
+
+def test_retinaface_from_the_models_folder_else_the_cascade(tmp_path: Path) -> None:
+    """facexlib's detection_Resnet50_Final.pth (random weights here, in its layout with the
+    `module.` prefix) in models/facedetect/ is the restorers' detector once it is there; a file that
+    is not that network is named."""
+    import torch
+
+    from webui.faces.retinaface import FILE, RetinaFace, RetinaFaces
+
+    faces = FaceRestorers(tmp_path / "models", Spandrel())
+    assert isinstance(faces.detector.detector(), HaarFaces)
+    folder = tmp_path / "models" / "facedetect"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    net = RetinaFace()
+    assert sum(p.numel() for p in net.parameters()) == 27_293_600  # RetinaFace ResNet-50's size
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, folder / FILE)
+    detector = faces.detector.detector()
+    assert isinstance(detector, RetinaFaces)
+    scene = face_scene((320, 256))
+    boxes = faces.detector(scene)  # random weights: whatever they find, as boxes inside the picture
+    assert all(0 <= b[0] < b[2] <= 320 and 0 <= b[1] < b[3] <= 256 for b in boxes)
+    torch.save({"body.conv1.weight": torch.zeros(1)}, folder / FILE)
+    with pytest.raises(ValueError, match=f"face detector {FILE} is not RetinaFace ResNet-50"):
+        FaceRestorers(tmp_path / "models", Spandrel()).detector(scene)
+
+
 def test_gfpgan_changes_only_the_pixels_around_the_face(gfpgan_data: Path) -> None:
     faces = FaceRestorers(gfpgan_data / "models", Spandrel())
     assert faces.names() == ["GFPGAN"] and faces.pick("CodeFormer") == "GFPGAN"  # the one present

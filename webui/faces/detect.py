@@ -1,14 +1,15 @@
-"""Finding faces for restoration, with nothing to download: OpenCV's frontal-face Haar cascade,
-which `opencv-python-headless` ships inside its wheel.
+"""Finding faces for restoration, with nothing to download: RetinaFace when the user has its
+weights in `models/facedetect/` (`webui.faces.retinaface`), else OpenCV's frontal-face Haar
+cascade, which `opencv-python-headless` ships inside its wheel.
 
-A detector is any callable `image -> list[Box]`; the restorer takes one, so a better detector
-(RetinaFace, a YOLO face model) fits the same seam.
+A detector is any callable `image -> list[Box]`; the restorer takes one.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,3 +47,26 @@ class HaarFaces:
                                               minSize=(self.min_side, self.min_side))
         boxes = [(int(x), int(y), int(x + w), int(y + h)) for x, y, w, h in (found if len(found) else [])]
         return sorted(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
+
+
+class FolderFaces:
+    """RetinaFace when `folder` holds its weights (looked for at each call, so a file put there
+    later counts), else `fallback` (OpenCV's cascade)."""
+
+    def __init__(self, folder: Path, fallback: FaceDetector) -> None:
+        self.folder = Path(folder)
+        self.fallback = fallback
+        self._retina: Any = None
+
+    def detector(self) -> FaceDetector:
+        from webui.faces import retinaface  # torch: only once the file is there
+
+        path = self.folder / retinaface.FILE
+        if not path.is_file():
+            return self.fallback
+        if self._retina is None or self._retina.path != path:
+            self._retina = retinaface.RetinaFaces(path)
+        return self._retina
+
+    def __call__(self, image: Image.Image) -> list[Box]:
+        return self.detector()(image)

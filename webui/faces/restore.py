@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from webui.faces.detect import Box, FaceDetector, HaarFaces
+from webui.faces.detect import Box, FaceDetector, FolderFaces, HaarFaces
 from webui.models.errors import ModelError
 from webui.models.readers import read_state_dict
 from webui.upscale.spandrel_arch import Spandrel, describe
@@ -67,7 +67,7 @@ class FaceRestorers:
     def __init__(self, models_dir: Path, spandrel: Spandrel, detector: FaceDetector | None = None) -> None:
         self.models_dir = Path(models_dir)
         self.spandrel = spandrel
-        self.detector: FaceDetector = detector or HaarFaces()
+        self.detector: FaceDetector = detector or FolderFaces(self.models_dir / "facedetect", HaarFaces())
         self._lock = threading.Lock()
         self._loaded: tuple[tuple[str, int, str], Any] | None = None  # ((path, mtime, device), descriptor)
 
