@@ -91,5 +91,8 @@ def test_a_control_lora_is_its_unets_encoder_plus_its_changes(engine: Engine, da
     assert np.abs(px(lora.images[0]) - plain).mean() > 1
     assert np.abs(px(lora.images[0]) - px(whole.images[0])).max() <= 1
     assert "Model: control-lora-canny-rank4 [" in lora.infotexts[0]
+    net = engine.controlnets.load("control-lora-canny-rank4", engine.bundle("sdxl"))
+    unet_storage = {t.untyped_storage().data_ptr() for t in engine.bundle("sdxl").unet.state_dict().values()}
+    assert not any(t.untyped_storage().data_ptr() in unet_storage for t in net.state_dict().values())  # copies
     with pytest.raises(ModelError, match="control-LoRA layer .* does not fit sd1"):
         engine.runner.generate(req(checkpoint="sd1", controlnet=[union(model="control-lora-canny-rank4")]))

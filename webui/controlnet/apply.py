@@ -57,11 +57,14 @@ class PreparedUnit:
     features: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # a T2I-Adapter's, per size
     union: int | None = None  # a union model's control type (its index)
 
+    def fitted(self, size: tuple[int, int]) -> Image.Image:
+        """The control image fitted to (W, H) with the unit's resize mode (RGB)."""
+        return resize_image(self.image, int(self.unit.resize_mode), *size).convert("RGB")
+
     def control(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[1, 3, H, W] in 0-1: the control image fitted to (W, H) with the unit's resize mode."""
+        """[1, 3, H, W] in 0-1: the control image fitted to (W, H)."""
         if size not in self.tensors:
-            fitted = resize_image(self.image, int(self.unit.resize_mode), *size).convert("RGB")
-            array = np.asarray(fitted, dtype=np.float32) / 255.0
+            array = np.asarray(self.fitted(size), dtype=np.float32) / 255.0
             if self.mask is not None:  # the inpaint ControlNet reads -1 as "to be painted"
                 mask = np.asarray(resize_image(self.mask, int(self.unit.resize_mode), *size).convert("L"))
                 array[mask > 127] = -1.0
@@ -204,8 +207,7 @@ def colour_fix(loaded: list[tuple[PreparedUnit, Any]], bundle: ModelBundle, size
         radius = max(1, round(u.thresholds[0] * size[0] / max(base_width, 1)))
         key = ("colour", size, radius, bundle.model_name)
         if key not in u.features:
-            fitted = resize_image(u.image, int(u.unit.resize_mode), *size).convert("RGB")
-            u.features[key] = [box_blur(encode(bundle, [fitted]), radius)]
+            u.features[key] = [box_blur(encode(bundle, [u.fitted(size)]), radius)]
         sharp = u.thresholds[1] / 100 if u.unit.module.strip().lower().endswith("+sharp") else 0.0
         fixes.append((u.unit, u.features[key][0], radius, sharp))
     if not fixes:

@@ -135,7 +135,8 @@ def _control_lora(state: dict[str, torch.Tensor], config: dict[str, Any],
                   bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """A control-LoRA (original layout, no prefix) as full ControlNet weights: a layer given as
     `.up` / `.down` is the UNet's own weight plus up @ down; a layer given whole is taken as it
-    is; a layer the file leaves out is the UNet's."""
+    is; a layer the file leaves out is a copy of the UNet's (LoRAs change the UNet's weights in
+    place for a job: the ControlNet must not share them)."""
     changes, whole = {}, {}
     for key, value in state.items():
         if key.endswith(".up"):
@@ -145,8 +146,8 @@ def _control_lora(state: dict[str, torch.Tensor], config: dict[str, Any],
         elif not key.endswith(".down") and key != "lora_controlnet":
             whole[key] = value
     unet = bundle.unet.state_dict()  # a ControlNet's encoder has its UNet's names
-    out = {k: v for k, v in unet.items() if k.startswith(("conv_in.", "time_embedding.", "add_embedding.",
-                                                             "down_blocks.", "mid_block."))}
+    out = {k: v.clone() for k, v in unet.items() if k.startswith(("conv_in.", "time_embedding.", "add_embedding.",
+                                                                     "down_blocks.", "mid_block."))}
     for key, delta in _from_original(changes, config).items():
         if key not in unet or tuple(unet[key].shape) != tuple(delta.shape):
             raise ModelError(f"control-LoRA layer {key} does not fit {bundle.model_name} ({bundle.family.label})")

@@ -12,7 +12,6 @@ minus the training mean, scaled up so that its shorter side is at least 640 px.
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 from pathlib import Path
@@ -142,10 +141,14 @@ def anchors(height: int, width: int) -> torch.Tensor:
     """[N, 4] (cx, cy, w, h) as fractions of the picture, in the heads' order: level, row, column, size."""
     out = []
     for sizes, stride in zip(ANCHORS, STRIDES):
-        for i, j in itertools.product(range(math.ceil(height / stride)), range(math.ceil(width / stride))):
-            for size in sizes:
-                out.append(((j + 0.5) * stride / width, (i + 0.5) * stride / height, size / width, size / height))
-    return torch.tensor(out, dtype=torch.float32)
+        rows, columns = math.ceil(height / stride), math.ceil(width / stride)
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij")
+        centres = torch.stack([(xs + 0.5) * stride / width, (ys + 0.5) * stride / height], -1)  # [rows, cols, 2]
+        extents = torch.tensor([[s / width, s / height] for s in sizes])  # [sizes, 2]
+        level = torch.cat([centres[:, :, None].expand(rows, columns, len(sizes), 2),
+                           extents.expand(rows, columns, len(sizes), 2)], -1)
+        out.append(level.reshape(-1, 4))
+    return torch.cat(out).float()
 
 
 def faces(offsets: torch.Tensor, scores: torch.Tensor, priors: torch.Tensor, height: int, width: int,

@@ -50,6 +50,7 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_
 FULL_SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 FULL_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
 # Tiny refiner bigG: projection narrower than the hidden width, so a mix-up of the two shows.
+TINY_BIGG_WIDTH = 48  # the tiny SDXL's second text encoder (its context and pooled width)
 TINY_REFINER_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 TINY_REFINER_PROJECTION = 40
 
@@ -346,7 +347,7 @@ def make_state_dict(family: str, full_size: bool = False, seed: int = 0) -> dict
         context, pooled = big["hidden_size"], projection
     else:  # SDXL base: CLIP-L and OpenCLIP bigG, contexts side by side, bigG's pooled projection
         te1 = CLIPTextModel(_text_config(size, "quick_gelu"))
-        big = FULL_BIGG_TEXT if full_size else dict(size, hidden_size=48, num_attention_heads=1)
+        big = FULL_BIGG_TEXT if full_size else dict(size, hidden_size=TINY_BIGG_WIDTH, num_attention_heads=1)
         te2 = CLIPTextModelWithProjection(_text_config(big, "gelu", projection_dim=big["hidden_size"]))
         sd.update(clip_to_ldm(te1, "conditioner.embedders.0.transformer."))
         sd.update(openclip_to_ldm(te2, "conditioner.embedders.1.model."))
@@ -418,7 +419,10 @@ def write_control_family(path: Path, family: str, seed: int = 0) -> Path:
     base = "sdxl" if family.endswith("sdxl") else "sd1"
     text = TINY_TEXT["hidden_size"]
     torch.manual_seed(seed)
-    unet = _unet(base, False, text + 48, 48) if base == "sdxl" else _unet(base, False, text)  # as make_state_dict's
+    if base == "sdxl":  # the contexts make_state_dict's tiny SDXL gives its UNet
+        unet = _unet(base, False, text + TINY_BIGG_WIDTH, TINY_BIGG_WIDTH)
+    else:
+        unet = _unet(base, False, text)
     if family.startswith("controlnet"):
         return control.write_controlnet(path, unet, strength=0.5, seed=seed)
     if family == "t2i-adapter-sd1":
